@@ -1,0 +1,145 @@
+"""The Store protocol every memory tier implements, plus the writer lock they share."""
+from __future__ import annotations
+
+import fcntl
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from nvmlib.errors import LockedError, StoreError
+
+
+class Store(ABC):
+    """Named, typed, fixed-shape arrays on one memory tier.
+
+    Arrays are written with `write_rows` (the hot path: one contiguous row per call), read
+    with `read_rows` (streamed chunks), and made durable with `persist`. `array` gives a
+    numpy view for in-place use where the tier allows it.
+    """
+
+    kind: ClassVar[str]
+    persistent: ClassVar[bool] = True
+
+    def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
+        self.path = Path(path) if path is not None else None
+        self.readonly = readonly
+        self._lock_fds: dict[str, int] = {}
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise TierUnavailable when this tier cannot run on this machine."""
+
+    # ---- arrays -------------------------------------------------------------------------
+    @abstractmethod
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+        """Make a new zero-filled array; StoreError if it exists or does not fit."""
+
+    @abstractmethod
+    def array(self, name: str) -> np.ndarray:
+        """The array itself (a view into the tier where possible)."""
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Names of the arrays this store holds."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove an array and free its space."""
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.array(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.array(name).dtype
+
+    def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        """Write `rows` into array[start:start+len(rows)] (rows has the array's dtype)."""
+        self._check_writable()
+        self.array(name)[start:start + len(rows)] = rows
+
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy array[start:stop] into `out` (allocated when None) and return it."""
+        src = self.array(name)[start:stop]
+        if out is None:
+            return np.array(src)
+        out[...] = src
+        return out
+
+    def persist(self, name: str) -> None:
+        """Make every write to `name` durable on this tier (no-op where nothing persists)."""
+
+    def nbytes(self, name: str | None = None) -> int:
+        """Bytes one array (or, with None, all arrays) occupy on the tier."""
+        names = [name] if name is not None else self.names()
+        return sum(int(np.prod(self.shape(n))) * self.dtype(n).itemsize for n in names)
+
+    def free_bytes(self) -> int | None:
+        """Bytes still available on the tier, or None when unknown."""
+        return None
+
+    def describe(self) -> str:
+        return f"{self.kind} tier" + (f" at {self.path}" if self.path else "")
+
+    # ---- single writer ------------------------------------------------------------------
+    def lock(self, name: str) -> None:
+        """Become the only writer of `name`; LockedError if another process (or object) is."""
+        if name in self._lock_fds:
+            raise LockedError(f"{name} on {self.describe()} is already open for writing by this store; "
+                              "close that writer first or open the posterior read-only (readonly=True)")
+        path = self._lock_path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"{name} on {self.describe()} is being written by another process (pid {holder}); "
+                "wait for it to finish, stop it, or open the posterior read-only (readonly=True)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fds[name] = fd
+
+    def unlock(self, name: str) -> None:
+        fd = self._lock_fds.pop(name, None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _lock_path(self, name: str) -> Path:
+        """Lock file for `name`: beside the data for file tiers; tiers without a directory override."""
+        assert self.path is not None
+        return self.path / f".{name}.lock"
+
+    def close(self) -> None:
+        for name in list(self._lock_fds):
+            self.unlock(name)
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"{self.describe()} was opened read-only; open it with readonly=False to write")
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+def check_fits(store: Store, need: int, what: str, reclaimable: int = 0) -> None:
+    """Refuse, before any data is written, a request the tier has no room for."""
+    free = store.free_bytes()
+    if free is not None and need > free + reclaimable:
+        raise StoreError(
+            f"{store.describe()} is too small: {what} needs {need / 1e9:.3f} GB but only "
+            f"{free / 1e9:.3f} GB is free; free some space, choose a larger tier or path, "
+            "or keep fewer iterates (smaller max_rank / -K)")

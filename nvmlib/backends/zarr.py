@@ -1,0 +1,82 @@
+"""zarr tier: a zarr v3 group (local directory or any fsspec URL) so that a dask cluster can read
+the posterior log where it lies. Rows are chunked one per chunk: an update writes one object."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from nvmlib.backends.base import Store, check_fits
+from nvmlib.backends.files import disk_free, prepare_dir
+from nvmlib.errors import LockedError, StoreError
+
+
+class ZarrStore(Store):
+    """Arrays in a zarr v3 group; `url` may be a directory or e.g. "s3://bucket/posterior"."""
+
+    kind = "zarr"
+
+    def __init__(self, path: str | Path | None = None, readonly: bool = False,
+                 storage_options: dict | None = None) -> None:
+        if path is None:
+            raise StoreError("the zarr tier needs a directory or URL: open_store('zarr', 'posterior.zarr')")
+        self.url = str(path)
+        self.local = "://" not in self.url
+        super().__init__(prepare_dir(Path(path), readonly) if self.local else None, readonly)
+        try:
+            self.group = zarr.open_group(self.url, mode="r" if readonly else "a",
+                                         storage_options=None if self.local else storage_options)
+        except (OSError, ValueError, FileNotFoundError) as exc:
+            raise StoreError(f"cannot open the zarr store {self.url}: {exc}") from exc
+        self._held: set[str] = set()
+
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+        self._check_writable()
+        if name in self:
+            raise StoreError(f"array {name!r} already exists in {self.url}")
+        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
+        chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
+        self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
+                                compressors=None, fill_value=0)
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.url} holds no array {name!r}") from None
+
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        rows = self.array(name)[start:stop]
+        if out is None:
+            return np.asarray(rows)
+        out[...] = rows
+        return out
+
+    def names(self) -> list[str]:
+        return sorted(self.group.array_keys())
+
+    def delete(self, name: str) -> None:
+        if name in self.group:
+            del self.group[name]
+
+    def free_bytes(self) -> int | None:
+        return disk_free(self.path) if self.local else None
+
+    def describe(self) -> str:
+        return f"zarr tier at {self.url}"
+
+    def _lock_path(self, name: str) -> Path:
+        return self.path.parent / f".{self.path.name}.{name}.lock"  # zarr owns the inside
+
+    def lock(self, name: str) -> None:
+        """File lock for a local directory; object stores have none, so one writer per store object."""
+        if self.local:
+            return super().lock(name)
+        if name in self._held:
+            raise LockedError(f"{name} on {self.describe()} already has a writer in this process")
+        self._held.add(name)
+
+    def unlock(self, name: str) -> None:
+        self._held.discard(name)
+        super().unlock(name)

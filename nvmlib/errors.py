@@ -1,0 +1,21 @@
+"""Errors raised by nvmlib, each phrased in the user's terms with the fix."""
+
+
+class NvmlibError(Exception):
+    """Base class of every error nvmlib raises on purpose."""
+
+
+class StoreError(NvmlibError):
+    """A memory tier cannot do what was asked (missing array, bad path, no space...)."""
+
+
+class TierUnavailable(StoreError):
+    """An optional tier's dependency is not installed; the message says how to get it."""
+
+
+class LockedError(StoreError):
+    """Another process already writes to this posterior."""
+
+
+class PosteriorError(NvmlibError):
+    """A posterior is missing, corrupt, or does not match what the caller expects."""

@@ -1,0 +1,165 @@
+"""Figure functions for the notebooks: each takes the tidy tables the experiments return.
+
+Every function returns a matplotlib Figure; `save` writes it as PNG and PDF under figures/.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from nvmlib.evaluate import METHODS
+
+FORMATS = ("png", "pdf")
+METHOD_ORDER = list(METHODS)
+
+
+def _style() -> None:
+    sns.set_theme(style="whitegrid", context="paper", font_scale=1.1)
+
+
+def save(fig: plt.Figure, name: str, figures_dir: str | Path) -> list[Path]:
+    """Write `fig` as figures_dir/name.png and .pdf; returns the paths."""
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.{fmt}" for fmt in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def epoch_times(epochs: pd.DataFrame) -> plt.Figure:
+    """Seconds per epoch of one collection run; `epochs` has columns epoch, seconds."""
+    _style()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.barplot(data=epochs, x="epoch", y="seconds", color="C0", ax=ax)
+    ax.set(xlabel="epoch", ylabel="epoch time (s)", title="SGD with SWAG collection")
+    return fig
+
+
+def _log2_axis(ax: plt.Axes) -> None:
+    """A base-2 log x-axis labelled with plain numbers (1, 2, 4, ...)."""
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
+def _bandwidth_lines(ax: plt.Axes, device_mbps: dict[str, float]) -> None:
+    """A dashed line per measured device: {where: MB/s}."""
+    for i, (where, mbps) in enumerate(device_mbps.items()):
+        ax.axhline(mbps, color="black", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{where}: {mbps:.0f} MB/s")
+
+
+def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figure:
+    """The paper's figure: epoch time and total time of each tier relative to DRAM vs epochs.
+
+    table: one row per (tier, epochs) with epoch_ratio, total_ratio, epoch_s, write_MBps.
+    device_mbps: {device: measured sequential write MB/s} of the devices under the file tiers.
+    """
+    _style()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    panels = (("epoch_ratio", "avg epoch time / DRAM"), ("total_ratio", "total time / DRAM"),
+              ("epoch_s", "avg epoch time (s)"), ("write_MBps", "posterior write rate (MB/s)"))
+    for ax, (column, label) in zip(axes, panels):
+        sns.lineplot(data=table, x="epochs", y=column, hue="tier", style="tier", markers=True,
+                     dashes=False, ax=ax)
+        ax.set(xlabel="epochs", ylabel=label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(title=None)
+    for ax in axes[:2]:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(bottom=0)
+    _bandwidth_lines(axes[3], device_mbps)
+    axes[3].legend(title=None, fontsize="small")
+    axes[3].set_ylim(bottom=0)
+    fig.suptitle("Tier runtime relative to DRAM")
+    fig.tight_layout()
+    return fig
+
+
+def quality_vs_rank(table: pd.DataFrame) -> plt.Figure:
+    """Accuracy, NLL and ECE of SGD, SWA and SWAG as the posterior grows; columns K, method, ..."""
+    _style()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, column in zip(axes, ("accuracy", "nll", "ece")):
+        sns.lineplot(data=table, x="K", y=column, hue="method", hue_order=METHOD_ORDER, style="method",
+                     markers=True, dashes=False, ax=ax)
+        ax.set(xscale="log", xlabel="iterates in the posterior (K)",
+               ylabel=column.upper() if column != "accuracy" else "accuracy")
+        ax.legend(title=None)
+    fig.suptitle("MNIST test: model averaging versus point estimates")
+    fig.tight_layout()
+    return fig
+
+
+def rotated(table: pd.DataFrame) -> plt.Figure:
+    """Accuracy and NLL against the rotation angle; columns method, angle, accuracy, nll."""
+    _style()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, column in zip(axes, ("accuracy", "nll")):
+        sns.lineplot(data=table, x="angle", y=column, hue="method", hue_order=METHOD_ORDER,
+                     style="method", markers=True, dashes=False, ax=ax)
+        ax.set(xlabel="rotation (degrees)", ylabel=column if column == "accuracy" else "NLL")
+        ax.legend(title=None)
+    fig.suptitle("Rotated MNIST")
+    fig.tight_layout()
+    return fig
+
+
+def reliability(table: pd.DataFrame) -> plt.Figure:
+    """Reliability diagram: accuracy against confidence per bin; columns method, confidence,
+    accuracy, count (one row per non-empty bin)."""
+    _style()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
+    for method in [m for m in METHOD_ORDER if m in set(table.method)]:
+        rows = table[table.method == method]
+        ax.plot(rows.confidence, rows.accuracy, marker="o", label=method)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (MNIST test)")
+    ax.legend()
+    return fig
+
+
+def ood(scores: pd.DataFrame, auroc: pd.DataFrame) -> plt.Figure:
+    """Predictive entropy in- and out-of-distribution per method, with each method's AUROC.
+
+    scores: columns method, data ("in"/"out"), entropy; auroc: columns method, auroc.
+    """
+    _style()
+    methods = [m for m in METHOD_ORDER if m in set(scores.method)]
+    fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), sharey=True)
+    for ax, method in zip(np.atleast_1d(axes), methods):
+        rows = scores[scores.method == method]
+        sns.histplot(data=rows, x="entropy", hue="data", stat="density", common_norm=False, bins=40,
+                     element="step", ax=ax)
+        value = float(auroc.loc[auroc.method == method, "auroc"].iloc[0])
+        ax.set(title=f"{method}: AUROC {value:.3f}", xlabel="predictive entropy (nats)")
+    fig.suptitle("OOD detection: MNIST (in) versus Fashion-MNIST (out)")
+    fig.tight_layout()
+    return fig
+
+
+def sampling(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figure:
+    """Time and effective read rate of drawing S samples: one streamed pass versus S passes.
+
+    table: columns S, mode, seconds, read_MBps; device_mbps: {device: sequential read MB/s}.
+    """
+    _style()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(data=table, x="S", y="seconds", hue="mode", style="mode", markers=True, dashes=False,
+                 ax=axes[0])
+    axes[0].set(yscale="log", xlabel="samples S", ylabel="time (s)")
+    sns.lineplot(data=table, x="S", y="read_MBps", hue="mode", style="mode", markers=True, dashes=False,
+                 ax=axes[1])
+    axes[1].set(xlabel="samples S", ylabel="posterior log read rate (MB/s)")
+    _bandwidth_lines(axes[1], device_mbps)
+    axes[1].set_ylim(bottom=0)
+    for ax in axes:
+        _log2_axis(ax)
+        ax.legend(title=None)
+    fig.suptitle("Sampling from the posterior log")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,180 @@
+"""`nvmlib reproduce`: run every notebook through papermill at a scale preset.
+
+Executed copies go to results/<notebook>.ipynb beside the JSON record each notebook writes
+(results/<notebook>.json); figures go to figures/ as PNG and PDF; results/reproduce.json
+records the scale and how long each notebook took, results/tier_ratios.md the tier ratios
+(epoch time and, in parentheses, total time relative to DRAM) as a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nvmlib.errors import NvmlibError
+from nvmlib.models import ConfigError
+
+NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling")
+
+# scale -> notebook -> parameters (each overrides the notebook's `parameters` cell)
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "smoke": {  # seconds: for the tests
+        "collect": {"model": "model_2conv2fc", "tier": "mmap", "epochs": 2, "max_rank": None, "limit": 500,
+                    "test_limit": 500, "samples": 3},
+        "tier_runtime": {"model": "model_2conv2fc", "epochs": [1, 2], "limit": 500,
+                         "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]},
+                         "probe_bytes": 32 << 20},
+        "posterior_quality": {"model": "model_2conv2fc", "tier": "mmap", "epochs": 1, "lr": 0.01, "limit": 500,
+                              "ranks": [2, 4, 6], "samples": 3, "test_limit": 300, "angles": [0, 90, 180]},
+        "sampling": {"model": "model_2conv2fc", "tier": "mmap", "rank": 20, "sample_counts": [1, 4],
+                     "passes_up_to": 4, "probe_bytes": 32 << 20},
+    },
+    "default": {  # the whole reproduction on a 2-core machine, MNIST in full, model_2fc
+        "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 200, "limit": None,
+                    "test_limit": None, "samples": 20},
+        "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4, 5, 6], "limit": None,
+                         "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]}},
+        "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 3, "lr": 0.01, "limit": None,
+                              "ranks": [10, 30, 100, 300, 1000, 1801], "samples": 30, "test_limit": 5000,
+                              "angles": list(range(0, 181, 15))},
+        "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
+                     "passes_up_to": 16},
+    },
+    "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
+        "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
+                    "test_limit": None, "samples": 30, "gpu": 0, "posterior_path": "/mnt/nvme0/nvmlib/collect"},
+        "tier_runtime": {"model": "model_4fc", "epochs": [1, 25, 50, 75], "limit": None, "gpu": 0,
+                         "tiers": {"dram": ["dram", None], "fs-dax": ["pmem", "/mnt/pmem0/nvmlib"],
+                                   "dev-dax": ["pmem", "/dev/dax0.0"], "memmap": ["mmap", "/mnt/nvme0/nvmlib"]}},
+        "posterior_quality": {"model": "model_4fc", "tier": "mmap", "epochs": 10, "lr": 1e-4, "limit": None, "gpu": 0,
+                              "ranks": [10, 100, 1000, 3000, 6001], "samples": 30, "test_limit": None,
+                              "angles": list(range(0, 181, 15)), "posterior_path": "/mnt/nvme0/nvmlib/quality",
+                              "replay_tier": "mmap", "replay_path": "/mnt/nvme0/nvmlib/replay"},
+        "sampling": {"model": "model_4fc", "tier": "mmap", "rank": 6000, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
+                     "passes_up_to": 8, "posterior_path": "/mnt/nvme0/nvmlib/sampling"},
+    },
+}
+
+
+def parameters(scale: str, notebook: str, results_dir: Path, figures_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """The parameters papermill injects into `notebook` at `scale` (paths made absolute)."""
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    if notebook not in NOTEBOOKS:
+        raise ConfigError(f"unknown notebook {notebook!r}; choose from {', '.join(NOTEBOOKS)}")
+    return {**SCALES[scale][notebook], "seed": seed, "results_dir": str(results_dir.resolve()),
+            "figures_dir": str(figures_dir.resolve()), "scratch_dir": str((results_dir / "scratch").resolve())}
+
+
+def check_kernel(kernel_name: str) -> None:
+    """Refuse a kernel that would not run this Python (and so not this nvmlib)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        argv = KernelSpecManager().get_kernel_spec(kernel_name).argv
+    except NoSuchKernel:
+        raise ConfigError(f"no Jupyter kernel named {kernel_name!r}: run `{sys.executable} -m ipykernel "
+                         "install --sys-prefix` or pass --kernel NAME") from None
+    # jupyter_client runs a kernel whose argv starts with plain "python" with this interpreter
+    same = argv[0] in ("python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}")
+    if not same and Path(argv[0]).resolve() != Path(sys.executable).resolve():
+        raise ConfigError(f"the Jupyter kernel {kernel_name!r} runs {argv[0]}, not this Python ({sys.executable}); "
+                         f"run `{sys.executable} -m ipykernel install --sys-prefix` or pass --kernel NAME")
+
+
+def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", results_dir: str | Path = "results",
+              figures_dir: str | Path = "figures", only: list[str] | None = None, kernel_name: str = "python3",
+              seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Execute the notebooks at `scale`; returns seconds per notebook. Raises on the first that fails
+    (papermill's PapermillExecutionError; the executed copy shows where)."""
+    import papermill as pm
+
+    check_kernel(kernel_name)
+    notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
+    plan = {name: parameters(scale, name, results_dir, figures_dir, seed) for name in only or NOTEBOOKS}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    bar = tqdm(plan, desc=f"reproduce ({scale})", unit="notebook", disable=not progress)
+    start = time.perf_counter()
+    for name in bar:
+        bar.set_postfix_str(name)
+        t = time.perf_counter()
+        pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb", parameters=plan[name],
+                            kernel_name=kernel_name, cwd=str(notebooks_dir), progress_bar=False)
+        seconds[name] = time.perf_counter() - t
+        bar.write(f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, {results_dir / name}.ipynb")
+    if "tier_runtime" in plan:
+        record = json.loads((results_dir / "tier_runtime.json").read_text())
+        (results_dir / "tier_ratios.md").write_text(ratio_markdown(record))
+    summary = {"scale": scale, "seconds": seconds, "total_s": time.perf_counter() - start,
+               "figures": sorted(p.name for p in figures_dir.glob("*.png"))}
+    (results_dir / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return seconds
+
+
+def ratio_markdown(record: dict[str, Any]) -> str:
+    """A markdown table of the tier runtime record: each tier's epoch (total) time / DRAM per epoch count."""
+    rows = record["measured"]["runtime"]
+    tiers = list(dict.fromkeys(r["tier"] for r in rows if r["backend"] != "dram"))
+    by = {(r["tier"], r["epochs"]): r for r in rows}
+    lines = ["| epochs | " + " | ".join(f"{t} / DRAM" for t in tiers) + " | DRAM epoch (s) |",
+             "|---:|" + "---:|" * (len(tiers) + 1)]
+    dram = next(r["tier"] for r in rows if r["backend"] == "dram")
+    for e in sorted({r["epochs"] for r in rows}):
+        cells = [f"{by[t, e]['epoch_ratio']:.2f}x ({by[t, e]['total_ratio']:.2f}x)" for t in tiers]
+        lines.append(f"| {e} | " + " | ".join(cells) + f" | {by[dram, e]['epoch_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `reproduce` on the CLI's subparsers (it sets `run`, as nvmlib.cli expects)."""
+    p = subparsers.add_parser("reproduce", help="regenerate the paper's figures from the notebooks",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=list(SCALES), default="default",
+                   help="smoke: seconds; default: the whole reproduction here (<= 30 min); "
+                        "paper: model_4fc and 1/25/50/75 epochs on a server (set the tier paths)")
+    p.add_argument("--notebook", action="append", choices=list(NOTEBOOKS), dest="only",
+                   help="run only this notebook (repeatable)")
+    p.add_argument("--notebooks-dir", default="notebooks")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--figures-dir", default="figures")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name (must run this Python)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, script_start: float | None = None) -> int:
+    """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start: nvmlib.cli's
+    calling convention, unused)."""
+    import papermill as pm
+
+    try:
+        seconds = reproduce(args.scale, args.notebooks_dir, args.results_dir, args.figures_dir, args.only,
+                            args.kernel, args.seed)
+    except pm.PapermillExecutionError as exc:
+        print(f"a notebook failed: {exc.ename}: {exc.evalue}\nsee the executed copy under {args.results_dir}/",
+              file=sys.stderr)
+        return 1
+    print(f"done in {sum(seconds.values()) / 60:.1f} min; figures in {args.figures_dir}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nvmlib.reproduce [--scale ...]`, the same as `nvmlib reproduce`."""
+    parser = argparse.ArgumentParser(prog="nvmlib")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["reproduce", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.run(args)
+    except NvmlibError as exc:
+        print(f"nvmlib: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

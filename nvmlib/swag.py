@@ -1,0 +1,369 @@
+"""The SWAG posterior: a log of raw iterates on a memory tier, moments in DRAM, crash-safe.
+
+Layout on the store (all arrays fixed-shape, so every tier can hold them):
+  swag.meta     uint8 JSON: n_params, max_rank, capacity, dtype, checkpoint_every, model
+  swag.log      (capacity, n_params) raw iterates, sample-major, a ring when max_rank is set
+  swag.count    int64 (1,): updates whose row is fully written (the log's commit point)
+  swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
+  swag.moments  float64 (2, 2, n_params): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
+  swag.commit   int64 (2, 4): per slot [seq, count, crc32 of the slot's moments, crc32 of the record]
+An update appends one row, then bumps swag.count. Every `checkpoint_every` updates the moments
+go to the older slot and then its commit record; a torn record or slot fails its checksum and
+recovery falls back to the other one. Recovery = newest valid checkpoint + replay of the rows
+appended after it, which are still in the log (checkpoint_every <= capacity / 2 guarantees it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from nvmlib.backends.base import Store, check_fits
+from nvmlib.errors import PosteriorError, StoreError
+
+FORMAT = 1
+META, LOG, COUNT, SHIFT, MOMENTS, COMMIT = (
+    "swag.meta", "swag.log", "swag.count", "swag.shift", "swag.moments", "swag.commit")
+FLOAT_DTYPES = ("float16", "float32", "float64")
+CHUNK_BYTES = 128 << 20
+
+
+def _as_vector(theta: Any, n_params: int) -> np.ndarray:
+    """θ as a 1-D float numpy array of n_params, or a ValueError/TypeError that says what is wrong."""
+    if hasattr(theta, "detach"):  # torch tensor, CPU or CUDA
+        theta = theta.detach().to("cpu").numpy()
+    arr = np.asarray(theta)
+    if arr.dtype.kind not in "f":
+        raise TypeError(f"θ has dtype {arr.dtype}; parameters must be floating point "
+                        "(float16/32/64): pass the model's flat parameter vector")
+    if arr.shape != (n_params,):
+        raise ValueError(f"θ has shape {arr.shape} but this posterior holds {n_params} parameters: "
+                         f"pass a 1-D vector of length {n_params} (flatten the model's parameters)")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"θ has {int(bad.sum())} NaN/Inf values (first at index {first}); training "
+                         "diverged: lower the learning rate. The posterior was not changed")
+    return arr
+
+
+def _crc(*arrays: np.ndarray) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
+    return crc
+
+
+class SWAGPosterior:
+    """SWAG: N(θ̄, scale·(Σ_diag + D Dᵀ/(K−1))) from iterates kept on a memory tier."""
+
+    def __init__(self, store: Store, meta: dict, readonly: bool) -> None:
+        self.store = store
+        self.meta = meta
+        self.n_params: int = meta["n_params"]
+        self.max_rank: int | None = meta["max_rank"]
+        self.capacity: int = meta["capacity"]
+        self.dtype = np.dtype(meta["dtype"])
+        self.checkpoint_every: int = meta["checkpoint_every"]
+        self.readonly = readonly
+        self._count = 0
+        self._seq = 0
+        self._ckpt_count = 0
+        self._s1 = np.zeros(self.n_params)
+        self._s2 = np.zeros(self.n_params)
+        self._shift = np.zeros(self.n_params)
+        self._buf = np.empty(self.n_params)
+        self._io: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # ---- creating and opening -----------------------------------------------------------
+    @staticmethod
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32") -> int:
+        """Bytes a posterior of `rows` kept iterates needs on its tier."""
+        return rows * n_params * np.dtype(dtype).itemsize + 5 * n_params * 8 + 4096
+
+    @classmethod
+    def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
+               checkpoint_every: int = 100, capacity: int | None = None, model: str | None = None,
+               overwrite: bool = False) -> "SWAGPosterior":
+        """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`)."""
+        if not isinstance(n_params, (int, np.integer)) or n_params < 1:
+            raise ValueError(f"n_params must be a positive integer, not {n_params!r}")
+        if max_rank is not None and max_rank < 2:
+            raise ValueError(f"max_rank={max_rank}: the low-rank part needs at least 2 iterates "
+                             "(K−1 divides D Dᵀ); use max_rank >= 2 or None to keep all")
+        if str(np.dtype(dtype)) not in FLOAT_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+        if max_rank is None and capacity is None:
+            raise ValueError("max_rank=None keeps every iterate: pass capacity=<number of updates> "
+                             "so the tier can reserve the log (nvmlib train computes it)")
+        cap = int(max_rank if max_rank is not None else capacity)
+        if cap < 2:
+            raise ValueError(f"capacity={cap}: a posterior needs room for at least 2 iterates")
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+        store.lock(LOG)
+        try:
+            if META in store:
+                if not overwrite:
+                    raise PosteriorError(f"{store.describe()} already holds a posterior; open it with "
+                                         "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
+                                         "or choose another path")
+            old = [n for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT) if n in store]  # or a torn create's
+            check_fits(store, cls.required_bytes(int(n_params), cap, dtype), f"a posterior of {cap} "
+                       f"iterates × {n_params} parameters ({np.dtype(dtype)})",
+                       reclaimable=sum(store.nbytes(n) for n in old))
+            for name in old:
+                store.delete(name)
+            meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
+                    "dtype": str(np.dtype(dtype)), "model": model,
+                    "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2)))}
+            store.create(LOG, (cap, int(n_params)), dtype)
+            for name, shape, dt in ((COUNT, (1,), "int64"), (SHIFT, (int(n_params),), "float64"),
+                                    (MOMENTS, (2, 2, int(n_params)), "float64"), (COMMIT, (2, 4), "int64")):
+                store.create(name, shape, dt)
+            post = cls(store, meta, readonly=False)
+            post._checkpoint()
+            raw = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+            store.create(META, raw.shape, "uint8")  # written last: its presence marks a whole posterior
+            store.write_rows(META, 0, raw)
+            store.persist(META)
+        except BaseException:
+            store.unlock(LOG)
+            raise
+        return post
+
+    @classmethod
+    def open(cls, store: Store, n_params: int | None = None, model: str | None = None,
+             readonly: bool = False) -> "SWAGPosterior":
+        """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint."""
+        if META not in store:
+            raise PosteriorError(f"{store.describe()} holds no posterior (no {META}); check the path, "
+                                 "or create one with SWAGPosterior.create / nvmlib train")
+        meta = json.loads(store.read_rows(META, 0, store.shape(META)[0]).tobytes())
+        if meta.get("format") != FORMAT:
+            raise PosteriorError(f"posterior format {meta.get('format')} is not {FORMAT}; "
+                                 "it was written by another nvmlib version")
+        if n_params is not None and meta["n_params"] != n_params:
+            raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
+                                 f"parameters, not {n_params}: it belongs to another model "
+                                 f"({meta.get('model') or 'unnamed'}); open the right path")
+        if model is not None and meta.get("model") not in (None, model):
+            raise PosteriorError(f"the posterior on {store.describe()} was made for model "
+                                 f"{meta['model']!r}, not {model!r}; open the right path")
+        if not readonly:
+            store.lock(LOG)
+        post = cls(store, meta, readonly)
+        try:
+            post._recover(int(store.read_rows(COUNT, 0, 1)[0]))
+        except BaseException:
+            if not readonly:
+                store.unlock(LOG)
+            raise
+        return post
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def n_collected(self) -> int:
+        """Iterates seen so far."""
+        return self._count
+
+    @property
+    def rank(self) -> int:
+        """Rows kept for the low-rank part (K)."""
+        return min(self._count, self.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the posterior occupies on its tier."""
+        return sum(self.store.nbytes(n) for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT))
+
+    def __repr__(self) -> str:
+        return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} rank={self.rank} "
+                f"max_rank={self.max_rank} on {self.store.describe()}>")
+
+    # ---- collecting ---------------------------------------------------------------------
+    def update(self, theta: Any) -> bool:
+        """Record one iterate: append its row to the log and add it to the moments.
+
+        Returns True when this update also wrote a checkpoint (a point training can resume from).
+        """
+        self._check_open(write=True)
+        vec = _as_vector(theta, self.n_params)
+        if self.max_rank is None and self._count >= self.capacity:
+            raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; create "
+                                 "the posterior with a larger capacity or a max_rank (ring)")
+        with np.errstate(over="ignore"):
+            row = vec.astype(self.dtype, copy=False)
+        if np.isinf(row).any():
+            raise ValueError(f"θ overflows {self.dtype} (|θ| up to {np.abs(vec).max():.3g}); "
+                             "store the posterior as float32 or float64. The posterior was not changed")
+        # the row goes to the tier on a writer thread while the moments are added here
+        pending = self._writer().submit(self.store.write_rows, LOG, self._count % self.capacity, row[None, :])
+        if self._count == 0:
+            self._shift[:] = row
+        self._accumulate(row)
+        try:
+            pending.result()
+            if self._count == 0:
+                self.store.write_rows(SHIFT, 0, self._shift)
+                self.store.persist(SHIFT)
+        except BaseException:
+            self._recover(self._count)  # undo the moments exactly: checkpoint + replay
+            raise
+        self._count += 1
+        self.store.write_rows(COUNT, 0, np.array([self._count], dtype=np.int64))
+        if self._count == 1 or self._count - self._ckpt_count >= self.checkpoint_every:
+            self._checkpoint()
+            return True
+        return False
+
+    def _accumulate(self, row: np.ndarray) -> None:
+        d = np.subtract(row, self._shift, out=self._buf)
+        self._s1 += d
+        self._s2 += np.multiply(d, d, out=d)
+
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-writer")
+        return self._io
+
+    def flush(self) -> None:
+        """Checkpoint now: everything collected so far becomes durable."""
+        self._check_open(write=True)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        self.store.persist(LOG)
+        self.store.persist(COUNT)
+        seq = self._seq + 1
+        slot = seq % 2
+        block = np.stack([self._s1, self._s2])
+        self.store.write_rows(MOMENTS, slot, block[None])
+        self.store.persist(MOMENTS)
+        head = np.array([seq, self._count, _crc(block)], dtype=np.int64)
+        record = np.append(head, _crc(head)).astype(np.int64)
+        self.store.write_rows(COMMIT, slot, record[None])
+        self.store.persist(COMMIT)
+        self._seq, self._ckpt_count = seq, self._count
+
+    def _recover(self, target: int) -> None:
+        """Load the newest valid checkpoint at or before `target` updates and replay the log to it."""
+        records = self.store.read_rows(COMMIT, 0, 2)
+        valid = [r for r in records if r[0] > 0 and int(r[3]) == _crc(r[:3]) and r[1] <= target]
+        for seq, count, crc_m, _ in sorted(valid, key=lambda r: -r[0]):
+            block = self.store.read_rows(MOMENTS, int(seq) % 2, int(seq) % 2 + 1)[0]
+            if _crc(block) != crc_m or target - count > self.capacity:
+                continue
+            self._s1[:], self._s2[:] = block
+            self._shift[:] = self.store.read_rows(SHIFT, 0, self.n_params)
+            for i in range(int(count), target):
+                self._accumulate(self.store.read_rows(LOG, i % self.capacity, i % self.capacity + 1)[0])
+            self._count, self._seq, self._ckpt_count = target, int(seq), int(count)
+            return
+        raise PosteriorError(f"the posterior on {self.store.describe()} has no valid checkpoint from "
+                             f"which its {target} updates can be rebuilt; it is damaged beyond recovery")
+
+    def truncate(self, count: int) -> None:
+        """Roll back to the first `count` updates (drops later ones), e.g. to resume training there."""
+        self._check_open(write=True)
+        if not 0 <= count <= self._count:
+            raise ValueError(f"cannot truncate to {count} updates: the posterior has {self._count}")
+        if count == self._count:
+            return
+        self._recover(count)
+        self.store.write_rows(COUNT, 0, np.array([count], dtype=np.int64))
+        self._checkpoint()
+
+    # ---- the posterior ------------------------------------------------------------------
+    def mean(self) -> np.ndarray:
+        """θ̄, the SWA solution (float64)."""
+        self._check_nonempty()
+        return self._shift + self._s1 / self._count
+
+    def variance(self) -> np.ndarray:
+        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
+        self._check_nonempty()
+        m = self._s1 / self._count
+        return np.maximum(self._s2 / self._count - m * m, 0.0)
+
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
+        """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
+
+        D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk while the next chunk is read.
+        With fewer than 2 kept rows only the diagonal part is used.
+        """
+        self._check_nonempty()
+        if S < 1:
+            raise ValueError(f"S must be >= 1, not {S}")
+        rng = np.random.default_rng(seed)
+        work = np.float64 if self.dtype == np.float64 else np.float32  # the log's precision
+        mean = self.mean().astype(work)
+        K = self.rank
+        out = rng.standard_normal((S, self.n_params), dtype=work)
+        out *= np.sqrt(self.variance()).astype(work)
+        if K >= 2:
+            z2 = rng.standard_normal((K, S)).astype(work)
+            acc = np.zeros((S, self.n_params), dtype=work)
+            for start, rows in self._stream(K):
+                rows = rows.astype(work, copy=False)
+                rows -= mean
+                acc += z2[start:start + len(rows)].T @ rows
+            acc /= math.sqrt(K - 1)
+            out += acc
+        out *= math.sqrt(scale)
+        out += mean
+        return out.astype(np.float32, copy=False)
+
+    def _stream(self, K: int):
+        """(start, rows) chunks of the K kept rows, each chunk read while the previous is used."""
+        step = max(1, CHUNK_BYTES // (self.n_params * self.dtype.itemsize))
+        starts = list(range(0, K, step))
+
+        def read(s: int) -> np.ndarray:
+            return self.store.read_rows(LOG, s, min(s + step, K))
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(read, starts[0])
+            for i, s in enumerate(starts):
+                rows = pending.result()
+                if i + 1 < len(starts):
+                    pending = pool.submit(read, starts[i + 1])
+                yield s, rows
+
+    def kept_rows(self) -> np.ndarray:
+        """The K kept iterates (a copy, in log order): the raw Θ behind D."""
+        self._check_nonempty()
+        return self.store.read_rows(LOG, 0, self.rank)
+
+    # ---- closing ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Checkpoint, persist and release the writer lock. The store stays open."""
+        if self._closed:
+            return
+        if not self.readonly:
+            self._checkpoint()
+            self.store.unlock(LOG)
+        if self._io is not None:
+            self._io.shutdown()
+        self._closed = True
+
+    def __enter__(self) -> "SWAGPosterior":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise PosteriorError("this posterior was closed; reopen it with SWAGPosterior.open(store)")
+        if write and self.readonly:
+            raise PosteriorError("this posterior was opened read-only; open it with readonly=False to write")
+
+    def _check_nonempty(self) -> None:
+        if self._count == 0:
+            raise PosteriorError("the posterior holds no iterates yet: call update(θ) first")

@@ -1,0 +1,61 @@
+"""`nvmlib train` / `nvmlib evaluate` accept the paper's flags and fail in user terms (exit 2)."""
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from nvmlib.backends import open_store
+from nvmlib.cli import build_parser, main
+from nvmlib.swag import SWAGPosterior
+
+
+def test_paper_commands_parse_with_only_the_script_name_changed():
+    parser = build_parser()
+    dram = parser.parse_args("train model_4fc -p /mnt/nvme0/models/ -c 1 -e 75 "
+                             "--results_filepath mnist_dram_mm_model_4fc_e75.gpu.csv".split())
+    assert (dram.model, dram.data_path, dram.gpu, dram.epochs, dram.backend) == (
+        "model_4fc", "/mnt/nvme0/models/", 1, 75, None)
+    pymm = parser.parse_args("train model_4fc -p /mnt/nvme0/models/ -f /mnt/pmem0 -c 1 -s 520000 -e 75 "
+                             "-back hstore-cc -b 100 -n 1e-4 -m 0 -r 1 -K 10 "
+                             "--results_filepath mnist_pymm_dax_model_4fc_e75.gpu.csv".split())
+    assert (pymm.shelf_path, pymm.shelf_size_mb, pymm.shelf_backend, pymm.max_rank) == (
+        "/mnt/pmem0", 520000, "hstore-cc", 10)
+    mmap = parser.parse_args("train model_4fc -p /mnt/nvme0/models/ -c 1 --posterior_path /mnt/nvme0/mmap/ "
+                             "-e 75 --results_filepath mnist_mmap_model_4fc_e75.gpu.csv".split())
+    assert mmap.posterior_path == "/mnt/nvme0/mmap/"
+
+
+def test_train_then_evaluate_on_mmap(tmp_path, capsys):
+    post_dir, csv = tmp_path / "mmap", tmp_path / "run.csv"
+    assert main(["train", "model_2conv2fc", "-c", "-1", "-e", "1", "--limit", "300", "-n", "0.05",
+                 "--posterior_path", str(post_dir), "--results_filepath", str(csv), "--no_progress"]) == 0
+    assert "epoch 1 time (s)" in pd.read_csv(csv, index_col=0).index
+    post = SWAGPosterior.open(open_store("mmap", post_dir), readonly=True)  # the tier inferred from the path
+    assert post.n_collected == 4
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--posterior_path", str(post_dir), "-S", "2", "--angles", "0", "45",
+                 "--results_filepath", str(out)]) == 0
+    assert "SWAG" in capsys.readouterr().out
+    assert {r["method"] for r in json.loads(out.read_text())["metrics"]} == {"SGD", "SWA", "SWAG"}
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "model_5fc"], "unknown model"),
+    (["train", "model_2fc", "-p", "/nonexistent/data"], "does not exist"),
+    (["train", "model_2fc", "-c", "7"], "GPU 7"),
+    (["train", "model_4fc", "-e", "10000000"], "needs .* GB"),
+    (["train", "model_2fc", "-f", "/mnt/pmem0", "-s", "10"], "pymm"),
+    (["evaluate"], "dram posterior does not outlive"),
+])
+def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys):
+    assert main(argv + ["--no_progress"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nvmlib: error: ") and "Traceback" not in err
+    assert re.search(match, err)
+
+
+def test_unwritable_results_path_exits_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", "model_2fc", "--results_filepath", str(tmp_path / "file" / "x.csv")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""Every notebook runs under papermill at smoke scale, writes its JSON record and real figures;
+the notebooks in git carry no outputs and exactly one `parameters` cell."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from nvmlib import reproduce
+from nvmlib.models import ConfigError
+from test_plots import assert_image
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+FIGURES = {
+    "collect": ["collect-epochs"],
+    "tier_runtime": ["tier_runtime"],
+    "posterior_quality": ["posterior_quality-rank", "posterior_quality-rotated",
+                          "posterior_quality-reliability", "posterior_quality-ood"],
+    "sampling": ["sampling"],
+}
+
+
+def parameters_cells(book: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [c for c in book.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+
+
+@pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
+def test_notebook_is_clean_and_parameterised(name: str) -> None:
+    book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(book)
+    assert book.metadata.kernelspec.name == "python3"
+    code = [c for c in book.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks without outputs"
+    cells = parameters_cells(book)
+    assert len(cells) == 1
+    defined: dict = {}
+    exec(cells[0].source, {}, defined)  # plain assignments only
+    for scale in reproduce.SCALES:
+        injected = reproduce.parameters(scale, name, Path("results"), Path("figures"))
+        assert set(injected) <= set(defined), f"{scale} injects parameters the notebook does not declare"
+
+
+def test_every_notebook_has_a_preset_at_every_scale() -> None:
+    assert sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb")) == sorted(reproduce.NOTEBOOKS)
+    for scale in reproduce.SCALES.values():
+        assert set(scale) == set(reproduce.NOTEBOOKS)
+
+
+def test_kernel_must_run_this_python() -> None:
+    reproduce.check_kernel("python3")
+    with pytest.raises(ConfigError, match="no Jupyter kernel"):
+        reproduce.check_kernel("no-such-kernel-nvmlib")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module."""
+    out = tmp_path_factory.mktemp("reproduce")
+    status = reproduce.main(["--scale", "smoke", "--notebooks-dir", str(NOTEBOOKS),
+                             "--results-dir", str(out / "results"), "--figures-dir", str(out / "figures")])
+    assert status == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
+def test_smoke_run_writes_record_and_figures(smoke: Path, name: str) -> None:
+    record = json.loads((smoke / "results" / f"{name}.json").read_text())
+    assert record["experiment"] == name
+    assert record["parameters"]["seed"] == 0 and record["measured"] and record["versions"]["nvmlib"]
+    executed = nbformat.read(smoke / "results" / f"{name}.ipynb", as_version=4)
+    assert executed.metadata.papermill.parameters["results_dir"] == str((smoke / "results").resolve())
+    for figure in FIGURES[name]:
+        for suffix in (".png", ".pdf"):
+            assert_image(smoke / "figures" / f"{figure}{suffix}")
+    assert not any((smoke / "results" / "scratch").glob("*/*")), "scratch posteriors must be removed"
+
+
+@pytest.mark.slow
+def test_smoke_tier_runtime_is_relative_to_dram(smoke: Path) -> None:
+    runtime = json.loads((smoke / "results" / "tier_runtime.json").read_text())["measured"]["runtime"]
+    dram = [r for r in runtime if r["backend"] == "dram"]
+    assert {r["epochs"] for r in dram} == {1, 2}
+    assert all(r["epoch_ratio"] == pytest.approx(1.0) and r["total_ratio"] == pytest.approx(1.0) for r in dram)
+    assert all(r["epoch_s"] > 0 and r["write_MBps"] > 0 for r in runtime)
+    table = (smoke / "results" / "tier_ratios.md").read_text().splitlines()
+    assert table[0].startswith("| epochs | mmap / DRAM") and [row.split("|")[1].strip() for row in table[2:]] == ["1", "2"]
+    summary = json.loads((smoke / "results" / "reproduce.json").read_text())
+    assert summary["scale"] == "smoke" and set(summary["seconds"]) == set(reproduce.NOTEBOOKS)
+
+
+def test_a_failing_notebook_fails_the_run_and_keeps_its_executed_copy(tmp_path: Path, capsys) -> None:
+    book = nbformat.read(NOTEBOOKS / "collect.ipynb", as_version=4)
+    book.cells = parameters_cells(book) + [nbformat.v4.new_code_cell("raise RuntimeError('boom')")]
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(book, tmp_path / "notebooks" / "collect.ipynb")
+    status = reproduce.main(["--scale", "smoke", "--notebook", "collect", "--notebooks-dir", str(tmp_path / "notebooks"),
+                             "--results-dir", str(tmp_path / "results"), "--figures-dir", str(tmp_path / "figures")])
+    assert status == 1 and "RuntimeError: boom" in capsys.readouterr().err
+    assert (tmp_path / "results" / "collect.ipynb").exists()

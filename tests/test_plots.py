@@ -1,0 +1,81 @@
+"""Each figure function draws from the tables the experiments return and saves a real PNG and PDF."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+
+from nvmlib import plots
+from nvmlib.evaluate import ece
+from nvmlib.experiments import epoch_table, reliability_table
+
+matplotlib.use("Agg")
+PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"
+
+
+def assert_image(path: Path) -> None:
+    """A non-empty PNG (with its magic bytes and a size) or PDF."""
+    data = path.read_bytes()
+    assert len(data) > 1000, path
+    if path.suffix == ".png":
+        from PIL import Image
+
+        assert data.startswith(PNG_MAGIC)
+        with Image.open(path) as img:
+            assert img.width > 100 and img.height > 100
+    else:
+        assert data.startswith(PDF_MAGIC)
+
+
+def _methods(**columns) -> pd.DataFrame:
+    return pd.DataFrame([{"method": m, **{k: v(i) for k, v in columns.items()}}
+                         for m in ("SGD", "SWA", "SWAG") for i in range(4)])
+
+
+FIGURES = {
+    "epochs": lambda: plots.epoch_times(pd.DataFrame({"epoch": [1, 2], "seconds": [3.0, 2.5]})),
+    "tier_runtime": lambda: plots.tier_runtime(pd.DataFrame(
+        [{"tier": t, "epochs": e, "epoch_ratio": r, "total_ratio": r * 1.1, "epoch_s": 5 * r, "write_MBps": 300 / r}
+         for t, r in (("dram", 1.0), ("mmap", 1.2)) for e in (1, 2, 3)]), {"device under mmap": 420.0}),
+    "rank": lambda: plots.quality_vs_rank(_methods(K=lambda i: 10 ** i, accuracy=lambda i: 0.9 + i / 100,
+                                                   nll=lambda i: 0.3 - i / 50, ece=lambda i: 0.05)),
+    "rotated": lambda: plots.rotated(_methods(angle=lambda i: 30 * i, accuracy=lambda i: 0.9 - i / 5,
+                                              nll=lambda i: 0.3 + i)),
+    "reliability": lambda: plots.reliability(_methods(confidence=lambda i: 0.4 + i / 7,
+                                                      accuracy=lambda i: 0.35 + i / 7, count=lambda i: 10)),
+    "ood": lambda: plots.ood(
+        pd.DataFrame({"method": np.repeat(["SGD", "SWAG"], 200), "data": np.tile(np.repeat(["in", "out"], 100), 2),
+                      "entropy": np.random.default_rng(0).gamma(2.0, 0.2, 400)}),
+        pd.DataFrame({"method": ["SGD", "SWAG"], "auroc": [0.8, 0.9]})),
+    "sampling": lambda: plots.sampling(pd.DataFrame(
+        [{"S": s, "mode": m, "seconds": s ** p, "read_MBps": 400 / s ** (p - 1)}
+         for s in (1, 2, 4) for m, p in (("one streamed pass", 0.1), ("S passes", 1.0))]), {"device": 450.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_figure_saves_png_and_pdf(name: str, tmp_path: Path) -> None:
+    fig = FIGURES[name]()
+    paths = plots.save(fig, f"t-{name}", tmp_path / "figures")
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    for path in paths:
+        assert_image(path)
+
+
+def test_epoch_table_reads_the_timings_in_order() -> None:
+    timings = {"epoch 2 time (s)": 2.0, "make model time (s)": 0.1, "epoch 1 time (s)": 1.0, "epoch 10 time (s)": 3.0}
+    table = epoch_table(timings)
+    assert table.epoch.tolist() == [1, 2, 10] and table.seconds.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_reliability_bins_give_evaluate_ece() -> None:
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(10) * 0.3, size=500)
+    labels = rng.integers(0, 10, 500)
+    bins = reliability_table(probs, labels)
+    assert bins["count"].sum() == 500
+    gap = (bins["count"] / 500 * (bins.accuracy - bins.confidence).abs()).sum()
+    assert gap == pytest.approx(ece(probs, labels))

@@ -1,0 +1,44 @@
+"""nvmlib probe: a real probe of a temporary directory (small file), and its report."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from nvmlib import probe as probe_mod
+from nvmlib.errors import StoreError
+
+
+def test_probe_measures_a_directory(tmp_path):
+    result = probe_mod.probe(tmp_path, nbytes=16 << 20)
+    assert result["tiers"]["dram"] == "ok" and isinstance(result["fsdax_mounts"], list)
+    path = result["path"]
+    assert path["kind"] == "directory" and path["free_bytes"] > 0
+    bw = path["bandwidth"]
+    assert bw["bytes"] == 16 << 20 and bw["write_MBps"] > 0 and bw["read_MBps"] > 0
+    assert list(tmp_path.iterdir()) == [], "the temporary file is removed"
+    text = probe_mod.format_probe(result)
+    assert "sequential write" in text and str(tmp_path) in text
+
+
+def test_fsdax_mounts_are_read_from_the_dax_option(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/pmem0 /mnt/pmem0 ext4 rw,relatime,dax 0 0\n"
+                      "/dev/pmem1 /mnt/pmem1 xfs rw,dax=always 0 0\n"
+                      "/dev/vda / ext4 rw,dax=never 0 0\n"
+                      "tmpfs /dev/shm tmpfs rw 0 0\n")
+    assert [m["mount"] for m in probe_mod.fsdax_mounts(str(mounts))] == ["/mnt/pmem0", "/mnt/pmem1"]
+
+
+def test_bandwidth_needs_a_directory(tmp_path):
+    with pytest.raises(StoreError, match="not a directory"):
+        probe_mod.sequential_bandwidth(tmp_path / "missing", 1 << 20)
+
+
+def test_cli_wiring(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="nvmlib")
+    probe_mod.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["probe", str(tmp_path), "--size-mb", "4"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "memory tiers:" in out and "MB/s" in out
