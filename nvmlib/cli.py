@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from nvmlib import probe, reproduce
 from nvmlib.errors import NvmlibError
 from nvmlib.models import ConfigError
 
@@ -114,7 +115,8 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     return 0
 
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_train, add_evaluate)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (
+    add_train, add_evaluate, probe.add_parser, reproduce.add_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

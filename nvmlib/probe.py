@@ -158,10 +158,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("path", nargs="?", help="a directory (or devdax device) to examine and measure")
     parser.add_argument("--size-mb", type=int, default=DEFAULT_BYTES >> 20,
                         help="size of the temporary file that measures bandwidth (0: do not measure)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(run=run)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, script_start: float | None = None) -> int:
+    """Print the probe report (script_start: nvmlib.cli's calling convention, unused)."""
     print(format_probe(probe(args.path, args.size_mb << 20)))
     return 0

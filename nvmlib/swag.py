@@ -2,7 +2,9 @@
 
 Layout on the store (all arrays fixed-shape, so every tier can hold them):
   swag.meta     uint8 JSON: n_params, max_rank, capacity, dtype, checkpoint_every, model
-  swag.log      (capacity, n_params) raw iterates, sample-major, a ring when max_rank is set
+  swag.log      (capacity + 1, n_params) raw iterates, sample-major, a ring when max_rank is set;
+                iterate t sits in slot t % (capacity + 1), so the row being written never
+                overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept)
   swag.count    int64 (1,): updates whose row is fully written (the log's commit point)
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
   swag.moments  float64 (2, 2, n_params): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
@@ -25,7 +27,7 @@ import numpy as np
 from nvmlib.backends.base import Store, check_fits
 from nvmlib.errors import PosteriorError, StoreError
 
-FORMAT = 1
+FORMAT = 2
 META, LOG, COUNT, SHIFT, MOMENTS, COMMIT = (
     "swag.meta", "swag.log", "swag.count", "swag.shift", "swag.moments", "swag.commit")
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -67,6 +69,7 @@ class SWAGPosterior:
         self.n_params: int = meta["n_params"]
         self.max_rank: int | None = meta["max_rank"]
         self.capacity: int = meta["capacity"]
+        self.slots = self.capacity + 1
         self.dtype = np.dtype(meta["dtype"])
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
@@ -83,8 +86,8 @@ class SWAGPosterior:
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
     def required_bytes(n_params: int, rows: int, dtype: str = "float32") -> int:
-        """Bytes a posterior of `rows` kept iterates needs on its tier."""
-        return rows * n_params * np.dtype(dtype).itemsize + 5 * n_params * 8 + 4096
+        """Bytes a posterior of `rows` kept iterates needs on its tier (one spare slot for the next row)."""
+        return (rows + 1) * n_params * np.dtype(dtype).itemsize + 5 * n_params * 8 + 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
@@ -122,7 +125,7 @@ class SWAGPosterior:
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
                     "dtype": str(np.dtype(dtype)), "model": model,
                     "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2)))}
-            store.create(LOG, (cap, int(n_params)), dtype)
+            store.create(LOG, (cap + 1, int(n_params)), dtype)
             for name, shape, dt in ((COUNT, (1,), "int64"), (SHIFT, (int(n_params),), "float64"),
                                     (MOMENTS, (2, 2, int(n_params)), "float64"), (COMMIT, (2, 4), "int64")):
                 store.create(name, shape, dt)
@@ -203,7 +206,7 @@ class SWAGPosterior:
             raise ValueError(f"θ overflows {self.dtype} (|θ| up to {np.abs(vec).max():.3g}); "
                              "store the posterior as float32 or float64. The posterior was not changed")
         # the row goes to the tier on a writer thread while the moments are added here
-        pending = self._writer().submit(self.store.write_rows, LOG, self._count % self.capacity, row[None, :])
+        pending = self._writer().submit(self.store.write_rows, LOG, self._count % self.slots, row[None, :])
         if self._count == 0:
             self._shift[:] = row
         self._accumulate(row)
@@ -262,14 +265,20 @@ class SWAGPosterior:
             self._s1[:], self._s2[:] = block
             self._shift[:] = self.store.read_rows(SHIFT, 0, self.n_params)
             for i in range(int(count), target):
-                self._accumulate(self.store.read_rows(LOG, i % self.capacity, i % self.capacity + 1)[0])
+                self._accumulate(self.store.read_rows(LOG, i % self.slots, i % self.slots + 1)[0])
             self._count, self._seq, self._ckpt_count = target, int(seq), int(count)
             return
         raise PosteriorError(f"the posterior on {self.store.describe()} has no valid checkpoint from "
                              f"which its {target} updates can be rebuilt; it is damaged beyond recovery")
 
     def truncate(self, count: int) -> None:
-        """Roll back to the first `count` updates (drops later ones), e.g. to resume training there."""
+        """Roll back to the first `count` updates (drops later ones), e.g. to resume training there.
+
+        Count and moments roll back exactly. In a ring that has wrapped, the dropped rows took the
+        slots of the oldest kept ones, so until collection passes the old count again (with the same
+        iterates when training is deterministic, as `nvmlib train --resume` is on the CPU) up to
+        (dropped − 1) of the kept rows are newer iterates of the same run.
+        """
         self._check_open(write=True)
         if not 0 <= count <= self._count:
             raise ValueError(f"cannot truncate to {count} updates: the posterior has {self._count}")
@@ -319,26 +328,36 @@ class SWAGPosterior:
         out += mean
         return out.astype(np.float32, copy=False)
 
+    def _kept_slots(self) -> list[tuple[int, int]]:
+        """[start, stop) slot ranges of the kept rows, in slot order: all used slots but the next one."""
+        if self._count <= self.capacity:
+            return [(0, self._count)]
+        free = self._count % self.slots
+        return [(a, b) for a, b in ((0, free), (free + 1, self.slots)) if b > a]
+
     def _stream(self, K: int):
         """(start, rows) chunks of the K kept rows, each chunk read while the previous is used."""
         step = max(1, CHUNK_BYTES // (self.n_params * self.dtype.itemsize))
-        starts = list(range(0, K, step))
+        spans = [(s, min(s + step, b)) for a, b in self._kept_slots() for s in range(a, b, step)]
 
-        def read(s: int) -> np.ndarray:
-            return self.store.read_rows(LOG, s, min(s + step, K))
+        def read(span: tuple[int, int]) -> np.ndarray:
+            return self.store.read_rows(LOG, *span)
 
+        start = 0
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(read, starts[0])
-            for i, s in enumerate(starts):
+            pending = pool.submit(read, spans[0])
+            for i in range(len(spans)):
                 rows = pending.result()
-                if i + 1 < len(starts):
-                    pending = pool.submit(read, starts[i + 1])
-                yield s, rows
+                if i + 1 < len(spans):
+                    pending = pool.submit(read, spans[i + 1])
+                yield start, rows
+                start += len(rows)
 
     def kept_rows(self) -> np.ndarray:
-        """The K kept iterates (a copy, in log order): the raw Θ behind D."""
+        """The K kept iterates (a copy, in slot order: iterate t sits at t % (capacity + 1), the
+        slot after the newest skipped): the raw Θ behind D."""
         self._check_nonempty()
-        return self.store.read_rows(LOG, 0, self.rank)
+        return np.concatenate([self.store.read_rows(LOG, a, b) for a, b in self._kept_slots()])
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:

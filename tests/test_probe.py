@@ -1,11 +1,10 @@
 """nvmlib probe: a real probe of a temporary directory (small file), and its report."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from nvmlib import probe as probe_mod
+from nvmlib.cli import main
 from nvmlib.errors import StoreError
 
 
@@ -36,9 +35,6 @@ def test_bandwidth_needs_a_directory(tmp_path):
 
 
 def test_cli_wiring(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="nvmlib")
-    probe_mod.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["probe", str(tmp_path), "--size-mb", "4"])
-    assert args.func(args) == 0
+    assert main(["probe", str(tmp_path), "--size-mb", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory tiers:" in out and "MB/s" in out

@@ -63,14 +63,16 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
-    whole = train(small(backend="mmap", posterior_path=str(tmp_path / "whole"), checkpoint_every=3))
+@pytest.mark.parametrize("max_rank", [None, 6])
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, max_rank):
+    whole = train(small(backend="mmap", posterior_path=str(tmp_path / "whole"), checkpoint_every=3,
+                        max_rank=max_rank))
 
     def stop_in_second_epoch(epoch: int, batch: int) -> None:
         if epoch == 1 and batch == 2:  # 9 updates made; the last checkpoint was at 7
             raise Interrupt
 
-    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3)
+    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3, max_rank=max_rank)
     with pytest.raises(Interrupt):
         train(cut, on_batch=stop_in_second_epoch)
     state = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)
@@ -80,6 +82,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path):
     assert resumed.posterior.n_collected == whole.posterior.n_collected == 11
     assert np.array_equal(resumed.posterior.mean(), whole.posterior.mean())
     assert np.array_equal(resumed.posterior.variance(), whole.posterior.variance())
+    assert np.array_equal(resumed.posterior.sample(3, seed=1), whole.posterior.sample(3, seed=1))
     assert torch.equal(get_flat(resumed.model), get_flat(whole.model))
     whole.close(), resumed.close()
 
