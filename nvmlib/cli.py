@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from nvmlib import probe, reproduce
-from nvmlib.errors import NvmlibError
-from nvmlib.models import ConfigError
+from nvmlib.errors import ConfigError, NvmlibError
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:

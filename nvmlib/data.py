@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nvmlib.errors import NvmlibError
+from nvmlib.errors import DataError
 
 DATASETS = ("mnist", "fashion")
 SPLITS = {"train": ("train", 60_000), "test": ("t10k", 10_000)}
@@ -45,10 +45,6 @@ HOW_TO_GET = {
                "pass a directory holding Fashion-MNIST's train-/t10k- idx .gz files from "
                "https://github.com/zalandoresearch/fashion-mnist",
 }
-
-
-class DataError(NvmlibError):
-    """A data set is missing, damaged, or not the one expected; the message says how to get it."""
 
 
 @dataclass(frozen=True)

@@ -19,3 +19,11 @@ class LockedError(StoreError):
 
 class PosteriorError(NvmlibError):
     """A posterior is missing, corrupt, or does not match what the caller expects."""
+
+
+class ConfigError(NvmlibError):
+    """A run was configured with something that does not exist (model, device, path...)."""
+
+
+class DataError(NvmlibError):
+    """A data set is missing, damaged, or not the one expected; the message says how to get it."""

@@ -24,7 +24,7 @@ from nvmlib.backends import Store, available_tiers, open_store
 from nvmlib.data import Split
 from nvmlib.evaluate import ANGLES, METHODS, bma_predict, entropy, evaluate
 from nvmlib.models import make_model, n_params, set_flat
-from nvmlib.swag import LOG, SWAGPosterior
+from nvmlib.swag import SWAGPosterior
 from nvmlib.train import TrainConfig, TrainResult, machine_facts, train, versions
 
 EPOCH_KEY = re.compile(r"epoch (\d+) time \(s\)")
@@ -158,7 +158,7 @@ def growing(posterior: SWAGPosterior, ranks: Sequence[int], store: Store
     try:
         for k in ranks:
             for start in range(grown.n_collected, k, REPLAY_ROWS):
-                rows = posterior.store.read_rows(LOG, start, min(start + REPLAY_ROWS, k))
+                rows = posterior.iterates(start, min(start + REPLAY_ROWS, k))
                 for row in rows:
                     grown.update(row)
             yield k, grown, rows[-1]

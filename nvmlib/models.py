@@ -7,11 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nvmlib.errors import NvmlibError
-
-
-class ConfigError(NvmlibError):
-    """A run was configured with something that does not exist (model, device, path...)."""
+from nvmlib.errors import ConfigError
 
 
 def model_2conv2fc() -> nn.Module:

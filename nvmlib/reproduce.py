@@ -16,8 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nvmlib.errors import NvmlibError
-from nvmlib.models import ConfigError
+from nvmlib.errors import ConfigError, NvmlibError
 
 NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling")
 

@@ -1,10 +1,11 @@
 """The SWAG posterior: a log of raw iterates on a memory tier, moments in DRAM, crash-safe.
 
 Layout on the store (all arrays fixed-shape, so every tier can hold them):
-  swag.meta     uint8 JSON: n_params, max_rank, capacity, dtype, checkpoint_every, model
-  swag.log      (capacity + 1, n_params) raw iterates, sample-major, a ring when max_rank is set;
+  swag.meta     uint8 JSON: n_params, max_rank, capacity, row_len, dtype, checkpoint_every, model
+  swag.log      (capacity + 1, row_len) raw iterates, sample-major, a ring when max_rank is set;
                 iterate t sits in slot t % (capacity + 1), so the row being written never
-                overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept)
+                overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept);
+                row_len is n_params padded to the tier's row_align (4 KiB rows for O_DIRECT)
   swag.count    int64 (1,): updates whose row is fully written (the log's commit point)
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
   swag.moments  float64 (2, 2, n_params): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from nvmlib.backends.base import Store, check_fits
+from nvmlib import moments
+from nvmlib.backends.base import Store, aligned_empty, check_fits, padded_len
 from nvmlib.errors import PosteriorError, StoreError
 
 FORMAT = 2
@@ -32,6 +34,7 @@ META, LOG, COUNT, SHIFT, MOMENTS, COMMIT = (
     "swag.meta", "swag.log", "swag.count", "swag.shift", "swag.moments", "swag.commit")
 FLOAT_DTYPES = ("float16", "float32", "float64")
 CHUNK_BYTES = 128 << 20
+PARALLEL_MIN = 1 << 16  # parameters from which the moments are added on two threads
 
 
 def _as_vector(theta: Any, n_params: int) -> np.ndarray:
@@ -45,12 +48,17 @@ def _as_vector(theta: Any, n_params: int) -> np.ndarray:
     if arr.shape != (n_params,):
         raise ValueError(f"θ has shape {arr.shape} but this posterior holds {n_params} parameters: "
                          f"pass a 1-D vector of length {n_params} (flatten the model's parameters)")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"θ has {int(bad.sum())} NaN/Inf values (first at index {first}); training "
-                         "diverged: lower the learning rate. The posterior was not changed")
     return arr
+
+
+def _not_finite(vec: np.ndarray, dtype: np.dtype) -> ValueError:
+    """The error for a θ that has NaN/Inf values, or values its posterior's dtype cannot hold."""
+    bad = ~np.isfinite(vec)
+    if bad.any():
+        return ValueError(f"θ has {int(bad.sum())} NaN/Inf values (first at index {int(np.flatnonzero(bad)[0])}); "
+                          "training diverged: lower the learning rate. The posterior was not changed")
+    return ValueError(f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
+                      "store the posterior as float32 or float64. The posterior was not changed")
 
 
 def _crc(*arrays: np.ndarray) -> int:
@@ -70,6 +78,7 @@ class SWAGPosterior:
         self.max_rank: int | None = meta["max_rank"]
         self.capacity: int = meta["capacity"]
         self.slots = self.capacity + 1
+        self.row_len: int = meta["row_len"]
         self.dtype = np.dtype(meta["dtype"])
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
@@ -79,15 +88,17 @@ class SWAGPosterior:
         self._s1 = np.zeros(self.n_params)
         self._s2 = np.zeros(self.n_params)
         self._shift = np.zeros(self.n_params)
-        self._buf = np.empty(self.n_params)
+        self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
+        self._row[self.n_params:] = 0
         self._io: ThreadPoolExecutor | None = None
         self._closed = False
 
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
-    def required_bytes(n_params: int, rows: int, dtype: str = "float32") -> int:
-        """Bytes a posterior of `rows` kept iterates needs on its tier (one spare slot for the next row)."""
-        return (rows + 1) * n_params * np.dtype(dtype).itemsize + 5 * n_params * 8 + 4096
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = 4096) -> int:
+        """Bytes a posterior of `rows` kept iterates needs on a tier (one spare slot for the next row)."""
+        row = padded_len(n_params, dtype, row_align) * np.dtype(dtype).itemsize
+        return (rows + 1) * row + 5 * n_params * 8 + 8 * 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
@@ -117,15 +128,16 @@ class SWAGPosterior:
                                          "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
                                          "or choose another path")
             old = [n for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT) if n in store]  # or a torn create's
-            check_fits(store, cls.required_bytes(int(n_params), cap, dtype), f"a posterior of {cap} "
+            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, store.row_align), f"a posterior of {cap} "
                        f"iterates × {n_params} parameters ({np.dtype(dtype)})",
                        reclaimable=sum(store.nbytes(n) for n in old))
             for name in old:
                 store.delete(name)
+            row_len = padded_len(int(n_params), dtype, store.row_align)
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
-                    "dtype": str(np.dtype(dtype)), "model": model,
+                    "row_len": row_len, "dtype": str(np.dtype(dtype)), "model": model,
                     "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2)))}
-            store.create(LOG, (cap + 1, int(n_params)), dtype)
+            store.create(LOG, (cap + 1, row_len), dtype)
             for name, shape, dt in ((COUNT, (1,), "int64"), (SHIFT, (int(n_params),), "float64"),
                                     (MOMENTS, (2, 2, int(n_params)), "float64"), (COMMIT, (2, 4), "int64")):
                 store.create(name, shape, dt)
@@ -200,13 +212,11 @@ class SWAGPosterior:
         if self.max_rank is None and self._count >= self.capacity:
             raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; create "
                                  "the posterior with a larger capacity or a max_rank (ring)")
-        with np.errstate(over="ignore"):
-            row = vec.astype(self.dtype, copy=False)
-        if np.isinf(row).any():
-            raise ValueError(f"θ overflows {self.dtype} (|θ| up to {np.abs(vec).max():.3g}); "
-                             "store the posterior as float32 or float64. The posterior was not changed")
-        # the row goes to the tier on a writer thread while the moments are added here
-        pending = self._writer().submit(self.store.write_rows, LOG, self._count % self.slots, row[None, :])
+        row = self._row[:self.n_params]  # the moments are of what the tier stores: cast first
+        if not moments.stage(vec, row):
+            raise _not_finite(vec, self.dtype)
+        # the row goes to the tier on a pool thread while the moments are added here
+        pending = self._pool().submit(self.store.write_rows, LOG, self._count % self.slots, self._row[None, :])
         if self._count == 0:
             self._shift[:] = row
         self._accumulate(row)
@@ -226,13 +236,22 @@ class SWAGPosterior:
         return False
 
     def _accumulate(self, row: np.ndarray) -> None:
-        d = np.subtract(row, self._shift, out=self._buf)
-        self._s1 += d
-        self._s2 += np.multiply(d, d, out=d)
+        """Add `row` to the shifted moments; a large vector's second half on a pool thread (the
+        kernel releases the GIL), as the pool's other thread mostly waits for the device."""
+        if self.n_params < PARALLEL_MIN:
+            return self._add(row, 0, self.n_params)
+        half = self.n_params // 2
+        other = self._pool().submit(self._add, row, half, self.n_params)
+        self._add(row, 0, half)
+        other.result()
 
-    def _writer(self) -> ThreadPoolExecutor:
+    def _add(self, row: np.ndarray, a: int, b: int) -> None:
+        moments.add(row[a:b], self._shift[a:b], self._s1[a:b], self._s2[a:b])
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """Two threads: one writes the row to the tier, one adds half of it to the moments."""
         if self._io is None:
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-writer")
+            self._io = ThreadPoolExecutor(2, thread_name_prefix="nvmlib-update")
         return self._io
 
     def flush(self) -> None:
@@ -264,8 +283,9 @@ class SWAGPosterior:
                 continue
             self._s1[:], self._s2[:] = block
             self._shift[:] = self.store.read_rows(SHIFT, 0, self.n_params)
-            for i in range(int(count), target):
-                self._accumulate(self.store.read_rows(LOG, i % self.slots, i % self.slots + 1)[0])
+            for start in range(int(count), target, 64):
+                for row in self._iterates(start, min(start + 64, target)):
+                    self._accumulate(row)
             self._count, self._seq, self._ckpt_count = target, int(seq), int(count)
             return
         raise PosteriorError(f"the posterior on {self.store.describe()} has no valid checkpoint from "
@@ -328,36 +348,54 @@ class SWAGPosterior:
         out += mean
         return out.astype(np.float32, copy=False)
 
-    def _kept_slots(self) -> list[tuple[int, int]]:
-        """[start, stop) slot ranges of the kept rows, in slot order: all used slots but the next one."""
-        if self._count <= self.capacity:
-            return [(0, self._count)]
-        free = self._count % self.slots
-        return [(a, b) for a, b in ((0, free), (free + 1, self.slots)) if b > a]
+    def _spans(self, start: int, stop: int, step: int) -> list[tuple[int, int]]:
+        """[a, b) slot ranges holding iterates start..stop−1 in order, each at most `step` rows."""
+        spans, t = [], start
+        while t < stop:
+            a = t % self.slots
+            b = min(a + stop - t, self.slots, a + step)
+            spans.append((a, b))
+            t += b - a
+        return spans
+
+    def _iterates(self, start: int, stop: int) -> np.ndarray:
+        parts = [self.store.read_rows(LOG, a, b)[:, :self.n_params] for a, b in self._spans(start, stop, stop)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.n_params), self.dtype)])
 
     def _stream(self, K: int):
         """(start, rows) chunks of the K kept rows, each chunk read while the previous is used."""
-        step = max(1, CHUNK_BYTES // (self.n_params * self.dtype.itemsize))
-        spans = [(s, min(s + step, b)) for a, b in self._kept_slots() for s in range(a, b, step)]
+        step = max(1, CHUNK_BYTES // (self.row_len * self.dtype.itemsize))
+        spans = self._spans(self._count - K, self._count, step)
+        buffers = [aligned_empty((min(step, K), self.row_len), self.dtype) for _ in range(min(2, len(spans)))]
 
-        def read(span: tuple[int, int]) -> np.ndarray:
-            return self.store.read_rows(LOG, *span)
+        def read(i: int) -> np.ndarray:
+            a, b = spans[i]
+            return self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])[:, :self.n_params]
 
         start = 0
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(read, spans[0])
+            pending = pool.submit(read, 0)
             for i in range(len(spans)):
                 rows = pending.result()
                 if i + 1 < len(spans):
-                    pending = pool.submit(read, spans[i + 1])
+                    pending = pool.submit(read, i + 1)
                 yield start, rows
                 start += len(rows)
 
+    def iterates(self, start: int, stop: int) -> np.ndarray:
+        """Iterates θ_start … θ_stop−1, (stop − start, n_params) in the log's dtype; only the kept
+        ones (the last `rank`) can be read."""
+        self._check_open()
+        first = self._count - self.rank
+        if not first <= start <= stop <= self._count:
+            raise ValueError(f"iterates {start}..{stop} are not all kept: this posterior keeps "
+                             f"{first}..{self._count} (max_rank={self.max_rank})")
+        return self._iterates(start, stop)
+
     def kept_rows(self) -> np.ndarray:
-        """The K kept iterates (a copy, in slot order: iterate t sits at t % (capacity + 1), the
-        slot after the newest skipped): the raw Θ behind D."""
+        """The K kept iterates, oldest first: the raw Θ behind D."""
         self._check_nonempty()
-        return np.concatenate([self.store.read_rows(LOG, a, b) for a, b in self._kept_slots()])
+        return self.iterates(self._count - self.rank, self._count)
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
 from nvmlib.data import Split, load
-from nvmlib.errors import StoreError
-from nvmlib.models import MODELS, ConfigError, get_flat, make_model, n_params
+from nvmlib.errors import ConfigError, StoreError
+from nvmlib.models import MODELS, get_flat, make_model, n_params
 from nvmlib.swag import SWAGPosterior
 
 STATE_FORMAT = 1
@@ -262,7 +262,7 @@ def open_tier(config: TrainConfig) -> Store:
 def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> None:
     """StoreError naming the size needed when the tier cannot hold the run's posterior."""
     rows = config.max_rank or capacity
-    need = SWAGPosterior.required_bytes(n, rows, config.dtype)
+    need = SWAGPosterior.required_bytes(n, rows, config.dtype, store.row_align)
     what = (f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
             f"its posterior needs {need / 1e9:.3f} GB")
     if config.shelf_size_mb is not None and need > config.shelf_size_mb * 2**20:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from nvmlib.data import FASHION_DIR, DataError, load, read_idx, write_idx
+from nvmlib.data import FASHION_DIR, load, read_idx, write_idx
+from nvmlib.errors import DataError
 
 
 @pytest.fixture(scope="module")

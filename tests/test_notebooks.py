@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from nvmlib import reproduce
-from nvmlib.models import ConfigError
+from nvmlib.errors import ConfigError
 from test_plots import assert_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -47,8 +47,10 @@ def test_ring_keeps_exactly_the_last_K(store):
     post = collect(store, th, max_rank=5, dtype="float64")
     kept = post.kept_rows()
     assert kept.shape == (5, 30)
-    # slot order: iterate i sits in slot i % 6, and the slot after the newest (23 % 6) is skipped
-    np.testing.assert_array_equal(kept, th[sorted(range(18, 23), key=lambda i: i % 6)])
+    np.testing.assert_array_equal(kept, th[18:23])  # oldest first
+    np.testing.assert_array_equal(post.iterates(20, 22), th[20:22])
+    with pytest.raises(ValueError, match="not all kept"):
+        post.iterates(17, 20)
     post.close()
 
 

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from nvmlib.backends import open_store
-from nvmlib.data import DataError
-from nvmlib.errors import StoreError
-from nvmlib.models import ConfigError, get_flat
+from nvmlib.errors import ConfigError, DataError, StoreError
+from nvmlib.models import get_flat
 from nvmlib.swag import SWAGPosterior
 from nvmlib.train import STATE_FILE, TrainConfig, epoch_order, reopen, train
 

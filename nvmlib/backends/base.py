@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -22,6 +23,7 @@ class Store(ABC):
 
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
+    row_align: ClassVar[int] = 1  # bytes a row of the posterior log is padded to (O_DIRECT tiers: ALIGN)
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None
@@ -133,6 +135,22 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
+    """An uninitialised array whose data starts on a page boundary, so O_DIRECT can use it as is."""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
+def padded_len(n: int, dtype: np.dtype | str, align: int) -> int:
+    """Elements of a row of n `dtype` values padded to a multiple of `align` bytes."""
+    size = np.dtype(dtype).itemsize
+    return -(-n * size // align) * align // size if align > size else n
 
 
 def check_fits(store: Store, need: int, what: str, reclaimable: int = 0) -> None:

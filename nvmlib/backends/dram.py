@@ -38,7 +38,9 @@ class DramStore(Store):
         if name in self._arrays:
             raise StoreError(f"array {name!r} already exists in the dram tier")
         check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
-        self._arrays[name] = np.zeros(shape, dtype=dtype)
+        arr = np.empty(shape, dtype=dtype)
+        arr.fill(0)  # touch every page now, not on the first update (np.zeros maps lazily)
+        self._arrays[name] = arr
 
     def array(self, name: str) -> np.ndarray:
         try:

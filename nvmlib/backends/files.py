@@ -4,8 +4,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
+
+from nvmlib.backends.base import ALIGN, aligned_empty
 from nvmlib.errors import StoreError
 
 
@@ -49,3 +53,79 @@ def os_error(exc: OSError, path: Path, doing: str) -> StoreError:
         return StoreError(f"the disk of {path} filled up while {doing}; the posterior up to the last "
                           "completed update is intact: free space and resume")
     return StoreError(f"{doing} {path} failed: {exc.strerror or exc}")
+
+
+def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True) -> None:
+    """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual)."""
+    header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
+    header = header.ljust(ALIGN - 11) + "\n"  # magic (6) + version (2) + length (2) + header = ALIGN
+    end = ALIGN + int(np.prod(shape)) * dtype.itemsize
+    try:
+        with open(file, "xb") as f:
+            f.write(np.lib.format.magic(1, 0) + struct.pack("<H", len(header)) + header.encode("latin1"))
+            f.truncate(end)
+            if preallocate:
+                reserve(f.fileno(), 0, end, file)
+    except FileExistsError:
+        raise StoreError(f"{file} already exists; delete it or choose another directory") from None
+    except OSError as exc:
+        file.unlink(missing_ok=True)
+        raise os_error(exc, file, "creating") from exc
+    except StoreError:
+        file.unlink(missing_ok=True)
+        raise
+
+
+class DirectIO:
+    """pwrite/pread of one file with O_DIRECT, bypassing the page cache: no copy into it, no
+    write-back work, no cache to fill. Offsets and lengths must be multiples of ALIGN (`fits`);
+    buffers that do not start on a page are staged through an aligned one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._staging = aligned_empty((0,), np.uint8)
+
+    @classmethod
+    def open(cls, file: Path, readonly: bool) -> "DirectIO | None":
+        """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs)."""
+        try:
+            return cls(os.open(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT))
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return None
+            raise
+
+    @staticmethod
+    def fits(offset: int, nbytes: int) -> bool:
+        return offset % ALIGN == 0 and nbytes % ALIGN == 0
+
+    def _stage(self, nbytes: int) -> np.ndarray:
+        if len(self._staging) < nbytes:
+            self._staging = aligned_empty((nbytes,), np.uint8)
+        return self._staging[:nbytes]
+
+    def write(self, data: np.ndarray, offset: int) -> None:
+        """Write contiguous `data` at `offset` (durable after fdatasync, like any write)."""
+        buf = memoryview(data).cast("B")
+        if data.ctypes.data % ALIGN:
+            staged = self._stage(len(buf))
+            staged[:] = np.frombuffer(buf, np.uint8)
+            buf = memoryview(staged)
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(self.fd, buf[done:], offset + done)
+
+    def read(self, out: np.ndarray, offset: int) -> None:
+        """Fill contiguous `out` from `offset`."""
+        target = out if out.ctypes.data % ALIGN == 0 else self._stage(out.nbytes)
+        view, done = memoryview(target).cast("B"), 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise StoreError(f"reading past the end of a file at byte {offset + done}; the file is damaged")
+            done += got
+        if target is not out:
+            memoryview(out).cast("B")[:] = memoryview(target).cast("B")
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -22,8 +22,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, os_error, prepare_dir, reserve
+from nvmlib.backends.base import ALIGN, Store, check_fits  # arrays on a device start at multiples of ALIGN
+from nvmlib.backends.files import create_npy, disk_free, prepare_dir
 from nvmlib.backends.libpmem import Mapping, lib
 from nvmlib.errors import StoreError
 
@@ -31,7 +31,6 @@ SUFFIX = ".npy"
 MAGIC = b"NVMLDAX1"
 SLOT_BYTES = 32 << 10        # one table slot; two of them at the start of a device
 DATA_START = 2 * SLOT_BYTES  # first byte an array may use on a device
-ALIGN = 4096                 # arrays on a device start at multiples of this
 HEAD = 32                    # slot header: magic, seq, length, crc32 (8 bytes each)
 
 
@@ -85,22 +84,7 @@ class FileLayout:
         return Mapping(file), Extent(offset, tuple(shape), np.dtype(dtype))
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        file = self.file(name)
-        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-        try:
-            with open(file, "xb") as f:
-                np.lib.format.write_array_header_2_0(f, header)
-                end = f.tell() + int(np.prod(shape)) * dtype.itemsize
-                f.truncate(end)
-                reserve(f.fileno(), 0, end, file)
-        except FileExistsError:
-            raise StoreError(f"{file} already exists; delete it or choose another directory") from None
-        except OSError as exc:
-            file.unlink(missing_ok=True)
-            raise os_error(exc, file, "creating") from exc
-        except StoreError:
-            file.unlink(missing_ok=True)
-            raise
+        create_npy(self.file(name), shape, dtype)
 
     def delete(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
@@ -234,6 +218,7 @@ class PmemStore(Store):
     """Arrays on persistent memory (or any file system, with msync as the flush)."""
 
     kind = "pmem"
+    row_align = ALIGN
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False, device: bool | None = None) -> None:
         """path: an fsdax directory or a devdax device; device=True treats a regular file as a device."""
