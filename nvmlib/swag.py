@@ -1,14 +1,15 @@
 """The SWAG posterior: a log of raw iterates on a memory tier, moments in DRAM, crash-safe.
 
 Layout on the store (all arrays fixed-shape, so every tier can hold them):
-  swag.meta     uint8 JSON: n_params, max_rank, capacity, row_len, dtype, checkpoint_every, model
+  swag.meta     uint8 JSON: n_params, max_rank, capacity, row_len, moments_len, dtype, checkpoint_every, model
   swag.log      (capacity + 1, row_len) raw iterates, sample-major, a ring when max_rank is set;
                 iterate t sits in slot t % (capacity + 1), so the row being written never
                 overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept);
                 row_len is n_params padded to the tier's row_align (4 KiB rows for O_DIRECT)
   swag.count    int64 (1,): updates whose row is fully written (the log's commit point)
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
-  swag.moments  float64 (2, 2, n_params): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
+  swag.moments  float64 (2, 2, moments_len): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
+                (n_params padded to the tier's row_align, like the log's rows)
   swag.commit   int64 (2, 4): per slot [seq, count, crc32 of the slot's moments, crc32 of the record]
 An update appends one row, then bumps swag.count. Every `checkpoint_every` updates the moments
 go to the older slot and then its commit record; a torn record or slot fails its checksum and
@@ -21,9 +22,10 @@ import json
 import math
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from nvmlib import moments
 from nvmlib.backends.base import Store, aligned_empty, check_fits, padded_len
@@ -85,8 +87,9 @@ class SWAGPosterior:
         self._count = 0
         self._seq = 0
         self._ckpt_count = 0
-        self._s1 = np.zeros(self.n_params)
-        self._s2 = np.zeros(self.n_params)
+        self._moments = aligned_empty((2, meta["moments_len"]), np.float64)  # the checkpoint block
+        self._moments[:] = 0
+        self._s1, self._s2 = self._moments[0, :self.n_params], self._moments[1, :self.n_params]
         self._shift = np.zeros(self.n_params)
         self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
         self._row[self.n_params:] = 0
@@ -98,7 +101,7 @@ class SWAGPosterior:
     def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = 4096) -> int:
         """Bytes a posterior of `rows` kept iterates needs on a tier (one spare slot for the next row)."""
         row = padded_len(n_params, dtype, row_align) * np.dtype(dtype).itemsize
-        return (rows + 1) * row + 5 * n_params * 8 + 8 * 4096
+        return (rows + 1) * row + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
@@ -134,12 +137,13 @@ class SWAGPosterior:
             for name in old:
                 store.delete(name)
             row_len = padded_len(int(n_params), dtype, store.row_align)
+            moments_len = padded_len(int(n_params), "float64", store.row_align)
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
-                    "row_len": row_len, "dtype": str(np.dtype(dtype)), "model": model,
+                    "row_len": row_len, "moments_len": moments_len, "dtype": str(np.dtype(dtype)), "model": model,
                     "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2)))}
             store.create(LOG, (cap + 1, row_len), dtype)
             for name, shape, dt in ((COUNT, (1,), "int64"), (SHIFT, (int(n_params),), "float64"),
-                                    (MOMENTS, (2, 2, int(n_params)), "float64"), (COMMIT, (2, 4), "int64")):
+                                    (MOMENTS, (2, 2, moments_len), "float64"), (COMMIT, (2, 4), "int64")):
                 store.create(name, shape, dt)
             post = cls(store, meta, readonly=False)
             post._checkpoint()
@@ -264,10 +268,10 @@ class SWAGPosterior:
         self.store.persist(COUNT)
         seq = self._seq + 1
         slot = seq % 2
-        block = np.stack([self._s1, self._s2])
-        self.store.write_rows(MOMENTS, slot, block[None])
+        crc = self._pool().submit(_crc, self._moments)  # zlib releases the GIL: overlaps the write
+        self.store.write_rows(MOMENTS, slot, self._moments[None])
         self.store.persist(MOMENTS)
-        head = np.array([seq, self._count, _crc(block)], dtype=np.int64)
+        head = np.array([seq, self._count, crc.result()], dtype=np.int64)
         record = np.append(head, _crc(head)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
         self.store.persist(COMMIT)
@@ -281,7 +285,7 @@ class SWAGPosterior:
             block = self.store.read_rows(MOMENTS, int(seq) % 2, int(seq) % 2 + 1)[0]
             if _crc(block) != crc_m or target - count > self.capacity:
                 continue
-            self._s1[:], self._s2[:] = block
+            self._moments[:] = block
             self._shift[:] = self.store.read_rows(SHIFT, 0, self.n_params)
             for start in range(int(count), target, 64):
                 for row in self._iterates(start, min(start + 64, target)):
@@ -329,21 +333,31 @@ class SWAGPosterior:
         self._check_nonempty()
         if S < 1:
             raise ValueError(f"S must be >= 1, not {S}")
-        rng = np.random.default_rng(seed)
         work = np.float64 if self.dtype == np.float64 else np.float32  # the log's precision
         mean = self.mean().astype(work)
+        sigma = np.sqrt(self.variance()).astype(work)
         K = self.rank
-        out = rng.standard_normal((S, self.n_params), dtype=work)
-        out *= np.sqrt(self.variance()).astype(work)
+        seed_z1, seed_z2 = np.random.SeedSequence(seed).spawn(2)
+
+        def diagonal() -> np.ndarray:  # σ⊙z₁, drawn on a thread while the log streams past
+            z1 = np.random.default_rng(seed_z1).standard_normal((S, self.n_params), dtype=work)
+            z1 *= sigma
+            return z1
+
+        with ThreadPoolExecutor(1) as pool:
+            chunks = self._stream(K) if K >= 2 else iter(())  # the first read starts now
+            pending = pool.submit(diagonal)
+            if K >= 2:
+                z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
+                acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
+                for start, rows in chunks:
+                    rows = rows.astype(work, copy=False)
+                    rows -= mean
+                    acc.addmm_(z2[start:start + len(rows)].T, torch.from_numpy(rows))  # acc += z2ᵀ·rows
+                acc /= math.sqrt(K - 1)
+            out = pending.result()
         if K >= 2:
-            z2 = rng.standard_normal((K, S)).astype(work)
-            acc = np.zeros((S, self.n_params), dtype=work)
-            for start, rows in self._stream(K):
-                rows = rows.astype(work, copy=False)
-                rows -= mean
-                acc += z2[start:start + len(rows)].T @ rows
-            acc /= math.sqrt(K - 1)
-            out += acc
+            out += acc.numpy()
         out *= math.sqrt(scale)
         out += mean
         return out.astype(np.float32, copy=False)
@@ -362,8 +376,9 @@ class SWAGPosterior:
         parts = [self.store.read_rows(LOG, a, b)[:, :self.n_params] for a, b in self._spans(start, stop, stop)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.n_params), self.dtype)])
 
-    def _stream(self, K: int):
-        """(start, rows) chunks of the K kept rows, each chunk read while the previous is used."""
+    def _stream(self, K: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, rows) chunks of the K kept rows, each chunk read while the previous is used; the
+        first read starts at once."""
         step = max(1, CHUNK_BYTES // (self.row_len * self.dtype.itemsize))
         spans = self._spans(self._count - K, self._count, step)
         buffers = [aligned_empty((min(step, K), self.row_len), self.dtype) for _ in range(min(2, len(spans)))]
@@ -372,15 +387,22 @@ class SWAGPosterior:
             a, b = spans[i]
             return self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])[:, :self.n_params]
 
-        start = 0
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(read, 0)
-            for i in range(len(spans)):
-                rows = pending.result()
-                if i + 1 < len(spans):
-                    pending = pool.submit(read, i + 1)
-                yield start, rows
-                start += len(rows)
+        pool = ThreadPoolExecutor(1)
+        first = pool.submit(read, 0)
+
+        def chunks() -> Iterator[tuple[int, np.ndarray]]:
+            pending, start = first, 0
+            try:
+                for i in range(len(spans)):
+                    rows = pending.result()
+                    if i + 1 < len(spans):
+                        pending = pool.submit(read, i + 1)
+                    yield start, rows
+                    start += len(rows)
+            finally:
+                pool.shutdown()
+
+        return chunks()
 
     def iterates(self, start: int, stop: int) -> np.ndarray:
         """Iterates θ_start … θ_stop−1, (stop − start, n_params) in the log's dtype; only the kept
