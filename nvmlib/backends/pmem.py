@@ -250,6 +250,9 @@ class PmemStore(Store):
         dtype = np.dtype(dtype)
         check_fits(self, int(np.prod(shape)) * dtype.itemsize, f"array {name!r}")
         self._layout.create(name, tuple(int(n) for n in shape), dtype)
+        mapping, e = self._entry(name)
+        if mapping.is_pmem:  # page tables now, not one fault per page on the hot path
+            mapping.populate(e.offset, e.nbytes)
 
     def array(self, name: str) -> np.ndarray:
         mapping, e = self._entry(name)
