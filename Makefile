@@ -27,9 +27,10 @@ lab: $(READY)
 
 bench: $(READY)
 	$(BIN)/python benchmarks/bench_swag.py $(BENCH_DIR)
+	$(BIN)/python benchmarks/bench_pmem.py $(BENCH_DIR)
 
 probe: $(READY)
 	$(BIN)/nvmlib probe $(PROBE_PATH)
 
 clean:
-	rm -rf $(VENV) results/*.json results/*.ipynb .pytest_cache
+	rm -rf $(VENV) results/*.ipynb results/scratch .pytest_cache

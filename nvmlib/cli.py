@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from nvmlib import probe, reproduce
-from nvmlib.errors import ConfigError, NvmlibError
+from nvmlib.errors import ConfigError, DataError, NvmlibError
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=0.5, help="SWAG covariance scale (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--angles", type=float, nargs="*", default=None, help="rotations in degrees (0 15 ... 180)")
-    p.add_argument("--fashion_path", help="directory of Fashion-MNIST idx files (default: Debian's)")
+    p.add_argument("--fashion_path", help="directory of Fashion-MNIST idx files (default: Debian's); "
+                   "without them the OOD part is skipped")
+    p.add_argument("--train_results", help="the training run's --results_filepath: finds its train state "
+                   "when the tier's path is not a directory (devdax device, shelf, zarr URL)")
     p.add_argument("--results_filepath", help="JSON file to write the metrics to")
     p.set_defaults(run=run_evaluate)
 
@@ -99,8 +102,15 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     if args.results_filepath:
         check_writable(Path(args.results_filepath))
     device = resolve_device(args.gpu)
-    test, ood = load("mnist", "test", args.data_path), load("fashion", "test", args.fashion_path)
-    post, model, store = reopen(backend, path, device)
+    test = load("mnist", "test", args.data_path)
+    try:
+        ood = load("fashion", "test", args.fashion_path)
+    except DataError as exc:
+        if args.fashion_path:
+            raise
+        print(f"nvmlib: note: no OOD evaluation: {exc}", file=sys.stderr)
+        ood = None
+    post, model, store = reopen(backend, path, device, results_filepath=args.train_results)
     try:
         result = evaluate(model, post, test, ood, args.samples, args.scale, args.seed,
                           ANGLES if args.angles is None else args.angles)
@@ -108,7 +118,8 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
         post.close()
         store.close()
     print(result.table().to_string(float_format="%.4f"))
-    print(result.ood.to_string(index=False, float_format="%.4f"))
+    if ood is not None:
+        print(result.ood.to_string(index=False, float_format="%.4f"))
     if args.results_filepath:
         Path(args.results_filepath).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
