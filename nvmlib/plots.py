@@ -80,13 +80,18 @@ def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figu
     return fig
 
 
+def _by_method(ax: plt.Axes, table: pd.DataFrame, x: str, y: str) -> None:
+    """One line with markers per method (SGD, SWA, SWAG) of `y` against `x`."""
+    sns.lineplot(data=table, x=x, y=y, hue="method", hue_order=METHOD_ORDER, style="method",
+                 markers=True, dashes=False, ax=ax)
+
+
 def quality_vs_rank(table: pd.DataFrame) -> plt.Figure:
     """Accuracy, NLL and ECE of SGD, SWA and SWAG as the posterior grows; columns K, method, ..."""
     _style()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, column in zip(axes, ("accuracy", "nll", "ece")):
-        sns.lineplot(data=table, x="K", y=column, hue="method", hue_order=METHOD_ORDER, style="method",
-                     markers=True, dashes=False, ax=ax)
+        _by_method(ax, table, "K", column)
         ax.set(xscale="log", xlabel="iterates in the posterior (K)",
                ylabel=column.upper() if column != "accuracy" else "accuracy")
         ax.legend(title=None)
@@ -100,8 +105,7 @@ def rotated(table: pd.DataFrame) -> plt.Figure:
     _style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, column in zip(axes, ("accuracy", "nll")):
-        sns.lineplot(data=table, x="angle", y=column, hue="method", hue_order=METHOD_ORDER,
-                     style="method", markers=True, dashes=False, ax=ax)
+        _by_method(ax, table, "angle", column)
         ax.set(xlabel="rotation (degrees)", ylabel=column if column == "accuracy" else "NLL")
         ax.legend(title=None)
     fig.suptitle("Rotated MNIST")

@@ -38,8 +38,12 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                     "test_limit": None, "samples": 20},
         "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4, 5, 6], "limit": None,
                          "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]}},
-        "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 3, "lr": 0.01, "limit": None,
-                              "ranks": [10, 30, 100, 300, 1000, 1801], "samples": 30, "test_limit": 5000,
+        # SWAG as it is meant to be run: 3 epochs of SGD with momentum, then 3 epochs recording every
+        # 10th minibatch (181 iterates); the paper's protocol (recording from the first minibatch) is
+        # the `paper` preset's
+        "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 6, "swag_start": 3, "lr": 0.05,
+                              "momentum": 0.9, "record_every": 10, "limit": None,
+                              "ranks": [2, 5, 10, 20, 50, 100, 181], "samples": 30, "test_limit": 5000,
                               "angles": list(range(0, 181, 15))},
         "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 16},

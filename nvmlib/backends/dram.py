@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.base import Store, check_fits
+from nvmlib.backends.base import Store, aligned_empty, check_fits
 from nvmlib.errors import LockedError, StoreError
 
 
@@ -38,8 +38,9 @@ class DramStore(Store):
         if name in self._arrays:
             raise StoreError(f"array {name!r} already exists in the dram tier")
         check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
-        arr = np.empty(shape, dtype=dtype)
-        arr.fill(0)  # touch every page now, not on the first update (np.zeros maps lazily)
+        arr = aligned_empty(tuple(shape), dtype, huge=True)
+        arr.fill(0)  # touch every page now, not on the first update (np.zeros maps lazily): on a VM a
+        # first touch costs milliseconds per MB, which would otherwise land in the epochs
         self._arrays[name] = arr
 
     def array(self, name: str) -> np.ndarray:

@@ -46,13 +46,6 @@ class ZarrStore(Store):
         except KeyError:
             raise StoreError(f"{self.url} holds no array {name!r}") from None
 
-    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        rows = self.array(name)[start:stop]
-        if out is None:
-            return np.asarray(rows)
-        out[...] = rows
-        return out
-
     def names(self) -> list[str]:
         return sorted(self.group.array_keys())
 
