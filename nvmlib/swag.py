@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -94,6 +94,7 @@ class SWAGPosterior:
         self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
         self._row[self.n_params:] = 0
         self._io: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the write of row self._count, while in flight
         self._closed = False
 
     # ---- creating and opening -----------------------------------------------------------
@@ -189,11 +190,13 @@ class SWAGPosterior:
     @property
     def n_collected(self) -> int:
         """Iterates seen so far."""
+        self._settle()
         return self._count
 
     @property
     def rank(self) -> int:
         """Rows kept for the low-rank part (K)."""
+        self._settle()
         return min(self._count, self.capacity)
 
     @property
@@ -209,9 +212,13 @@ class SWAGPosterior:
     def update(self, theta: Any) -> bool:
         """Record one iterate: append its row to the log and add it to the moments.
 
-        Returns True when this update also wrote a checkpoint (a point training can resume from).
+        The row is written on a pool thread; it is still in flight when update() returns, unless
+        the update checkpoints, and settles at the next call (so writing the row overlaps the next
+        training step). Returns True when this update also wrote a checkpoint: everything up to it
+        is durable, a point training can resume from. A crash can lose only updates after the last
+        checkpoint, and a reopen rebuilds a consistent posterior of the rows that reached the tier.
         """
-        self._check_open(write=True)
+        self._check_open(write=True)  # settles the previous update's row
         vec = _as_vector(theta, self.n_params)
         if self.max_rank is None and self._count >= self.capacity:
             raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; create "
@@ -220,24 +227,32 @@ class SWAGPosterior:
         if not moments.stage(vec, row):
             raise _not_finite(vec, self.dtype)
         # the row goes to the tier on a pool thread while the moments are added here
-        pending = self._pool().submit(self.store.write_rows, LOG, self._count % self.slots, self._row[None, :])
+        self._pending = self._pool().submit(self.store.write_rows, LOG, self._count % self.slots,
+                                            self._row[None, :])
         if self._count == 0:
             self._shift[:] = row
         self._accumulate(row)
+        if self._count == 0 or self._count + 1 - self._ckpt_count >= self.checkpoint_every:
+            self._settle()
+            self._checkpoint()
+            return True
+        return False
+
+    def _settle(self) -> None:
+        """Wait for the row in flight; then count it, or undo its moments exactly if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
         try:
             pending.result()
             if self._count == 0:
                 self.store.write_rows(SHIFT, 0, self._shift)
                 self.store.persist(SHIFT)
         except BaseException:
-            self._recover(self._count)  # undo the moments exactly: checkpoint + replay
+            self._recover(self._count)  # checkpoint + replay of the rows before it
             raise
         self._count += 1
         self.store.write_rows(COUNT, 0, np.array([self._count], dtype=np.int64))
-        if self._count == 1 or self._count - self._ckpt_count >= self.checkpoint_every:
-            self._checkpoint()
-            return True
-        return False
 
     def _accumulate(self, row: np.ndarray) -> None:
         """Add `row` to the shifted moments; a large vector's second half on a pool thread (the
@@ -424,12 +439,16 @@ class SWAGPosterior:
         """Checkpoint, persist and release the writer lock. The store stays open."""
         if self._closed:
             return
-        if not self.readonly:
-            self._checkpoint()
-            self.store.unlock(LOG)
-        if self._io is not None:
-            self._io.shutdown()
-        self._closed = True
+        try:
+            if not self.readonly:
+                self._settle()
+                self._checkpoint()
+        finally:
+            if not self.readonly:
+                self.store.unlock(LOG)
+            if self._io is not None:
+                self._io.shutdown()
+            self._closed = True
 
     def __enter__(self) -> "SWAGPosterior":
         return self
@@ -442,7 +461,9 @@ class SWAGPosterior:
             raise PosteriorError("this posterior was closed; reopen it with SWAGPosterior.open(store)")
         if write and self.readonly:
             raise PosteriorError("this posterior was opened read-only; open it with readonly=False to write")
+        self._settle()
 
     def _check_nonempty(self) -> None:
+        self._settle()
         if self._count == 0:
             raise PosteriorError("the posterior holds no iterates yet: call update(θ) first")
