@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from nvmlib import moments
-from nvmlib.backends.base import Store, aligned_empty, check_fits, padded_len
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, padded_len
 from nvmlib.errors import PosteriorError, StoreError
 
 FORMAT = 2
@@ -99,7 +99,7 @@ class SWAGPosterior:
 
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
-    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = 4096) -> int:
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = ALIGN) -> int:
         """Bytes a posterior of `rows` kept iterates needs on a tier (one spare slot for the next row)."""
         row = padded_len(n_params, dtype, row_align) * np.dtype(dtype).itemsize
         return (rows + 1) * row + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096

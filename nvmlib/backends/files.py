@@ -55,6 +55,23 @@ def os_error(exc: OSError, path: Path, doing: str) -> StoreError:
     return StoreError(f"{doing} {path} failed: {exc.strerror or exc}")
 
 
+def write_all(fd: int, buf: memoryview, offset: int) -> None:
+    """pwrite all of `buf` at `offset` (one pwrite may write less than asked)."""
+    done = 0
+    while done < len(buf):
+        done += os.pwrite(fd, buf[done:], offset + done)
+
+
+def read_all(fd: int, buf: memoryview, offset: int, file: Path) -> None:
+    """Fill `buf` from `offset` of `file`; StoreError if the file ends first."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            raise StoreError(f"{file} is shorter than its header says; the file is damaged")
+        done += got
+
+
 def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True) -> None:
     """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual)."""
     header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
@@ -81,15 +98,17 @@ class DirectIO:
     write-back work, no cache to fill. Offsets and lengths must be multiples of ALIGN (`fits`);
     buffers that do not start on a page are staged through an aligned one."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    MIN_BYTES = 1 << 16  # smaller writes (counters, commit records) stay buffered
+
+    def __init__(self, fd: int, file: Path) -> None:
+        self.fd, self.file = fd, file
         self._staging = aligned_empty((0,), np.uint8)
 
     @classmethod
     def open(cls, file: Path, readonly: bool) -> "DirectIO | None":
         """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs)."""
         try:
-            return cls(os.open(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT))
+            return cls(os.open(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT), file)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 return None
@@ -97,7 +116,8 @@ class DirectIO:
 
     @staticmethod
     def fits(offset: int, nbytes: int) -> bool:
-        return offset % ALIGN == 0 and nbytes % ALIGN == 0
+        """Whether [offset, offset + nbytes) is whole blocks, and large enough to be worth O_DIRECT."""
+        return offset % ALIGN == 0 and nbytes % ALIGN == 0 and nbytes >= DirectIO.MIN_BYTES
 
     def _stage(self, nbytes: int) -> np.ndarray:
         if len(self._staging) < nbytes:
@@ -111,19 +131,12 @@ class DirectIO:
             staged = self._stage(len(buf))
             staged[:] = np.frombuffer(buf, np.uint8)
             buf = memoryview(staged)
-        done = 0
-        while done < len(buf):
-            done += os.pwrite(self.fd, buf[done:], offset + done)
+        write_all(self.fd, buf, offset)
 
     def read(self, out: np.ndarray, offset: int) -> None:
         """Fill contiguous `out` from `offset`."""
         target = out if out.ctypes.data % ALIGN == 0 else self._stage(out.nbytes)
-        view, done = memoryview(target).cast("B"), 0
-        while done < len(view):
-            got = os.preadv(self.fd, [view[done:]], offset + done)
-            if got == 0:
-                raise StoreError(f"reading past the end of a file at byte {offset + done}; the file is damaged")
-            done += got
+        read_all(self.fd, memoryview(target).cast("B"), offset, self.file)
         if target is not out:
             memoryview(out).cast("B")[:] = memoryview(target).cast("B")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.files import DirectIO
+from nvmlib.backends.files import DirectIO, write_all
 from nvmlib.backends.registry import TIERS
 from nvmlib.errors import StoreError, TierUnavailable
 
@@ -97,12 +97,10 @@ class Mapping:
         """Copy contiguous `data` to `offset`; durable after the next `persist`."""
         if self.is_pmem:
             lib().pmem_memcpy_nodrain(self.addr + offset, data.ctypes.data, data.nbytes)
-        elif self.direct is not None and DirectIO.fits(offset, data.nbytes) and data.nbytes >= 1 << 16:
+        elif self.direct is not None and DirectIO.fits(offset, data.nbytes):
             self.direct.write(data, offset)
         else:
-            view, done = memoryview(data).cast("B"), 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
+            write_all(self.fd, memoryview(data).cast("B"), offset)
 
     def populate(self, offset: int, length: int) -> None:
         """Fault [offset, offset+length) in for writing now (madvise MADV_POPULATE_WRITE, Linux >= 5.14),

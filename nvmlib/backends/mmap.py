@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
-from nvmlib.backends.files import DirectIO, create_npy, disk_free, os_error, prepare_dir
+from nvmlib.backends.files import DirectIO, create_npy, disk_free, os_error, prepare_dir, read_all, write_all
 from nvmlib.errors import StoreError
 
 SUFFIX = ".npy"
@@ -76,8 +76,8 @@ class MmapStore(Store):
         return self._fds[name]
 
     def _direct_io(self, name: str, offset: int, nbytes: int) -> DirectIO | None:
-        """The file's O_DIRECT handle when this range can use it (whole 4 KiB blocks), else None."""
-        if not DirectIO.fits(offset, nbytes) or nbytes < DROP_MIN:
+        """The file's O_DIRECT handle when this range can use it (`DirectIO.fits`), else None."""
+        if not DirectIO.fits(offset, nbytes):
             return None
         if name not in self._direct:
             self._direct[name] = DirectIO.open(self._file(name), self.readonly)
@@ -98,9 +98,7 @@ class MmapStore(Store):
         try:
             if direct is not None:
                 return direct.write(data, off)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], off + done)
+            write_all(fd, view, off)
         except OSError as exc:
             raise os_error(exc, self._file(name), "writing") from exc
         if self.cache == "bounded" and len(view) >= DROP_MIN:
@@ -115,16 +113,12 @@ class MmapStore(Store):
         if out is None:
             out = aligned_empty((stop - start,) + arr.shape[1:], arr.dtype)
         view = memoryview(out).cast("B")
-        off, fd, done = self._offset(name, start), self._fd(name), 0
+        off, fd = self._offset(name, start), self._fd(name)
         direct = self._direct_io(name, off, len(view))
         if direct is not None:
             direct.read(out, off)
             return out
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], off + done)
-            if got == 0:
-                raise StoreError(f"{self._file(name)} is shorter than its header says; the file is damaged")
-            done += got
+        read_all(fd, view, off, self._file(name))
         if self.cache == "bounded" and len(view) >= DROP_MIN:
             os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
         return out
