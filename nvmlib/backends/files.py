@@ -72,8 +72,39 @@ def read_all(fd: int, buf: memoryview, offset: int, file: Path) -> None:
         done += got
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` durable (a file created, renamed or removed there)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def npy_header(file: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) of .npy `file`, checked against its size: StoreError when the
+    header is unreadable or the file is shorter than it says (never grown back with zeros)."""
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise StoreError(f"{file} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise StoreError(f"{file} is not an array file nvmlib wrote ({exc}); the store is damaged") from exc
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size < need:
+        raise StoreError(f"{file} has {size} bytes but its header says {need}: the file was truncated and the "
+                         "store is damaged (restore the file from a copy)")
+    return offset, tuple(shape), np.dtype(dtype)
+
+
 def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True) -> None:
-    """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual)."""
+    """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual),
+    durable with its directory entry when this returns."""
     header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
     header = header.ljust(ALIGN - 11) + "\n"  # magic (6) + version (2) + length (2) + header = ALIGN
     end = ALIGN + int(np.prod(shape)) * dtype.itemsize
@@ -83,6 +114,9 @@ def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate:
             f.truncate(end)
             if preallocate:
                 reserve(f.fileno(), 0, end, file)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(file.parent)
     except FileExistsError:
         raise StoreError(f"{file} already exists; delete it or choose another directory") from None
     except OSError as exc:

@@ -1,14 +1,18 @@
 """zarr tier: a zarr v3 group (local directory or any fsspec URL) so that a dask cluster can read
-the posterior log where it lies. Rows are chunked one per chunk: an update writes one object."""
+the posterior log where it lies. Rows are chunked one per chunk: an update writes one object.
+
+zarr writes each object to a temporary file and renames it into place; in a local directory
+`persist` makes those files and the directories above them durable (fsync), in that order."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, prepare_dir
+from nvmlib.backends.files import disk_free, fsync_dir, prepare_dir
 from nvmlib.errors import LockedError, StoreError
 
 
@@ -30,6 +34,7 @@ class ZarrStore(Store):
         except (OSError, ValueError, FileNotFoundError) as exc:
             raise StoreError(f"cannot open the zarr store {self.url}: {exc}") from exc
         self._held: set[str] = set()
+        self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
         self._check_writable()
@@ -39,6 +44,48 @@ class ZarrStore(Store):
         chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
         self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
                                 compressors=None, fill_value=0)
+        if self.local:
+            self._sync_up(self.path / name / "zarr.json")
+
+    def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        super().write_rows(name, start, rows)
+        if self.local:
+            grid = self.array(name).metadata.chunk_grid.chunk_shape  # shards, when the array is sharded
+            first, last = start // grid[0], (start + len(rows) - 1) // grid[0]
+            rest = (0,) * (len(grid) - 1)
+            self._dirty.setdefault(name, set()).update((i,) + rest for i in range(first, last + 1))
+
+    def persist(self, name: str) -> None:
+        """fsync the objects written to `name` since the last persist, then their directories."""
+        coords = self._dirty.pop(name, set())
+        if not coords:
+            return
+        meta = self.array(name).metadata
+        dirs: set = set()
+        for c in coords:
+            file = self.path / name / meta.encode_chunk_key(c)
+            if file.exists():
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            dirs.update(d for d in file.parents if d.is_relative_to(self.path))
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first: each entry before its parent's
+            if d.is_dir():
+                fsync_dir(d)
+
+    def _sync_up(self, file: Path) -> None:
+        """fsync a new object and every directory from its own up to the store's parent."""
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for d in file.parents:
+            fsync_dir(d)
+            if d == self.path.parent:
+                break
 
     def array(self, name: str) -> zarr.Array:
         try:
@@ -52,6 +99,9 @@ class ZarrStore(Store):
     def delete(self, name: str) -> None:
         if name in self.group:
             del self.group[name]
+            self._dirty.pop(name, None)
+            if self.local:
+                fsync_dir(self.path)
 
     def free_bytes(self) -> int | None:
         return disk_free(self.path) if self.local else None
