@@ -108,8 +108,9 @@ def read_meta(store: Store) -> dict:
     except ValueError:
         ok = False
     if not ok:
-        raise PosteriorError(f"{META} on {store.describe()} fails its checksum: the posterior's description is "
-                             "damaged or was edited; it cannot be trusted (restore it from a copy, or collect again)")
+        raise PosteriorError(f"{META} on {store.describe()} fails its checksum: the posterior's description was torn "
+                             "by an interrupted create, or damaged or edited since; it cannot be trusted (restore it "
+                             "from a copy, or create it again with overwrite=True)")
     if meta.get("format") != FORMAT:
         raise PosteriorError(f"posterior format {meta.get('format')} is not {FORMAT}; "
                              "it was written by another nvmlib version")
@@ -488,8 +489,8 @@ class SWAGPosterior:
         for i, (t, check) in enumerate(tails):
             want = t0 + i
             if t != want:
-                state = ("was overwritten by a newer iterate (a running writer has moved on)" if t > want else
-                         "was not written (or was dropped by truncate)")
+                state = (f"was overwritten by iterate {t} (a running writer has moved on, or a crash kept a later "
+                         "row and lost the ones before it)" if t > want else "was not written (or was dropped by truncate)")
                 return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {state}"
             if digest(raw[i, :nbytes], row_seed(self._ident, want)) != check:
                 return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
