@@ -35,6 +35,7 @@ class ZarrStore(Store):
             raise StoreError(f"cannot open the zarr store {self.url}: {exc}") from exc
         self._held: set[str] = set()
         self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
+        self._synced: set[Path] = set()  # directories whose own entry is durable
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
         self._check_writable()
@@ -70,10 +71,15 @@ class ZarrStore(Store):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-            dirs.update(d for d in file.parents if d.is_relative_to(self.path))
+            dirs.add(file.parent)  # zarr renamed the object into it
+            for d in file.parent.parents:  # and made any directory above it it lacked: once each
+                if d in self._synced or not d.is_relative_to(self.path):
+                    break
+                dirs.add(d)
         for d in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first: each entry before its parent's
             if d.is_dir():
                 fsync_dir(d)
+        self._synced.update(dirs)
 
     def _sync_up(self, file: Path) -> None:
         """fsync a new object and every directory from its own up to the store's parent."""
