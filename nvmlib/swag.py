@@ -245,6 +245,9 @@ class SWAGPosterior:
             raise PosteriorError(f"the posterior on {store.describe()} was made for model "
                                  f"{meta['model']!r}, not {model!r}; open the right path")
         if not readonly:
+            if store.readonly:
+                raise PosteriorError(f"{store.describe()} was opened read-only: open the posterior with readonly=True, "
+                                     "or open the store for writing")
             store.lock(LOG)
         post = cls(store, meta, readonly)
         try:

@@ -2,6 +2,7 @@
 error naming what is damaged (issue 10, defects 1, 3, 5, 6, 8 and the checksummed format)."""
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import subprocess
@@ -239,3 +240,64 @@ def test_overwrite_refused_by_the_file_size_limit_keeps_the_old_posterior(tmp_pa
     post = SWAGPosterior.open(store, readonly=True)
     assert post.n_collected == 13
     assert_exact(post, th)
+
+
+# ---- defect 1 (the cause named), defect 9 (read-only mounts): on a real small or read-only mount --
+@pytest.fixture
+def mount(tmp_path):
+    """A 2 MB tmpfs (root only), remountable read-only: mount(ro=True)."""
+    where = tmp_path / "mnt"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_train_state_on_a_full_disk_names_the_cause_and_keeps_the_old_one(mount):
+    from nvmlib.backends.files import write_atomically
+    state = mount / "train_state.pt"
+    write_atomically(state, b"old state")
+    with pytest.raises(StoreError, match="disk is full.*previous train_state.pt is intact"):
+        write_atomically(state, bytes(4 << 20))
+    assert state.read_bytes() == b"old state" and [p.name for p in mount.iterdir()] == ["train_state.pt"]
+
+
+@pytest.mark.parametrize("tier", ["mmap", "pmem", "pmem-devdax"])
+def test_readonly_open_on_a_readonly_mount(mount, tier):
+    from conftest import TIER_OPENERS
+    if tier not in TIER_OPENERS:
+        pytest.skip(f"{tier} is not available here")
+    with TIER_OPENERS[tier](mount) as store:
+        th = collected(store, T=5, max_rank=3, checkpoint_every=1)
+    del store
+    gc.collect()  # the writer's mappings: a mount with a file mapped for writing cannot become read-only
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    with TIER_OPENERS[tier](mount, readonly=True) as store:
+        post = SWAGPosterior.open(store, readonly=True)
+        assert_exact(post, th)
+        post.close()
+        with pytest.raises((StoreError, PosteriorError), match="read-only|Read-only"):
+            SWAGPosterior.open(store)
+
+
+# ---- defect 10: a devdax table entry outside the device -----------------------------------------
+def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
+    """The table is rewritten with a valid checksum but an extent at offset −4096: the open must be
+    a clear StoreError (run in a child, as today's main segfaults)."""
+    pytest.importorskip("nvmlib.backends.libpmem").lib()
+    from nvmlib.backends.pmem import DeviceLayout, Extent
+    dev = tmp_path / "dax0.0"
+    with dev.open("wb") as f:
+        f.truncate(8 << 20)
+    store = open_store("pmem", dev, device=True)
+    collected(store)
+    layout: DeviceLayout = store._layout
+    table = dict(layout.table)
+    e = table[LOG]
+    table[LOG] = Extent(-4096, e.shape, e.dtype)
+    layout._write(table)
+    code = ("from nvmlib import open_store, SWAGPosterior\n"
+            f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), readonly=True)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 1 and "StoreError" in run.stderr and "invalid entry for 'swag.log'" in run.stderr, run.stderr

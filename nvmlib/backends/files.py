@@ -81,6 +81,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path: Path, data: memoryview | bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one: a new temporary
+    file beside it (never through a link), fsync, rename, fsync of the directory. A full disk or a
+    file size limit is a StoreError that names it; the old file is kept."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, memoryview(data).cast("B"), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            why = "the file would exceed ulimit -f" if exc.errno == errno.EFBIG else "the disk is full"
+            raise StoreError(f"cannot write {path}: {why} ({exc.strerror}); the previous {path.name} is intact: "
+                             "free space (or raise the limit) and resume") from exc
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 def npy_header(file: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     """(data offset, shape, dtype) of .npy `file`, checked against its size: StoreError when the
     header is unreadable or the file is shorter than it says (never grown back with zeros)."""
