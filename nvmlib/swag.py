@@ -361,6 +361,7 @@ class SWAGPosterior:
             return
         try:
             pending.result()
+            self.store.order(LOG)  # the row, then the count that covers it
             if self._count == 0:
                 self.store.write_rows(SHIFT, 0, self._shift)
                 self.store.persist(SHIFT)

@@ -79,6 +79,10 @@ class Store(ABC):
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
 
+    def order(self, name: str) -> None:
+        """Make earlier writes to `name` reach the media before any later write (a store fence); where
+        that costs a flush (files), a no-op: checksums then catch a later write that overtook it."""
+
     def nbytes(self, name: str | None = None) -> int:
         """Bytes one array (or, with None, all arrays) occupy on the tier."""
         names = [name] if name is not None else self.names()

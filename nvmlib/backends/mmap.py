@@ -62,6 +62,9 @@ class MmapStore(Store):
     def names(self) -> list[str]:
         return sorted(p.name[: -len(SUFFIX)] for p in self.path.glob(f"*{SUFFIX}"))
 
+    def __contains__(self, name: str) -> bool:
+        return self._file(name).is_file()
+
     def delete(self, name: str) -> None:
         self._maps.pop(name, None)
         fd, direct = self._fds.pop(name, None), self._direct.pop(name, None)

@@ -306,6 +306,12 @@ class PmemStore(Store):
         out[...] = src
         return out
 
+    def order(self, name: str) -> None:
+        """pmem_drain on persistent memory: the copies made so far are durable before any later one."""
+        mapping, _ = self._entry(name)
+        if mapping.is_pmem:
+            lib().pmem_drain()
+
     def persist(self, name: str) -> None:
         if self.readonly:
             return
