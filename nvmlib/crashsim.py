@@ -99,14 +99,26 @@ def crash_states(ops: list[Op], count: int, seed: int = 0, tear: int | None = 51
         yield CrashState(point, arrays, None if torn_at is None else ops[torn_at].name)
 
 
-def materialise(state: CrashState, store: Store) -> None:
+def materialise(state: CrashState, store: Store, previous: CrashState | None = None) -> None:
     """Make `store` (a real tier, holding arrays of the recorded shapes) hold exactly `state`:
-    arrays the state lacks are deleted, the others overwritten whole and persisted."""
+    arrays the state lacks are deleted, the others written and persisted; with `previous` (the
+    state the store holds now) only the rows that differ are written."""
     for name in store.names():
         if name not in state.arrays:
             store.delete(name)
     for name, data in state.arrays.items():
         if name not in store:
             store.create(name, data.shape, data.dtype)
-        store.write_rows(name, 0, data)
-        store.persist(name)
+            old = None
+        else:
+            old = None if previous is None else previous.arrays.get(name)
+        if old is None or old.shape != data.shape or data.ndim == 1:
+            changed = np.arange(len(data)) if old is None or not np.array_equal(old.view(np.uint8), data.view(np.uint8)) \
+                else np.arange(0)
+        else:
+            changed = np.flatnonzero((old.view(np.uint8).reshape(len(old), -1) !=
+                                      data.view(np.uint8).reshape(len(data), -1)).any(axis=1))
+        for run in np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1) if len(changed) else []:
+            store.write_rows(name, int(run[0]), data[run[0]:run[-1] + 1])
+        if len(changed):
+            store.persist(name)

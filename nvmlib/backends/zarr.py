@@ -36,6 +36,7 @@ class ZarrStore(Store):
         self._held: set[str] = set()
         self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
+        self._arrays: dict[str, zarr.Array] = {}  # handles looked up so far
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
         self._check_writable()
@@ -94,15 +95,21 @@ class ZarrStore(Store):
                 break
 
     def array(self, name: str) -> zarr.Array:
-        try:
-            return self.group[name]
-        except KeyError:
-            raise StoreError(f"{self.url} holds no array {name!r}") from None
+        if name not in self._arrays:  # each lookup reads the array's metadata: once per array
+            try:
+                self._arrays[name] = self.group[name]
+            except KeyError:
+                raise StoreError(f"{self.url} holds no array {name!r}") from None
+        return self._arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._arrays or name in self.names()
 
     def names(self) -> list[str]:
         return sorted(self.group.array_keys())
 
     def delete(self, name: str) -> None:
+        self._arrays.pop(name, None)
         if name in self.group:
             del self.group[name]
             self._dirty.pop(name, None)
