@@ -35,6 +35,31 @@ def convnet(width: int = 16, classes: int = 10) -> nn.Module:
         nn.Flatten(), nn.Linear(2 * width * 7 * 7, classes))
 
 
+class _Block(nn.Module):
+    """ResNet's basic block: two 3x3 conv-BatchNorm layers and a (projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = nn.Sequential() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet18(classes: int = 10, channels: int = 3) -> nn.Module:
+    """ResNet-18 for 32×32 inputs (CIFAR's stem): 11,173,962 parameters with 10 classes."""
+    layers: list[nn.Module] = [nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [_Block(cin, cout, stride), _Block(cout, cout, 1)]
+        cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
+
+
 @dataclass
 class Protocol:
     """Everything a run of the experiment depends on."""
