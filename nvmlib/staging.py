@@ -17,6 +17,15 @@ import numpy as np
 import torch
 
 
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def host_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The parameters' dtype when numpy has it, else float32 (bfloat16 and float8 widen exactly)."""
+    dtype = params[0].dtype
+    return dtype if dtype in NUMPY_FLOATS else torch.float32
+
+
 def flatten_into(params: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
     """The parameters, concatenated into `out` (one copy, no allocation)."""
     with torch.no_grad():
@@ -31,7 +40,7 @@ class HostStager:
         self.params = list(params)
         self.record = record
         n = sum(p.numel() for p in self.params)
-        self.buffer = torch.empty(n, dtype=self.params[0].dtype)
+        self.buffer = torch.empty(n, dtype=host_dtype(self.params))
 
     def stage(self, sync: bool = False) -> bool:
         """Record the parameters now; whether the posterior wrote a checkpoint."""
@@ -50,12 +59,12 @@ class CudaStager:
     def __init__(self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool], depth: int = 4) -> None:
         self.params = list(params)
         self.record = record
-        first = self.params[0]
         n = sum(p.numel() for p in self.params)
-        self.device = first.device
+        self.device = self.params[0].device
         self.stream = torch.cuda.Stream(self.device)
-        self.dev = [torch.empty(n, dtype=first.dtype, device=self.device) for _ in range(depth)]
-        self.host = [torch.empty(n, dtype=first.dtype, pin_memory=True) for _ in range(depth)]
+        dtype = host_dtype(self.params)
+        self.dev = [torch.empty(n, dtype=dtype, device=self.device) for _ in range(depth)]
+        self.host = [torch.empty(n, dtype=dtype, pin_memory=True) for _ in range(depth)]
         self.free: queue.Queue[int] = queue.Queue()
         for slot in range(depth):
             self.free.put(slot)

@@ -146,6 +146,14 @@ def test_nan_parameters_are_refused_and_change_nothing(tmp_path):
         assert swag.n_collected == 1 and np.array_equal(swag.posterior.mean(), before)
 
 
+def test_bfloat16_model_is_collected_exactly():
+    model = nn.Linear(8, 4).to(torch.bfloat16)
+    with SWAG(model, max_rank=4) as swag:
+        swag.collect()
+        widened = nn.utils.parameters_to_vector(model.parameters()).detach().float().numpy()
+        np.testing.assert_array_equal(swag.posterior.kept_rows()[0], widened)
+
+
 def test_non_floating_parameter_is_refused():
     model = nn.Linear(3, 2)
     model.steps = nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)
