@@ -33,7 +33,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "sampling": {"model": "model_2conv2fc", "tier": "mmap", "rank": 20, "sample_counts": [1, 4],
                      "passes_up_to": 4, "probe_bytes": 32 << 20},
         "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
-                      "samples": 4, "max_rank": 10},
+                      "samples": 4, "max_rank": 10, "collect_every": 2},
     },
     "default": {  # the whole reproduction on a 2-core machine, MNIST in full, model_2fc
         "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 200, "limit": None,
