@@ -18,11 +18,14 @@ import json
 import os
 import socket
 import time
+import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.errors import ZarrUserWarning
 
 from nvmlib.backends.base import Store, check_fits
 from nvmlib.backends.files import disk_free, prepare_dir
@@ -56,6 +59,8 @@ class ZarrStore(Store):
         self.local = "://" not in str(path)
         self.url = str(Path(path).expanduser().absolute()) if self.local else str(path)
         self.storage_options = None if self.local else storage_options
+        if self.url.startswith("file://") and not readonly:  # fsspec's local files: make the directory
+            self.storage_options = {"auto_mkdir": True, **(storage_options or {})}
         self.shard_bytes = int(shard_bytes)
         super().__init__(prepare_dir(Path(self.url), readonly) if self.local else None, readonly)
         try:
@@ -106,7 +111,9 @@ class ZarrStore(Store):
         return self._arrays[name]
 
     def names(self) -> list[str]:
-        keys = set(self.group.array_keys())
+        with warnings.catch_warnings():  # zarr warns of objects that are no arrays: the writer's marker (see lock), a train state
+            warnings.filterwarnings("ignore", r"Object at .* is not recognized", ZarrUserWarning)
+            keys = set(self.group.array_keys())
         return sorted(k for k in keys if not (k.endswith((OPEN, STATE)) and k.rsplit(".", 1)[0] in keys))
 
     def nbytes(self, name: str | None = None) -> int:
@@ -221,6 +228,7 @@ class ZarrStore(Store):
         if name in self._held:
             raise LockedError(f"{name} on {self.describe()} already has a writer in this process")
         me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
+                         "writer": uuid.uuid4().hex,
                          "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
         store = self.group.store
         key = self._marker(name)
