@@ -14,12 +14,16 @@ so a cluster that cannot see the store's path fails with an error that says so.
 from __future__ import annotations
 
 import copy
+import os
+import time
 import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nvmlib.backends.zarr import ZarrStore
 from nvmlib.errors import StoreError
@@ -156,3 +160,53 @@ def bma_predict(client: Any, model: nn.Module, thetas: np.ndarray, data: Sequenc
     tasks = [client.submit(_predict, key, model_future, theta, data_future, pure=False) for theta in theta_futures]
     sums = _tree(client, tasks, _add_dicts)
     return {name: s / len(thetas) for name, s in sums.items()}
+
+
+# ---- timing: one process against a LocalCluster ------------------------------------------------
+def local_cluster(workers: int) -> tuple[Any, Any]:
+    """A dask LocalCluster of `workers` processes of one thread each on 127.0.0.1, and its Client."""
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    return cluster, Client(cluster)
+
+
+def drop_cache(store: ZarrStore) -> None:
+    """Hand a local zarr store's pages back to the OS, so the next pass reads from the device."""
+    if not store.local:
+        return
+    for root, _, files in os.walk(store.url):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
+            repeats: int = 1) -> pd.DataFrame:
+    """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
+    each pass reading a cold log (after one warm-up call per cluster); columns mode, workers, seconds,
+    max_abs_diff (from the local draws)."""
+    def timed(client: Any = None) -> tuple[float, np.ndarray]:
+        drop_cache(post.store)
+        start = time.perf_counter()
+        out = post.sample(S, seed=seed, client=client)
+        return time.perf_counter() - start, out
+
+    rows, local = [], None
+    for _ in tqdm(range(repeats), desc="single process", unit="pass"):
+        seconds, local = timed()
+        rows.append({"mode": "single process", "workers": 1, "seconds": seconds, "max_abs_diff": 0.0})
+    for workers in tqdm(worker_counts, desc="dask LocalCluster", unit="cluster"):
+        cluster, client = local_cluster(workers)
+        try:
+            post.sample(1, seed=seed, client=client)  # warm-up: imports on the workers
+            for _ in range(repeats):
+                seconds, out = timed(client)
+                rows.append({"mode": "dask", "workers": workers, "seconds": seconds,
+                             "max_abs_diff": float(np.abs(out - local).max())})
+        finally:
+            client.close()
+            cluster.close()
+    return pd.DataFrame(rows)
