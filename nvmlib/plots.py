@@ -178,7 +178,7 @@ def cluster_scaling(table: pd.DataFrame) -> plt.Figure:
     sns.lineplot(data=dask, x="workers", y="seconds", marker="o", errorbar=None, label="dask LocalCluster", ax=ax)
     ax.axhline(table.loc[table["mode"] == "single process", "seconds"].mean(), color="C1", ls="--",
                label="single process")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(sorted(dask["workers"].unique()))
     ax.set(xlabel="dask workers", ylabel="sample(S) time (s)", ylim=(0, None), title="Sampling on a cluster")
     ax.legend()
     return fig
