@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,25 +23,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bench_swag import dd_bandwidth  # this directory is on sys.path when a script here runs
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.distributed import scaling
 from nvmlib.swag import LOG
 
 N_PARAMS = 795_010  # model_2fc
-
-
-def dd(*args: str) -> float:
-    """Seconds a `dd bs=16M` with the given operands took (from its own report)."""
-    run = subprocess.run(["dd", "bs=16M", *args], capture_output=True, text=True, check=True)
-    return float(re.search(r"copied, ([\d.]+) s", run.stderr).group(1))
-
-
-def dd_bandwidth(directory: Path, mbytes: int) -> dict[str, float]:
-    target, count, mb = directory / "dd.bench", f"count={mbytes // 16}", mbytes * 2**20 / 1e6
-    write = dd("if=/dev/zero", f"of={target}", count, "oflag=direct")
-    read = dd(f"if={target}", "of=/dev/null", count, "iflag=direct")
-    target.unlink()
-    return {"dd_write_MBps": mb / write, "dd_read_MBps": mb / read}
 
 
 def fill(kind: str, path: Path, rows: int) -> tuple[SWAGPosterior, float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
 from typing import Any, Callable, Sequence
@@ -29,7 +30,7 @@ from nvmlib.backends.zarr import ZarrStore
 from nvmlib.errors import StoreError
 from nvmlib.swag import LOG, META, SWAGPosterior
 
-GROUP_BYTES = 256 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
+GROUP_BYTES = 512 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
 FAN_IN = 4  # partial results summed by one task of the tree
 
 
@@ -91,11 +92,15 @@ def _partial(url: str, storage_options: dict | None, meta: dict, count: int, run
     post = SWAGPosterior.view(_open(url, storage_options), meta, count)
     acc = torch.zeros((z2.shape[1], len(mean)), dtype=torch.from_numpy(z2).dtype)
     at = 0
-    for t0, t1 in runs:
-        rows = post.iterates(t0, t1).astype(mean.dtype, copy=False)
-        rows -= mean
-        acc.addmm_(torch.from_numpy(z2[at:at + t1 - t0]).T, torch.from_numpy(rows))
-        at += t1 - t0
+    with ThreadPoolExecutor(1) as pool:  # the next shard is read while this one is multiplied
+        pending = pool.submit(post.iterates, *runs[0])
+        for i, (t0, t1) in enumerate(runs):
+            rows = pending.result().astype(mean.dtype, copy=False)
+            if i + 1 < len(runs):
+                pending = pool.submit(post.iterates, *runs[i + 1])
+            rows -= mean
+            acc.addmm_(torch.from_numpy(z2[at:at + t1 - t0]).T, torch.from_numpy(rows))
+            at += t1 - t0
     return acc.numpy()
 
 
