@@ -113,16 +113,16 @@ def rotated(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def reliability(table: pd.DataFrame) -> plt.Figure:
+def reliability(table: pd.DataFrame, title: str = "Reliability (MNIST test)") -> plt.Figure:
     """Reliability diagram: accuracy against confidence per bin; columns method, confidence,
-    accuracy, count (one row per non-empty bin)."""
+    accuracy, count (one row per non-empty bin). Methods are drawn in the order they appear."""
     _style()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
-    for method in [m for m in METHOD_ORDER if m in set(table.method)]:
+    for method in table.method.unique():
         rows = table[table.method == method]
         ax.plot(rows.confidence, rows.accuracy, marker="o", label=method)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (MNIST test)")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
     ax.legend()
     return fig
 
@@ -166,6 +166,33 @@ def sampling(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figure:
         ax.legend(title=None)
     fig.suptitle("Sampling from the posterior log")
     fig.tight_layout()
+    return fig
+
+
+def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy, NLL and ECE per method as bars; `table` is indexed by method."""
+    _style()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, column in zip(axes, ("accuracy", "nll", "ece")):
+        sns.barplot(x=table.index, y=table[column], hue=table.index, legend=False, ax=ax)
+        ax.set(xlabel=None, ylabel=column if column == "accuracy" else column.upper())
+        if column == "accuracy":
+            ax.set_ylim(max(0.0, float(table[column].min()) - 0.05), 1.0)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def collection_cost(cost: pd.DataFrame) -> plt.Figure:
+    """Milliseconds per training step and per collect() of each run; columns run, train_step_s, collect_s."""
+    _style()
+    long = cost.melt(id_vars="run", value_vars=["train_step_s", "collect_s"], var_name="what", value_name="s")
+    long["ms"] = long.s * 1e3
+    long["what"] = long.what.map({"train_step_s": "training step", "collect_s": "swag.collect()"})
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.barplot(data=long, x="run", y="ms", hue="what", ax=ax)
+    ax.set(xlabel="run", ylabel="milliseconds", title="Cost of collection per training step")
+    ax.legend(title=None)
     return fig
 
 
