@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import copy
 import os
-from concurrent.futures import ThreadPoolExecutor
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -124,10 +124,9 @@ def low_rank(post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray, client: Any)
     1/√(K−1)), computed by the client's workers."""
     check_workers(post, client)
     K, store = len(z2), post.store
-    meta_future = client.scatter(post.meta, broadcast=True)
     mean_future = client.scatter(mean, broadcast=True)
     first = post.n_collected - K
-    tasks = [client.submit(_partial, store.url, store.storage_options, meta_future, post.n_collected, runs,
+    tasks = [client.submit(_partial, store.url, store.storage_options, post.meta, post.n_collected, runs,
                            np.concatenate([z2[t0 - first:t1 - first] for t0, t1 in runs]), mean_future, pure=False)
              for runs in shard_groups(post, K)]
     return _tree(client, tasks, _add)
