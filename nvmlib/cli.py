@@ -106,6 +106,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train_results", help="the training run's --results_filepath: finds its train state "
                    "when the tier's path is not a directory (devdax device, shelf, zarr URL)")
     p.add_argument("--results_filepath", help="JSON file to write the metrics to")
+    p.add_argument("--limit", type=int, help="use only the first N test (and OOD) examples")
+    p.add_argument("--scheduler", help="a dask scheduler's address (tcp://host:8786): sample and predict on "
+                   "its workers, which must see the (zarr) posterior's path")
     p.set_defaults(run=run_evaluate)
 
 
@@ -122,27 +125,43 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     if args.results_filepath:
         check_writable(Path(args.results_filepath))
     device = resolve_device(args.gpu)
-    test = load("mnist", "test", args.data_path)
+    test = load("mnist", "test", args.data_path, limit=args.limit)
     try:
-        ood = load("fashion", "test", args.fashion_path)
+        ood = load("fashion", "test", args.fashion_path, limit=args.limit)
     except DataError as exc:
         if args.fashion_path:
             raise
         print(f"nvmlib: note: no OOD evaluation: {exc}", file=sys.stderr)
         ood = None
+    client = _client(args.scheduler) if args.scheduler else None
     post, model, store = reopen(backend, path, device, results_filepath=args.train_results)
     try:
         result = evaluate(model, post, test, ood, args.samples, args.scale, args.seed,
-                          ANGLES if args.angles is None else args.angles)
+                          ANGLES if args.angles is None else args.angles, client=client)
     finally:
         post.close()
         store.close()
+        if client is not None:
+            client.close()
     print(result.table().to_string(float_format="%.4f"))
     if ood is not None:
         print(result.ood.to_string(index=False, float_format="%.4f"))
     if args.results_filepath:
         Path(args.results_filepath).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _client(address: str):
+    """A dask.distributed.Client connected to the scheduler at `address`, or a ConfigError."""
+    try:
+        from dask.distributed import Client
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--scheduler needs {exc.name!r}: pip install 'nvmlib[zarr]'") from exc
+    try:
+        return Client(address, timeout=10)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
+                          "dask-jobqueue, SSHCluster) and pass its address") from exc
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (

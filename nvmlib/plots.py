@@ -194,3 +194,18 @@ def collection_cost(cost: pd.DataFrame) -> plt.Figure:
     ax.set(xlabel="run", ylabel="milliseconds", title="Cost of collection per training step")
     ax.legend(title=None)
     return fig
+
+
+def cluster_scaling(table: pd.DataFrame) -> plt.Figure:
+    """Seconds of one sampling pass against dask workers, beside the single-process pass;
+    `table` as nvmlib.distributed.scaling returns it."""
+    _style()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    dask = table[table["mode"] == "dask"]
+    sns.lineplot(data=dask, x="workers", y="seconds", marker="o", errorbar=None, label="dask LocalCluster", ax=ax)
+    ax.axhline(table.loc[table["mode"] == "single process", "seconds"].mean(), color="C1", ls="--",
+               label="single process")
+    ax.set_xticks(sorted(dask["workers"].unique()))
+    ax.set(xlabel="dask workers", ylabel="sample(S) time (s)", ylim=(0, None), title="Sampling on a cluster")
+    ax.legend()
+    return fig

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from nvmlib.errors import ConfigError, NvmlibError
 
-NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling", "any_model")
+NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling", "any_model", "cluster")
 
 # scale -> notebook -> parameters (each overrides the notebook's `parameters` cell)
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
@@ -34,6 +34,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                      "passes_up_to": 4, "probe_bytes": 32 << 20},
         "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
                       "samples": 4, "max_rank": 10, "collect_every": 2},
+        "cluster": {"model": "model_2conv2fc", "epochs": 1, "limit": 500, "max_rank": 5, "shard_mb": 1,
+                    "samples": 3, "worker_counts": [2], "test_limit": 300, "angles": [0, 90]},
     },
     "default": {  # the whole reproduction on a 2-core machine, MNIST in full, model_2fc
         "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 200, "limit": None,
@@ -51,6 +53,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                      "passes_up_to": 16},
         "any_model": {"limit": 10_000, "width": 16, "epochs": 6, "swag_epochs": 3, "runs": 3, "samples": 20,
                       "max_rank": 20},
+        "cluster": {"model": "model_2fc", "epochs": 1, "limit": None, "max_rank": 300, "shard_mb": 128,
+                    "samples": 30, "worker_counts": [1, 2], "test_limit": None, "angles": [0, 90]},
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
@@ -66,6 +70,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                      "passes_up_to": 8, "posterior_path": "/mnt/nvme0/nvmlib/sampling"},
         "any_model": {"limit": None, "width": 32, "epochs": 20, "swag_epochs": 10, "runs": 5, "samples": 30,
                       "max_rank": 200, "posterior_path": "/mnt/nvme0/nvmlib/any_model"},
+        "cluster": {"model": "model_4fc", "epochs": 2, "limit": None, "max_rank": 1200, "shard_mb": 256,
+                    "samples": 30, "worker_counts": [1, 2, 4, 8], "test_limit": None, "angles": list(range(0, 181, 15))},
     },
 }
 

@@ -570,11 +570,13 @@ class SWAGPosterior:
         m = self._s1 / self._count
         return np.maximum(self._s2 / self._count - m * m, 0.0)
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
 
         D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk while the next chunk is read.
-        With fewer than 2 kept rows only the diagonal part is used.
+        With fewer than 2 kept rows only the diagonal part is used. client: a
+        dask.distributed.Client whose workers compute D z₂ where the (zarr) log lies
+        (nvmlib.distributed); the same array as without one, to float32 rounding.
         """
         self._check_nonempty()
         if S < 1:
@@ -591,11 +593,15 @@ class SWAGPosterior:
             return z1
 
         with ThreadPoolExecutor(1) as pool:
-            chunks = self._stream(K) if K >= 2 else iter(())  # the first read starts now
+            chunks = self._stream(K) if K >= 2 and client is None else iter(())  # the first read starts now
             pending = pool.submit(diagonal)
             if K >= 2:
                 z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
-                acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
+                if client is not None:
+                    from nvmlib.distributed import low_rank
+                    acc = torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
+                else:
+                    acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
                 for start, rows in chunks:
                     rows = rows.astype(work, copy=False)
                     rows -= mean
@@ -607,6 +613,14 @@ class SWAGPosterior:
         out *= math.sqrt(scale)
         out += mean
         return out.astype(np.float32, copy=False)
+
+    @classmethod
+    def view(cls, store: Store, meta: dict, count: int) -> "SWAGPosterior":
+        """A read-only view of the log as it stood after `count` updates, without moments or
+        recovery: for a process that only reads kept rows (a dask worker, nvmlib.distributed)."""
+        post = cls(store, meta, readonly=True)
+        post._count = count
+        return post
 
     def _spans(self, start: int, stop: int, step: int) -> list[tuple[int, int]]:
         """[a, b) slot ranges holding iterates start..stop−1 in order, each at most `step` rows."""

@@ -21,6 +21,7 @@ FIGURES = {
                           "posterior_quality-reliability", "posterior_quality-ood"],
     "sampling": ["sampling"],
     "any_model": ["any_model-metrics", "any_model-reliability", "any_model-cost"],
+    "cluster": ["cluster"],
 }
 
 
