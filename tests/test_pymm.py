@@ -1,18 +1,25 @@
-"""pymm tier: what can be checked without IBM PyMM (names, size accounting, detection).
+"""pymm tier: names, size accounting and detection (always), and, where IBM PyMM imports, what
+the real library does to a caller: its stdout banner, fixed load addresses, one open per process,
+its process-wide POSIX lock and aborts, mapstore's volatility, readers and resume across processes.
 
-The shelf itself (create/write/persist/reopen) is covered by tests/test_tiers.py, which
-includes the pymm tier only where IBM PyMM is importable; it is not on this machine's CI.
+The Store contract (tests/test_tiers.py, test_swag.py) and the crash tests (test_crash.py) run on
+the pymm tier too wherever IBM PyMM imports (conftest.TIER_OPENERS). Tests that need PyMM skip,
+with the reason, where it does not import; README.md's "PyMM" section says how to build it.
 """
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import textwrap
 
+import numpy as np
 import pytest
 
 from nvmlib.backends import available_tiers, open_store
-from nvmlib.backends.pymm import (ITEM_OVERHEAD, SHELF_RESERVE, footprint, mangle, shelf_free_bytes,
-                                  unmangle)
-from nvmlib.errors import TierUnavailable
+from nvmlib.backends.pymm import (ITEM_OVERHEAD, SHELF_RESERVE, _module, footprint, in_child, mangle,
+                                  recorded_ranges, shelf_free_bytes, unmangle)
+from nvmlib.errors import LockedError, StoreError, TierUnavailable
 from nvmlib.swag import COMMIT, COUNT, LOG, META, MOMENTS, SHIFT
 
 PYMM = available_tiers().get("pymm") == "ok"
@@ -44,16 +51,155 @@ def test_a_posterior_too_big_for_the_shelf_is_refused_with_the_size_needed():
     assert need > shelf_free_bytes(520 << 20, [])  # a 520 MB shelf cannot hold 3000 rows of model_2fc
 
 
-@pytest.mark.skipif(PYMM, reason="IBM PyMM is installed here")
-def test_missing_pymm_says_how_to_get_it():
-    with pytest.raises(TierUnavailable, match="IBM PyMM.*github.com/IBM/mcas"):
+def test_missing_pymm_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pymm", None)  # makes `import pymm` fail, installed or not
+    with pytest.raises(TierUnavailable, match="IBM PyMM.*github.com/IBM/pymm, commit a506739.*README"):
         open_store("pymm", "/tmp/unused", size_mb=8)
 
 
-@pytest.mark.skipif(PYMM, reason="IBM PyMM is installed here")
 def test_an_unrelated_pymm_module_is_not_taken_for_ibm_pymm(tmp_path, monkeypatch):
     (tmp_path / "pymm.py").write_text('"""Stands for the unrelated PyPI package named pymm (a GUI)."""\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "pymm", raising=False)
     with pytest.raises(TierUnavailable, match="is not IBM PyMM.*do not install it"):
         open_store("pymm", tmp_path / "shelf", size_mb=8)
+
+
+# ---- with IBM PyMM: what the real library does, and what the adapter makes of it ----------------
+needs_pymm = pytest.mark.skipif(not PYMM, reason=f"IBM PyMM is not importable here: {available_tiers()['pymm']}")
+PRELUDE = ("import sys, numpy as np\nfrom pathlib import Path\n"
+           "from nvmlib.backends import available_tiers, open_store\nfrom nvmlib.errors import LockedError\n")
+
+
+def python(code: str, *args: object, stdin: int | None = None) -> subprocess.Popen:
+    """A child Python running PRELUDE + code with argv[1:] = args; stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)],
+                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(child: subprocess.Popen) -> str:
+    """The child's stdout once it exited 0 (its stderr in the failure message otherwise)."""
+    out, err = child.communicate(timeout=180)
+    assert child.returncode == 0, err
+    return out
+
+
+@needs_pymm
+def test_tier_listing_and_shelf_use_print_nothing_on_stdout(tmp_path):
+    """PyMM's C core prints a banner on import and Python prints a note per item: a child whose
+    stdout is parsed must see only its own lines."""
+    out = finish(python("""
+        print(available_tiers()["pymm"])
+        with open_store("pymm", sys.argv[1], size_mb=16) as store:
+            store.create("x", (3,), "int64")
+        with open_store("pymm", sys.argv[1], size_mb=16) as store:  # PyMM notes each item it finds
+            print(store.names())
+        """, tmp_path))
+    assert out == "ok\n['x']\n"
+
+
+@needs_pymm
+def test_shelves_in_two_directories_keep_their_own_data(tmp_path):
+    """Each new shelf directory gets its own load_addr (PyMM's default maps them all at one address)."""
+    stores = [open_store("pymm", tmp_path / d, size_mb=16, name=d) for d in "ab"]
+    for value, store in enumerate(stores, 1):
+        store.create("x", (1000,), "float64")
+        store.write_rows("x", 0, np.full(1000, float(value)))
+        store.persist("x")
+    assert [store.read_rows("x", 0, 1000)[[0, -1]].tolist() for store in stores] == [[1.0, 1.0], [2.0, 2.0]]
+    ranges = [recorded_ranges(tmp_path / d / f"{d}.map") for d in "ab"]
+    assert all(ranges) and not any(lo < hi2 and lo2 < hi for lo, hi in ranges[0] for lo2, hi2 in ranges[1])
+    for store in stores:
+        store.close()
+    # PyMM keeps a shelf's name for the process's life: another directory's shelf of that name is refused
+    with pytest.raises(StoreError, match="already opened a PyMM shelf named 'a'.*another name"):
+        open_store("pymm", tmp_path / "c", size_mb=16, name="a")
+
+
+@needs_pymm
+def test_a_shelf_recorded_at_addresses_in_use_is_refused(tmp_path):
+    """Two shelves made by PyMM at one load_addr (its default) cannot be open in one process."""
+    make = "import pymm\npymm.shelf(sys.argv[2], size_mb=8, pmem_path=sys.argv[1], load_addr='0x580000000000')\n"
+    for d in "ab":
+        (tmp_path / d).mkdir()
+        finish(python(make, tmp_path / d, d))
+    out = finish(python("""
+        from nvmlib.errors import StoreError
+        first = open_store("pymm", sys.argv[1], size_mb=8, name="a")
+        try:
+            open_store("pymm", sys.argv[2], size_mb=8, name="b")
+        except StoreError as exc:
+            print(exc)
+        """, tmp_path / "a", tmp_path / "b"))
+    assert re.search(r"was created at addresses 0x580000000000-.*already uses.*process of its own", out)
+
+
+@needs_pymm
+def test_the_same_shelf_twice_in_one_process_is_one_shelf(tmp_path):
+    """PyMM cannot open a shelf twice in a process: stores of one shelf share it, one writer at a time."""
+    first = open_store("pymm", tmp_path, size_mb=16, name="twice")
+    second = open_store("pymm", tmp_path, size_mb=16, name="twice")
+    reader = open_store("pymm", tmp_path, size_mb=16, name="twice", readonly=True)
+    first.create("x", (4,), "int64")
+    first.write_rows("x", 0, np.arange(4))
+    assert second.names() == ["x"] and reader.read_rows("x", 0, 4).tolist() == [0, 1, 2, 3]
+    first.lock("log")
+    with pytest.raises(LockedError, match="written by another process|already"):
+        second.lock("log")
+    with pytest.raises(LockedError, match="already open in this process"):
+        open_store("pymm", tmp_path, size_mb=16, name="twice", force_new=True)
+    first.close()  # the others keep working
+    second.lock("log")
+    second.write_rows("x", 0, np.full(4, 7))
+    assert reader.read_rows("x", 0, 4).tolist() == [7] * 4
+    second.close()
+    reader.close()
+    with open_store("pymm", tmp_path, size_mb=16, name="twice") as again:
+        assert again.read_rows("x", 0, 4).tolist() == [7] * 4
+
+
+@needs_pymm
+def test_a_shelf_open_in_another_process_is_locked_not_an_abort(tmp_path):
+    """PyMM aborts (SIGABRT) a process that opens a shelf another live process holds: the adapter
+    raises LockedError first, and lets the shelf go when its last store closes."""
+    holder = python("""
+        store = open_store("pymm", sys.argv[1], size_mb=16, name="held")
+        store.create("x", (3,), "int64")
+        store.write_rows("x", 0, np.array([4, 5, 6]))
+        print("open", flush=True)
+        sys.stdin.readline()
+        store.close()
+        print("closed", flush=True)
+        sys.stdin.readline()
+        """, tmp_path, stdin=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == "open\n", holder.stderr.read()
+        for readonly in (False, True):
+            with pytest.raises(LockedError, match=f"open in another process \\(pid {holder.pid}\\).*readers included"):
+                open_store("pymm", tmp_path, size_mb=16, name="held", readonly=readonly)
+        # what the adapter keeps the caller from: PyMM itself, asked for the held shelf, aborts its process
+        with pytest.raises(StoreError, match="killed by SIGABRT.*exclusive lock failed"):
+            in_child(lambda: _module().shelf("held", size_mb=16, pmem_path=str(tmp_path)), "the held shelf")
+        holder.stdin.write("close\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "closed\n"
+        with open_store("pymm", tmp_path, size_mb=16, name="held", readonly=True) as reader:  # holder still alive
+            assert holder.poll() is None and reader.read_rows("x", 0, 3).tolist() == [4, 5, 6]
+    finally:
+        finish(holder)  # closing its stdin lets it go on to exit
+
+
+@needs_pymm
+def test_mapstore_is_reported_volatile_and_keeps_nothing_between_processes(tmp_path):
+    store = open_store("pymm", tmp_path, size_mb=16, name="m", backend="mapstore")
+    assert not store.persistent and "this process's memory only" in store.describe()
+    store.create("x", (2,), "int64")
+    store.close()
+    make = """
+        with open_store("pymm", sys.argv[1], size_mb=16, name="m", backend="mapstore") as store:
+            print(store.names())
+            store.create("x", (2,), "int64")
+        """
+    assert [finish(python(make, tmp_path)) for _ in range(2)] == ["[]\n"] * 2  # the second sees nothing
+    with pytest.raises(StoreError, match="backend 'hstore' is not one of hstore-cc, mapstore"):
+        open_store("pymm", tmp_path, size_mb=16, backend="hstore")

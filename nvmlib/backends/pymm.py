@@ -27,11 +27,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import faulthandler
 import io
 import os
 import random
 import signal
 import stat
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -85,21 +88,30 @@ def shelf_free_bytes(size_bytes: int, array_nbytes: list[int]) -> int:
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[None]:
+def quiet(errors: list[str] | None = None) -> Iterator[None]:
     """Send stdout to /dev/null at the file-descriptor level: PyMM's C core prints a banner on
-    import and Python notes for every item, which would corrupt output a caller parses."""
-    import sys
+    import and Python notes for every item, which would corrupt output a caller parses.
+    errors: capture stderr too (PyMM logs every shelf it opens there) and append its text."""
     sys.stdout.flush()
-    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
+    sys.stderr.flush()
+    fds = (1, 2) if errors is not None else (1,)
+    saved = [os.dup(fd) for fd in fds]
+    sinks = [open(os.devnull, "wb"), tempfile.TemporaryFile()][:len(fds)]
+    for fd, sink in zip(fds, sinks):
+        os.dup2(sink.fileno(), fd)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         ctypes.CDLL(None).fflush(None)  # C stdio buffers what it prints to a pipe: drop it here, not later
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
+        for fd, old in zip(fds, saved):
+            os.dup2(old, fd)
+            os.close(old)
+        if errors is not None:
+            sinks[1].seek(0)
+            errors.append(sinks[1].read().decode(errors="replace"))
+        for sink in sinks:
+            sink.close()
 
 
 def _module() -> Any:
@@ -128,6 +140,7 @@ class _Shelf:
 
 _open: dict[tuple[str, str], _Shelf] = {}  # (directory or device, shelf name) -> the shelf
 _loaded: set[tuple[str, str]] = set()      # (backend, path) PyMM has loaded here (it keeps them until exit)
+_names: dict[str, str] = {}                # hstore shelf name -> its directory: PyMM keeps both until exit
 _windows: list[tuple[int, int]] = []       # address ranges handed out as load_addr in this process
 
 
@@ -199,6 +212,7 @@ def in_child(action: Callable[[], None], what: str) -> None:
     if pid == 0:  # the child: only PyMM calls, then leave without running any cleanup
         code = 1
         try:
+            faulthandler.disable()  # an abort here is expected and reported: no traceback dump on the caller's tty
             os.close(read_end)
             os.dup2(write_end, 2)
             with quiet():
@@ -263,6 +277,10 @@ class PymmStore(Store):
         data = self.path if self._device else self.path / f"{self.shelf_name}.data"
         files = self.backend != "mapstore"
         loaded = (self.backend, str(self.path)) in _loaded
+        if files and _names.setdefault(self.shelf_name, str(self.path)) != str(self.path):
+            raise StoreError(f"this process already opened a PyMM shelf named {self.shelf_name!r} (at "
+                             f"{_names[self.shelf_name]}), and PyMM keeps that name until the process exits: "
+                             "give this shelf another name (name=...) or open it in another process")
         if files and not loaded and not self._device:
             clash = [(r, _overlap(*r, _mapped())) for r in recorded_ranges(self.path / f"{self.shelf_name}.map")]
             clash = [(r, o) for r, o in clash if o is not None]
@@ -280,14 +298,16 @@ class PymmStore(Store):
             in_child(lambda: self._pymm.shelf(self.shelf_name, force_new=force_new, **options), what)
             force_new = False  # the child made it new
         lock_fd = take_lock(data, what) if files and data.exists() else None
+        log: list[str] = []
         try:
-            with quiet():
+            with quiet(log):
                 shelf = self._pymm.shelf(self.shelf_name, force_new=force_new, **options)
         except Exception as exc:  # PyMM raises RuntimeError and others from its C core
             if lock_fd is not None:
                 os.close(lock_fd)
-            raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.backend}): {exc}; check the "
-                             "path, the backend and that the shelf fits the device") from exc
+            tail = " | ".join("".join(log).strip().splitlines()[-3:])
+            raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.backend}): {exc} [{tail}]; "
+                             "check the path, the backend and that the shelf fits the device") from exc
         _loaded.add((self.backend, str(self.path)))
         if files and lock_fd is None and data.exists():  # created just now: hold its lock like the others
             lock_fd = take_lock(data, what)
