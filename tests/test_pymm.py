@@ -60,7 +60,8 @@ def test_missing_pymm_says_how_to_get_it(monkeypatch):
 def test_an_unrelated_pymm_module_is_not_taken_for_ibm_pymm(tmp_path, monkeypatch):
     (tmp_path / "pymm.py").write_text('"""Stands for the unrelated PyPI package named pymm (a GUI)."""\n')
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "pymm", raising=False)
+    monkeypatch.setitem(sys.modules, "pymm", None)  # so that undoing the next line removes the stand-in
+    monkeypatch.delitem(sys.modules, "pymm")
     with pytest.raises(TierUnavailable, match="is not IBM PyMM.*do not install it"):
         open_store("pymm", tmp_path / "shelf", size_mb=8)
 
