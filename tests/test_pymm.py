@@ -9,18 +9,22 @@ with the reason, where it does not import; README.md's "PyMM" section says how t
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from nvmlib.backends import available_tiers, open_store
 from nvmlib.backends.pymm import (ITEM_OVERHEAD, SHELF_RESERVE, _module, footprint, in_child, mangle,
                                   recorded_ranges, shelf_free_bytes, unmangle)
 from nvmlib.errors import LockedError, StoreError, TierUnavailable
+from nvmlib.models import get_flat
 from nvmlib.swag import COMMIT, COUNT, LOG, META, MOMENTS, SHIFT
+from nvmlib.train import TrainConfig, train
 
 PYMM = available_tiers().get("pymm") == "ok"
 
@@ -204,3 +208,35 @@ def test_mapstore_is_reported_volatile_and_keeps_nothing_between_processes(tmp_p
     assert [finish(python(make, tmp_path)) for _ in range(2)] == ["[]\n"] * 2  # the second sees nothing
     with pytest.raises(StoreError, match="backend 'hstore' is not one of hstore-cc, mapstore"):
         open_store("pymm", tmp_path, size_mb=16, backend="hstore")
+
+
+@needs_pymm
+def test_resume_after_a_sigkill_gives_the_uninterrupted_result_and_a_reader_sees_it(tmp_path):
+    """A run on a shelf killed mid-epoch resumes exactly; then another process reads the posterior."""
+    cfg = dict(model="model_2conv2fc", epochs=2, limit=500, lr=0.05, progress=False, backend="pymm",
+               shelf_size_mb=64, checkpoint_every=3)
+    whole = train(TrainConfig(**cfg, posterior_path=str(tmp_path / "whole")))
+    killed = python(f"""
+        import os, signal
+        from nvmlib.train import TrainConfig, train
+        def kill(epoch, batch):
+            if epoch == 1 and batch == 2:  # 9 updates made; the last checkpoint was at 7
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(TrainConfig(**{cfg!r}, posterior_path=sys.argv[1]), on_batch=kill)
+        """, tmp_path / "cut")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train(TrainConfig(**cfg, posterior_path=str(tmp_path / "cut"), resume=True))
+    assert resumed.record["resumed_from_update"] == 7
+    assert resumed.posterior.n_collected == whole.posterior.n_collected == 11
+    assert np.array_equal(resumed.posterior.mean(), whole.posterior.mean())
+    assert np.array_equal(resumed.posterior.variance(), whole.posterior.variance())
+    assert torch.equal(get_flat(resumed.model), get_flat(whole.model))
+    expected = whole.posterior.sample(3, seed=1)
+    whole.close(), resumed.close()
+    finish(python("""
+        from nvmlib.swag import SWAGPosterior
+        with open_store("pymm", sys.argv[1], readonly=True) as store:
+            np.save(sys.argv[2], SWAGPosterior.open(store, readonly=True).sample(3, seed=1))
+        """, tmp_path / "cut", tmp_path / "sample.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "sample.npy"), expected)

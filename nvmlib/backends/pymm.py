@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import fcntl
 import faulthandler
+import hashlib
 import io
 import os
 import random
@@ -233,15 +234,25 @@ def in_child(action: Callable[[], None], what: str) -> None:
                          "shelf fits the device, or recreate it (force_new=True, train: --overwrite)")
 
 
+def default_name(path: Path) -> str:
+    """The shelf name nvmlib uses at `path`: derived from the path, since PyMM lets a process open
+    one shelf per name; a directory moved elsewhere keeps its one nvmlib shelf."""
+    made = sorted(path.glob("nvmlib*.data")) if path.is_dir() else []
+    if len(made) == 1:
+        return made[0].name[:-len(".data")]
+    return "nvmlib_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+
+
 class PymmStore(Store):
     """Arrays as pymm.ndarray items of one PyMM shelf."""
 
     kind = "pymm"
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False, size_mb: int = 1024,
-                 name: str = "nvmlib", backend: str = "hstore-cc", force_new: bool = False) -> None:
+                 name: str | None = None, backend: str = "hstore-cc", force_new: bool = False) -> None:
         """path: the shelf's pmem_path (an fsdax directory or a devdax device); size_mb: the paper's -s;
-        backend: hstore-cc (persists) or mapstore (this process's memory only)."""
+        name: the shelf's name (default: default_name(path)); backend: hstore-cc (persists) or
+        mapstore (this process's memory only)."""
         if path is None:
             raise StoreError("the pymm tier needs a pmem_path: open_store('pymm', '/mnt/pmem0', size_mb=520000) "
                              "or open_store('pymm', '/dev/dax0.0', size_mb=...)")
@@ -251,10 +262,10 @@ class PymmStore(Store):
         path = Path(path).expanduser()
         self._device = path.exists() and stat.S_ISCHR(path.stat().st_mode)
         super().__init__(path.resolve() if self._device else prepare_dir(path, readonly).resolve(), readonly)
-        self.shelf_name, self.backend = name, backend
+        self.shelf_name, self.backend = name or default_name(self.path), backend
         self.persistent = backend != "mapstore"  # mapstore: nothing outlives the process
         self._pymm = _module()
-        self._key = (str(self.path), name)
+        self._key = (str(self.path), self.shelf_name)
         shared = _open.get(self._key)
         if shared is None:
             shared = _open[self._key] = self._open_shelf(int(size_mb), force_new)
@@ -276,12 +287,13 @@ class PymmStore(Store):
         what = self.describe()
         data = self.path if self._device else self.path / f"{self.shelf_name}.data"
         files = self.backend != "mapstore"
-        loaded = (self.backend, str(self.path)) in _loaded
-        if files and _names.setdefault(self.shelf_name, str(self.path)) != str(self.path):
+        loaded = (self.backend, str(self.path)) in _loaded  # PyMM keeps a directory's store once loaded
+        seen = _names.get(self.shelf_name) == str(self.path)  # this shelf was open here before: still mapped
+        if files and self.shelf_name in _names and not seen:
             raise StoreError(f"this process already opened a PyMM shelf named {self.shelf_name!r} (at "
                              f"{_names[self.shelf_name]}), and PyMM keeps that name until the process exits: "
                              "give this shelf another name (name=...) or open it in another process")
-        if files and not loaded and not self._device:
+        if files and not seen and not self._device:
             clash = [(r, _overlap(*r, _mapped())) for r in recorded_ranges(self.path / f"{self.shelf_name}.map")]
             clash = [(r, o) for r, o in clash if o is not None]
             if clash:
@@ -309,6 +321,8 @@ class PymmStore(Store):
             raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.backend}): {exc} [{tail}]; "
                              "check the path, the backend and that the shelf fits the device") from exc
         _loaded.add((self.backend, str(self.path)))
+        if files:
+            _names[self.shelf_name] = str(self.path)
         if files and lock_fd is None and data.exists():  # created just now: hold its lock like the others
             lock_fd = take_lock(data, what)
         return _Shelf(shelf, self.backend, lock_fd)
