@@ -27,7 +27,7 @@ N_PARAMS = 795_010
 
 def append_seconds(kind: str, path: Path, appends: int) -> tuple[float, float]:
     """(create, append + persist) seconds of a log of `appends` rows on tier `kind`."""
-    options = {"size_mb": appends * N_PARAMS * 4 // 2**20 + 64} if kind == "pymm" else {}  # the shelf holds the log
+    options = {"size_mb": 2 * appends * N_PARAMS * 4 // 2**20 + 64} if kind == "pymm" else {}  # half a shelf is usable
     store = open_store(kind, path, **options)
     width = padded_len(N_PARAMS, "float32", store.row_align)  # rows as the posterior log lays them out
     rows = aligned_empty((8, width), np.float32)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nvmlib.backends import available_tiers, open_store
-from nvmlib.backends.pymm import (ITEM_OVERHEAD, SHELF_RESERVE, _module, footprint, in_child, mangle,
+from nvmlib.backends.pymm import (ITEM_OVERHEAD, LARGE_ITEM, SHELF_RESERVE, _module, footprint, in_child, mangle,
                                   recorded_ranges, shelf_free_bytes, unmangle)
 from nvmlib.errors import LockedError, StoreError, TierUnavailable
 from nvmlib.models import get_flat
@@ -44,9 +44,10 @@ def test_mangling_is_injective_and_foreign_items_are_ignored():
 def test_free_bytes_accounts_for_every_array():
     size = 64 << 20
     empty = shelf_free_bytes(size, [])
-    assert empty == size - SHELF_RESERVE - footprint(8)
+    assert empty == size // 2 - SHELF_RESERVE - footprint(8)  # only half a shelf counts (see shelf_free_bytes)
     assert shelf_free_bytes(size, [1000, 3]) == empty - (1000 + ITEM_OVERHEAD) - (8 + ITEM_OVERHEAD)
-    assert shelf_free_bytes(size, [size]) == 0
+    assert footprint(LARGE_ITEM) == footprint(2 * LARGE_ITEM - ITEM_OVERHEAD) == 2 * LARGE_ITEM
+    assert shelf_free_bytes(size, [size // 2]) == 0
 
 
 def test_a_posterior_too_big_for_the_shelf_is_refused_with_the_size_needed():
@@ -192,6 +193,22 @@ def test_a_shelf_open_in_another_process_is_locked_not_an_abort(tmp_path):
             assert holder.poll() is None and reader.read_rows("x", 0, 3).tolist() == [4, 5, 6]
     finally:
         finish(holder)  # closing its stdin lets it go on to exit
+
+
+@needs_pymm
+def test_an_array_pymm_cannot_place_is_refused_before_pymm_crashes(tmp_path):
+    """hstore-cc cannot place 128 MB, or 60 + 64 MB, on a 256 MB shelf, and PyMM then segfaults."""
+    out = finish(python("""
+        from nvmlib.errors import StoreError
+        with open_store("pymm", sys.argv[1], size_mb=256) as store:
+            for name, mb in (("a", 128), ("b", 64), ("c", 60), ("d", 40)):
+                try:
+                    store.create(name, (mb << 20,), "uint8")
+                    print(name, "made")
+                except StoreError as exc:
+                    print(name, "refused:", "too small" in str(exc))
+        """, tmp_path))
+    assert out == "a refused: True\nb made\nc refused: True\nd made\n"
 
 
 @needs_pymm

@@ -51,7 +51,8 @@ from nvmlib.errors import LockedError, StoreError, TierUnavailable
 PREFIX = "nv_"            # shelf items nvmlib owns; others on a shared shelf are left alone
 SIZE_ITEM = "nvmlib_size"  # int64 (1,): the shelf size in bytes, as created
 ITEM_OVERHEAD = 4096      # bytes one item costs beyond its data (PyMM metadata header, allocator slack)
-SHELF_RESERVE = 1 << 20   # bytes of a shelf its store (hstore) keeps for itself (estimate)
+SHELF_RESERVE = 1 << 20   # bytes of the usable half its store (hstore) keeps for itself (estimate)
+LARGE_ITEM = 8 << 20      # items this big are placed in whole blocks of this size (measured, see footprint)
 BACKENDS = ("hstore-cc", "mapstore")
 # where new shelf directories are placed in the address space: 16..80 TiB, clear of the heap
 # (0x55..., PIE), shared libraries and thread stacks (0x7f...); one window per directory
@@ -79,13 +80,21 @@ def unmangle(item: str) -> str | None:
 
 
 def footprint(nbytes: int) -> int:
-    """Bytes an array of `nbytes` takes from a shelf (data rounded to 8, plus its metadata)."""
-    return -(-nbytes // 8) * 8 + ITEM_OVERHEAD
+    """Bytes an array of `nbytes` takes from a shelf: data rounded to 8 plus its metadata, and
+    large arrays rounded up to whole LARGE_ITEM blocks."""
+    size = -(-nbytes // 8) * 8 + ITEM_OVERHEAD
+    return -(-size // LARGE_ITEM) * LARGE_ITEM if nbytes >= LARGE_ITEM else size
 
 
 def shelf_free_bytes(size_bytes: int, array_nbytes: list[int]) -> int:
-    """Bytes a shelf of `size_bytes` still has once arrays of these sizes are on it."""
-    return max(0, size_bytes - SHELF_RESERVE - footprint(8) - sum(footprint(n) for n in array_nbytes))
+    """Bytes a shelf of `size_bytes` still has once arrays of these sizes are on it.
+
+    Only half the shelf counts: hstore-cc's allocator fails to place items well below the shelf
+    size (measured on a 256 MB shelf: 100 MB placed, 128 MB or 60 + 64 MB not; 512 MB: not 256 MB;
+    1024 MB: 760 MB, not 300 + 400 MB), and PyMM then crashes the process (it writes through the
+    null pointer of the failed allocation), so nvmlib refuses an array before PyMM can fail."""
+    used = footprint(8) + sum(footprint(n) for n in array_nbytes)
+    return max(0, size_bytes // 2 - SHELF_RESERVE - used)
 
 
 @contextlib.contextmanager
@@ -341,7 +350,7 @@ class PymmStore(Store):
         self._check_writable()
         if name in self.names():
             raise StoreError(f"array {name!r} already exists on shelf {self.shelf_name!r}; delete it first")
-        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
+        check_fits(self, footprint(int(np.prod(shape)) * np.dtype(dtype).itemsize), f"array {name!r}")
         with quiet():
             setattr(self._shelf, mangle(name), self._pymm.ndarray(tuple(shape), dtype=np.dtype(dtype), zero=True))
 
