@@ -168,13 +168,13 @@ def _overlap(lo: int, hi: int, ranges: list[tuple[int, int]]) -> tuple[int, int]
     return next(((a, b) for a, b in ranges if a < hi and lo < b), None)
 
 
-def load_address(size_bytes: int, rng: random.Random | None = None) -> int:
+def load_address(size_bytes: int) -> int:
     """A load_addr for a new shelf directory: a window of address space that nothing in this
     process uses, chosen at random so that shelves made by different processes rarely share one."""
     window = max(ADDR_WINDOW, -(-size_bytes // ADDR_ALIGN) * ADDR_ALIGN)
-    taken, rng = _mapped(), rng or random.Random()
+    taken = _mapped()
     for _ in range(256):
-        base = ADDR_LOW + rng.randrange((ADDR_HIGH - ADDR_LOW - window) // ADDR_ALIGN) * ADDR_ALIGN
+        base = ADDR_LOW + random.randrange((ADDR_HIGH - ADDR_LOW - window) // ADDR_ALIGN) * ADDR_ALIGN
         if _overlap(base, base + window, taken) is None:
             _windows.append((base, base + window))
             return base
