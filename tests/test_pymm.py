@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from nvmlib.backends import available_tiers, open_store
-from nvmlib.backends.pymm import (ITEM_OVERHEAD, LARGE_ITEM, SHELF_RESERVE, _module, footprint, in_child, mangle,
-                                  recorded_ranges, shelf_free_bytes, unmangle)
+from nvmlib.backends.pymm import (ITEM_OVERHEAD, LARGE_ITEM, SHELF_RESERVE, _module, default_name, footprint,
+                                  in_child, mangle, recorded_ranges, shelf_free_bytes, unmangle)
 from nvmlib.errors import LockedError, StoreError, TierUnavailable
 from nvmlib.models import get_flat
 from nvmlib.swag import COMMIT, COUNT, LOG, META, MOMENTS, SHIFT
@@ -39,6 +39,15 @@ def test_names_mangle_to_identifiers_and_back(name):
 def test_mangling_is_injective_and_foreign_items_are_ignored():
     assert mangle("a_2e") != mangle("a.")
     assert unmangle("posterior_sums") is None and unmangle("nvmlib_size") is None
+
+
+def test_default_shelf_name_follows_the_directory_and_a_moved_shelf_is_found(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    assert default_name(a).startswith("nvmlib_") and default_name(a) != default_name(b)  # one name per directory
+    assert default_name(a) == default_name(a)
+    (a / "nvmlib_0123456789ab.data").write_bytes(b"")  # a shelf made at another path, moved here
+    assert default_name(a) == "nvmlib_0123456789ab"
 
 
 def test_free_bytes_accounts_for_every_array():
