@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from nvmlib.backends import open_store
+from nvmlib.backends import available_tiers, open_store
 from nvmlib.cli import build_parser, main
 from nvmlib.swag import SWAGPosterior
 
@@ -54,7 +54,6 @@ def test_train_then_evaluate_on_mmap(tmp_path, capsys, monkeypatch):
     (["train", "model_2fc", "-p", "/nonexistent/data"], "does not exist"),
     (["train", "model_2fc", "-c", "7"], "GPU 7"),
     (["train", "model_4fc", "-e", "10000000"], "needs .* GB"),
-    (["train", "model_2fc", "-f", "/mnt/pmem0", "-s", "10"], "pymm"),
     (["evaluate"], "dram posterior does not outlive"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys):
@@ -62,6 +61,14 @@ def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys):
     err = capsys.readouterr().err
     assert err.startswith("nvmlib: error: ") and "Traceback" not in err
     assert re.search(match, err)
+
+
+def test_pymm_shelf_too_small_or_pymm_missing_exits_2(tmp_path, capsys):
+    pymm = available_tiers()["pymm"] == "ok"
+    assert main(["train", "model_2fc", "-f", str(tmp_path / "shelf"), "-s", "10", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nvmlib: error: ") and "Traceback" not in err
+    assert re.search("the shelf is 10 MB; pass -s 18[0-9][0-9]" if pymm else "pymm tier needs IBM PyMM", err)
 
 
 def test_unwritable_results_path_exits_2(tmp_path, capsys):
