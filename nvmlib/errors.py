@@ -27,3 +27,7 @@ class ConfigError(NvmlibError):
 
 class DataError(NvmlibError):
     """A data set is missing, damaged, or not the one expected; the message says how to get it."""
+
+
+class ResourceError(NvmlibError):
+    """The machine has too little memory or disk for what was asked; the message says need and have."""
