@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nvmlib import resources
 from nvmlib.errors import ConfigError, NvmlibError, ResourceError
+from nvmlib.progress import text_bars
 
 NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling")
 
@@ -148,8 +149,10 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
     for name in bar:
         bar.set_postfix_str(name)
         t = time.perf_counter()
-        pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb", parameters=plan[name],
-                            kernel_name=kernel_name, cwd=str(notebooks_dir), progress_bar=False)
+        with text_bars():  # the kernels' bars: text, whose last line the executed copy keeps
+            pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb",
+                                parameters=plan[name], kernel_name=kernel_name, cwd=str(notebooks_dir),
+                                progress_bar=False, coalesce_streams=True)
         seconds[name] = time.perf_counter() - t
         peaks[name] = peak_rss_bytes()
         bar.write(f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, {results_dir / name}.ipynb")
