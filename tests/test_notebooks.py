@@ -79,6 +79,35 @@ def test_smoke_run_writes_record_and_figures(smoke: Path, name: str) -> None:
     assert not any((smoke / "results" / "scratch").glob("*/*")), "scratch posteriors must be removed"
 
 
+def noise(book: nbformat.NotebookNode) -> list[str]:
+    """Errors and stderr (warnings included) in the outputs of an executed notebook."""
+    return [o.get("text") or f"{o.get('ename')}: {o.get('evalue')}" for c in book.cells for o in c.get("outputs", [])
+            if o.output_type == "error" or (o.output_type == "stream" and o.name == "stderr")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
+def test_smoke_run_is_quiet_and_its_figures_say_how_they_were_made(smoke: Path, name: str) -> None:
+    executed = nbformat.read(smoke / "results" / f"{name}.ipynb", as_version=4)
+    assert noise(executed) == []
+    record = json.loads((smoke / "results" / f"{name}.json").read_text())
+    if FIGURES.get(name):
+        assert record["measured"]["caption"].startswith("smoke preset · ")
+    widgets = [o for c in executed.cells for o in c.get("outputs", []) if "data" in o
+               and "application/vnd.jupyter.widget-view+json" in o.data]
+    assert widgets == [], "under papermill progress bars are text (a widget keeps only its first frame)"
+
+
+@pytest.mark.slow
+def test_smoke_run_records_its_peak_memory_within_the_estimate(smoke: Path) -> None:
+    summary = json.loads((smoke / "results" / "reproduce.json").read_text())
+    estimate = max(n["memory"] for n in summary["estimated_bytes"].values())
+    assert 100e6 < summary["peak_rss_bytes"] <= estimate
+    executed = nbformat.read(smoke / "results" / "collect.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []) if o.output_type == "stream")
+    assert "100%|" in text and "\r" not in text, "the progress bar's last line, carriage returns resolved"
+
+
 @pytest.mark.slow
 def test_smoke_tier_runtime_is_relative_to_dram(smoke: Path) -> None:
     runtime = json.loads((smoke / "results" / "tier_runtime.json").read_text())["measured"]["runtime"]
