@@ -54,9 +54,11 @@ def save(fig: plt.Figure, name: str, figures_dir: str | Path, footer: str | None
     """Write `fig` as figures_dir/name.png and .pdf with `footer` (a `caption`) under it; returns the paths."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if footer:
+    if footer:  # under everything drawn so far (axis labels may reach below the figure's edge)
         width = max(40, int(fig.get_figwidth() * 72 / (7 * 0.55)))  # characters of 7-point text per line
-        fig.text(0.01, 0, textwrap.fill(footer, width), ha="left", va="top", fontsize=7, color="dimgray")
+        bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
+        fig.text(0.01, min(bottom, 0) - 0.02, textwrap.fill(footer, width), ha="left", va="top", fontsize=7,
+                 color="dimgray")
     paths = [out / f"{name}.{fmt}" for fmt in FORMATS]
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
