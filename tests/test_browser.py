@@ -100,13 +100,15 @@ class Lab:
             body = response.read()
         return json.loads(body) if body else None
 
-    def kernels_idle(self) -> bool:
-        kernels = self.api("kernels")
-        return bool(kernels) and all(k["execution_state"] == "idle" for k in kernels)
+    def kernel_idle(self, path: str) -> bool:
+        """Whether the kernel of the notebook at `path` (relative to root) has started and is idle."""
+        states = [s["kernel"]["execution_state"] for s in self.api("sessions") if s["path"] == path]
+        return states == ["idle"]
 
-    def shut_down_kernels(self) -> None:
-        for kernel in self.api("kernels"):
-            self.api(f"kernels/{kernel['id']}", method="DELETE")
+    def end_sessions(self) -> None:
+        """Shut down every notebook's kernel (the browser has left the lab first)."""
+        for session in self.api("sessions"):
+            self.api(f"sessions/{session['id']}", method="DELETE")
 
     def close(self) -> None:
         self.process.terminate()
@@ -143,13 +145,13 @@ def page(lab: Lab):
         browser.close()
 
 
-def wait_for_idle(lab: Lab, page, timeout_s: float) -> None:
-    """Until every code cell of the open notebook has run or the run stopped, and the kernel is idle."""
+def wait_for_idle(lab: Lab, page, path: str, timeout_s: float) -> None:
+    """Until every code cell of the open notebook has run or the run stopped, and its kernel is idle."""
     prompts = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         texts = [t.strip() for t in page.locator(prompts).all_inner_texts()]
-        if texts and "[*]:" not in texts and re.fullmatch(r"\[\d+\]:", texts[0]) and lab.kernels_idle():
+        if texts and "[*]:" not in texts and re.fullmatch(r"\[\d+\]:", texts[0]) and lab.kernel_idle(path):
             return
         time.sleep(1)
     raise AssertionError(f"the notebook did not finish within {timeout_s:.0f} s: prompts {texts}")
@@ -171,21 +173,21 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, page, name: str, tmp_path: Pa
     short = resources.plan({name: preset}, lab.root / "results" / "scratch").shortfalls(resources.Machine.here())
     if short:
         pytest.skip(f"{name} at smoke scale: {'; '.join(short)}")
-    started = time.time()
-    page.goto(f"{lab.url}/lab/tree/notebooks/{name}.ipynb?token={lab.token}")
-    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell").first.wait_for(timeout=60_000)
-    deadline = time.monotonic() + 60
-    while not lab.kernels_idle():  # the kernel has started
-        assert time.monotonic() < deadline, "the notebook's kernel did not start"
-        time.sleep(0.5)
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-    wait_for_idle(lab, page, RUN_TIMEOUT_S)
-    page.keyboard.press("Control+s")
-    page.screenshot(path=tmp_path / f"{name}.png")
-    book = saved(lab.root / "notebooks" / f"{name}.ipynb")
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    started, path = time.time(), f"notebooks/{name}.ipynb"
     try:
+        page.goto(f"{lab.url}/lab/tree/{path}?reset&token={lab.token}")  # reset: only this notebook open
+        page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell").first.wait_for(timeout=90_000)
+        deadline = time.monotonic() + 90
+        while not lab.kernel_idle(path):  # the kernel has started
+            assert time.monotonic() < deadline, "the notebook's kernel did not start"
+            time.sleep(0.5)
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        wait_for_idle(lab, page, path, RUN_TIMEOUT_S)
+        page.keyboard.press("Control+s")
+        page.screenshot(path=tmp_path / f"{name}.png")
+        book = saved(lab.root / path)
+        panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
         code = [c for c in book.cells if c.cell_type == "code"]
         assert all(c.execution_count for c in code), "every cell ran"
         assert noise(book) == [], "no error or stderr in any cell"
@@ -202,7 +204,8 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, page, name: str, tmp_path: Pa
         assert record.stat().st_mtime >= started - 1, "the notebook's JSON record was written by this run"
         assert json.loads(record.read_text())["experiment"] == name
     finally:
-        lab.shut_down_kernels()
+        page.goto("about:blank")
+        lab.end_sessions()
 
 
 def test_progress_bars_are_widgets_in_the_lab(lab: Lab) -> None:
