@@ -185,9 +185,11 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, page, name: str, tmp_path: Pa
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         wait_for_idle(lab, page, path, RUN_TIMEOUT_S)
         page.keyboard.press("Control+s")
+        panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+        if panel.locator(".jp-RenderedImage img").count():
+            panel.locator(".jp-RenderedImage img").last.scroll_into_view_if_needed()
         page.screenshot(path=tmp_path / f"{name}.png")
         book = saved(lab.root / path)
-        panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
         code = [c for c in book.cells if c.cell_type == "code"]
         assert all(c.execution_count for c in code), "every cell ran"
         assert noise(book) == [], "no error or stderr in any cell"
