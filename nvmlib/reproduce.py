@@ -103,7 +103,9 @@ def check_kernel(kernel_name: str) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """The largest resident set of this process and of its children that ended (the kernels)."""
+    """The largest resident set of this process and of its children that ended (the kernels). Linux
+    starts a process' peak at the resident set of the one that forked it: run from a shell, this is
+    the run's own."""
     kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return kb * 1024  # Linux counts kilobytes
 

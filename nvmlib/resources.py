@@ -3,8 +3,9 @@
 A notebook's needs are computed from its preset parameters by the function registered for it in
 NEEDS (`needs_of` falls back to the bare kernel for a notebook that declares none). Notebooks run
 one after another in their own kernel and remove their scratch posteriors, so the plan needs the
-largest of their peaks; posteriors kept at an explicit path stay and add up. `check` compares the
-plan with what this machine has and raises ResourceError, naming both, before any work starts.
+largest of their peaks; posteriors kept at an explicit path stay and add up. `Plan.shortfalls`
+compares a plan with what a machine has, phrased as need versus have (nvmlib.reproduce refuses a
+run that does not fit before any work starts).
 """
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-
 GB = 1e9
-# a Jupyter kernel with torch, numpy, pandas and matplotlib imported and a model built: measured
-# 0.55-0.65 GB of RSS on this project's runs (smoke: 0.67 GB at most, data included), rounded up
+# a Jupyter kernel with torch, numpy, pandas and matplotlib imported and a small model trained:
+# 0.63-0.69 GB of peak RSS in this project's smoke runs (data included), rounded up
 KERNEL_BYTES = 1 << 30
 TRAIN_EXAMPLES, TEST_EXAMPLES, PIXELS = 60_000, 10_000, 28 * 28
 BATCH_SIZE = 100
