@@ -27,7 +27,7 @@ _COLOURS = sns.color_palette("colorblind")
 # tier (or the paper's label for one) -> colour, the same in every figure
 TIER_COLOURS = {"dram": _COLOURS[0], "mmap": _COLOURS[1], "memmap": _COLOURS[1], "pmem": _COLOURS[2],
                 "fs-dax": _COLOURS[2], "dev-dax": _COLOURS[9], "pymm": _COLOURS[3], "zarr": _COLOURS[4]}
-METHOD_COLOURS = {"SGD": _COLOURS[7], "SWA": _COLOURS[5], "SWAG": _COLOURS[6]}
+METHOD_COLOURS = {"SGD": _COLOURS[7], "SWA": _COLOURS[5], "SWAG": _COLOURS[6], "MultiSWAG": _COLOURS[8]}
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
@@ -159,16 +159,16 @@ def rotated(table: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def reliability(table: pd.DataFrame) -> plt.Figure:
+def reliability(table: pd.DataFrame, title: str = "Reliability (MNIST test)") -> plt.Figure:
     """Reliability diagram: accuracy against confidence per bin; columns method, confidence,
-    accuracy, count (one row per non-empty bin)."""
+    accuracy, count (one row per non-empty bin). Methods are drawn in the order they appear."""
     _style()
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
-    for method in [m for m in METHOD_ORDER if m in set(table.method)]:
+    for method in table.method.unique():
         rows = table[table.method == method]
-        ax.plot(rows.confidence, rows.accuracy, marker="o", label=method, color=METHOD_COLOURS[method])
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="Reliability (MNIST test)")
+        ax.plot(rows.confidence, rows.accuracy, marker="o", label=method, color=METHOD_COLOURS.get(method))
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
     ax.legend()
     return fig
 
@@ -213,4 +213,32 @@ def sampling(table: pd.DataFrame, device_mbps: dict[str, float], tier: str) -> p
         ax.legend(title=None)
     fig.suptitle(f"Sampling from the posterior log on {tier}")
     fig.tight_layout()
+    return fig
+
+
+def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy, NLL and ECE per method as bars; `table` is indexed by method."""
+    _style()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, column in zip(axes, ("accuracy", "nll", "ece")):
+        sns.barplot(x=table.index, y=table[column], hue=table.index, palette=METHOD_COLOURS, saturation=1,
+                    legend=False, ax=ax)
+        ax.set(xlabel=None, ylabel=column if column == "accuracy" else column.upper())
+        if column == "accuracy":
+            ax.set_ylim(max(0.0, float(table[column].min()) - 0.05), 1.0)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def collection_cost(cost: pd.DataFrame) -> plt.Figure:
+    """Milliseconds per training step and per collect() of each run; columns run, train_step_s, collect_s."""
+    _style()
+    long = cost.melt(id_vars="run", value_vars=["train_step_s", "collect_s"], var_name="what", value_name="s")
+    long["ms"] = long.s * 1e3
+    long["what"] = long.what.map({"train_step_s": "training step", "collect_s": "swag.collect()"})
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.barplot(data=long, x="run", y="ms", hue="what", ax=ax)
+    ax.set(xlabel="run", ylabel="milliseconds", title="Cost of collection per training step")
+    ax.legend(title=None)
     return fig

@@ -25,7 +25,7 @@ from nvmlib import resources
 from nvmlib.errors import ConfigError, NvmlibError, ResourceError
 from nvmlib.progress import text_bars
 
-NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling")
+NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling", "any_model")
 
 # scale -> notebook -> parameters (each overrides the notebook's `parameters` cell)
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
@@ -40,6 +40,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                               "probe_bytes": 32 << 20},
         "sampling": {"model": "model_2conv2fc", "tier": "mmap", "rank": 20, "sample_counts": [1, 4],
                      "passes_up_to": 4, "probe_bytes": 32 << 20},
+        "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
+                      "samples": 4, "max_rank": 10, "collect_every": 2, "probe_bytes": 32 << 20},
     },
     # the whole reproduction on a laptop: 2 cores, 8 GB of RAM (peak RSS under 6 GB), 20 GB of disk,
     # MNIST in full, model_2fc (one iterate: 3.2 MB)
@@ -59,6 +61,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                               "angles": list(range(0, 181, 15)), "probe_bytes": 256 << 20},
         "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 16},
+        "any_model": {"limit": 10_000, "width": 16, "epochs": 6, "swag_epochs": 3, "runs": 3, "samples": 20,
+                      "max_rank": 20},
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
@@ -72,6 +76,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                               "replay_tier": "mmap", "replay_path": "/mnt/nvme0/nvmlib/replay"},
         "sampling": {"model": "model_4fc", "tier": "mmap", "rank": 6000, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 8, "posterior_path": "/mnt/nvme0/nvmlib/sampling"},
+        "any_model": {"limit": None, "width": 32, "epochs": 20, "swag_epochs": 10, "runs": 5, "samples": 30,
+                      "max_rank": 200, "posterior_path": "/mnt/nvme0/nvmlib/any_model"},
     },
 }
 

@@ -52,16 +52,17 @@ def one_after_another(needs: Iterable[Needs]) -> Needs:
 
 # ---- the pieces a notebook's needs are made of ----------------------------------------------------
 def n_params(model: str) -> int:
+    """Parameters of one of the paper's models (nvmlib.models)."""
     from nvmlib.models import make_model, n_params as count
 
     return count(make_model(model))
 
 
-def posterior_bytes(model: str, rows: int, dtype: str = "float32") -> int:
-    """Bytes of a posterior keeping `rows` iterates of `model` (SWAGPosterior.required_bytes)."""
+def posterior_bytes(n: int, rows: int, dtype: str = "float32") -> int:
+    """Bytes of a posterior keeping `rows` iterates of `n` parameters (SWAGPosterior.required_bytes)."""
     from nvmlib.swag import ALIGN, SWAGPosterior
 
-    return SWAGPosterior.required_bytes(n_params(model), rows, dtype, ALIGN)
+    return SWAGPosterior.required_bytes(n, rows, dtype, ALIGN)
 
 
 def kept_rows(p: Mapping[str, Any], epochs: int | None = None) -> int:
@@ -100,33 +101,45 @@ def probe(p: Mapping[str, Any]) -> Needs:
 
 # ---- each notebook's needs ------------------------------------------------------------------------
 def collect(p: Mapping[str, Any]) -> Needs:
-    post = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(p["model"], kept_rows(p)))
+    post = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), kept_rows(p)))
     run = post + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]))
     return one_after_another([run, probe(p)])
 
 
 def tier_runtime(p: Mapping[str, Any]) -> Needs:
-    size = posterior_bytes(p["model"], kept_rows(p, max(p["epochs"])))
+    size = posterior_bytes(n_params(p["model"]), kept_rows(p, max(p["epochs"])))
     tiers = [on_tier(tier, path, size) + Needs(memory=data_bytes(p)) for tier, path in p["tiers"].values()]
     return one_after_another([*tiers, probe(p)])
 
 
 def posterior_quality(p: Mapping[str, Any]) -> Needs:
-    log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(p["model"], kept_rows(p)))
-    replay = on_tier(p.get("replay_tier", "dram"), p.get("replay_path"), posterior_bytes(p["model"], max(p["ranks"])))
+    n = n_params(p["model"])
+    log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n, kept_rows(p)))
+    replay = on_tier(p.get("replay_tier", "dram"), p.get("replay_path"), posterior_bytes(n, max(p["ranks"])))
     run = log + replay + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]))
     return one_after_another([run, probe(p)])
 
 
 def sampling(p: Mapping[str, Any]) -> Needs:
-    log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(p["model"], p["rank"]))
+    log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), p["rank"]))
     run = log + Needs(memory=samples_bytes(p["model"], max(p["sample_counts"])))
     return one_after_another([run, probe(p)])
+
+
+def any_model(p: Mapping[str, Any]) -> Needs:
+    """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG (tier: the
+    notebook's mmap unless the preset says)."""
+    from nvmlib.any_model import convnet
+
+    n = sum(t.numel() for t in convnet(p["width"]).parameters())
+    posts = on_tier(p.get("tier", "mmap"), p.get("posterior_path"), p["runs"] * posterior_bytes(n, p["max_rank"]))
+    return one_after_another([posts + Needs(memory=data_bytes(p)), probe(p)])
 
 
 # notebook -> its needs from its parameters; a notebook adds its own function here
 NEEDS: dict[str, Callable[[Mapping[str, Any]], Needs]] = {
     "collect": collect, "tier_runtime": tier_runtime, "posterior_quality": posterior_quality, "sampling": sampling,
+    "any_model": any_model,
 }
 
 

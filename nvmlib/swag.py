@@ -172,7 +172,7 @@ class SWAGPosterior:
             raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
                                  f"parameters, not {n_params}: it belongs to another model "
                                  f"({meta.get('model') or 'unnamed'}); open the right path")
-        if model is not None and meta.get("model") not in (None, model):
+        if model is not None and (meta.get("model") or model).split("#")[0] != model:  # name#architecture
             raise PosteriorError(f"the posterior on {store.describe()} was made for model "
                                  f"{meta['model']!r}, not {model!r}; open the right path")
         if not readonly:
@@ -237,6 +237,11 @@ class SWAGPosterior:
             self._checkpoint()
             return True
         return False
+
+    def updates_to_checkpoint(self) -> int:
+        """How many more updates until one writes a checkpoint (1: the next one does)."""
+        self._settle()
+        return 1 if self._count == 0 else max(1, self.checkpoint_every - (self._count - self._ckpt_count))
 
     def _settle(self) -> None:
         """Wait for the row in flight; then count it, or undo its moments exactly if it failed."""

@@ -22,6 +22,7 @@ FIGURES = {
     "posterior_quality": ["posterior_quality-rank", "posterior_quality-rotated",
                           "posterior_quality-reliability", "posterior_quality-ood"],
     "sampling": ["sampling"],
+    "any_model": ["any_model-metrics", "any_model-reliability", "any_model-cost"],
 }
 
 
