@@ -238,7 +238,7 @@ def collection_cost(cost: pd.DataFrame) -> plt.Figure:
     long["ms"] = long.s * 1e3
     long["what"] = long.what.map({"train_step_s": "training step", "collect_s": "swag.collect()"})
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    sns.barplot(data=long, x="run", y="ms", hue="what", ax=ax)
+    sns.barplot(data=long, x="run", y="ms", hue="what", palette=["0.65", "0.3"], ax=ax)  # greys: not tiers
     ax.set(xlabel="run", ylabel="milliseconds", title="Cost of collection per training step")
     ax.legend(title=None)
     return fig

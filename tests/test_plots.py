@@ -58,6 +58,11 @@ FIGURES = {
         [{"S": s, "mode": m, "seconds": s ** p, "read_MBps": 400 / s ** (p - 1)}
          for s in (1, 2, 4, 8, 16, 32, 64) for m, p in (("one streamed pass", 0.1), ("S passes", 1.0))]),
         {"device": 450.0}, "mmap"),
+    "method_metrics": lambda: plots.method_metrics(pd.DataFrame(
+        {"accuracy": [0.90, 0.91, 0.92, 0.93], "nll": [0.3, 0.28, 0.26, 0.25], "ece": [0.05, 0.03, 0.02, 0.01]},
+        index=pd.Index(["SGD", "SWA", "SWAG", "MultiSWAG"], name="method")), "fashion test"),
+    "collection_cost": lambda: plots.collection_cost(pd.DataFrame(
+        {"run": [0, 1], "train_step_s": [0.30, 0.31], "collect_s": [0.010, 0.002]})),
 }
 
 
