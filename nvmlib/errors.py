@@ -35,3 +35,7 @@ class SnapshotError(PosteriorError):
 
 class InputError(NvmlibError, ValueError):
     """A value passed to nvmlib (an iterate, an argument) cannot be used; the message says why."""
+
+
+class ResourceError(NvmlibError):
+    """The machine has too little memory or disk for what was asked; the message says need and have."""

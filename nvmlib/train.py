@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from nvmlib.progress import tqdm
 
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
