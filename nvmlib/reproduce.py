@@ -43,7 +43,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
                       "samples": 4, "max_rank": 10, "collect_every": 2, "probe_bytes": 32 << 20},
         "cluster": {"model": "model_2conv2fc", "epochs": 1, "limit": 500, "max_rank": 5, "shard_mb": 1,
-                    "samples": 3, "worker_counts": [2], "test_limit": 300, "angles": [0, 90]},
+                    "samples": 3, "worker_counts": [1], "test_limit": 300, "angles": [0, 90]},
     },
     # the whole reproduction on a laptop: 2 cores, 8 GB of RAM (peak RSS under 6 GB), 20 GB of disk,
     # MNIST in full, model_2fc (one iterate: 3.2 MB)

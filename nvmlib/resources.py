@@ -20,6 +20,8 @@ GB = 1e9
 # a Jupyter kernel with torch, numpy, pandas and matplotlib imported and a small model trained:
 # 0.63-0.69 GB of peak RSS in this project's smoke runs (data included), rounded up
 KERNEL_BYTES = 1 << 30
+# a dask worker process with torch, zarr and nvmlib imported: 0.34 GB measured, plus a task's shards
+WORKER_BYTES = 600 << 20
 TRAIN_EXAMPLES, TEST_EXAMPLES, PIXELS = 60_000, 10_000, 28 * 28
 BATCH_SIZE = 100
 PROBE_BYTES = 1 << 30  # the notebooks' default probe_bytes
@@ -138,9 +140,9 @@ def any_model(p: Mapping[str, Any]) -> Needs:
 
 def cluster(p: Mapping[str, Any]) -> Needs:
     """A zarr posterior in scratch, the draws, and a LocalCluster of up to max(worker_counts)
-    worker processes, each a Python with torch like the kernel."""
+    worker processes."""
     log = on_tier("zarr", None, posterior_bytes(n_params(p["model"]), kept_rows(p)))
-    workers = max(p["worker_counts"]) * KERNEL_BYTES
+    workers = max(p["worker_counts"]) * WORKER_BYTES
     return log + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]) + workers)
 
 
