@@ -107,7 +107,7 @@ def test_pmem_tiers_with_pmem_is_pmem_force(tmp_path):
     env = {**os.environ, "PMEM_IS_PMEM_FORCE": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "pmem",
                           "tests/test_tiers.py", "tests/test_pmem.py", "tests/test_crash.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)  # ~500 s on a busy 2-core box
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "pmem-shm" in subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "--collect-only", "-k", "pmem-shm", "tests/test_tiers.py"],
