@@ -14,7 +14,6 @@ Usage: python benchmarks/bench_beyond_ram.py DIR [--ram-multiple 2] [-S 8] [--js
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench_swag import dd, dd_bandwidth
+from bench_swag import dd, dd_bandwidth, write_json
 from nvmlib import SWAG
 from nvmlib.any_model import resnet18
 from nvmlib.swag import LOG
@@ -115,9 +114,7 @@ def main() -> None:
           f"of the log ({dd_read_s:.1f} s); predict (sampling + BatchNorm + forward): {predict_s:.1f} s")
     print(f"peak RSS {rss / 1e9:.2f} GB; model footprint {footprint / 1e9:.2f} GB; "
           f"above it {(rss - footprint) / 1e9:.2f} GB (interpreter and libraries included)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

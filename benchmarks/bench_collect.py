@@ -13,7 +13,6 @@ Usage: python benchmarks/bench_collect.py [DIR] [-c GPU] [--batch 32] [--steps 4
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench_swag import dd_bandwidth
+from bench_swag import dd_bandwidth, write_json
 from nvmlib import SWAG
 from nvmlib.backends import available_tiers
 from nvmlib.any_model import resnet18
@@ -112,9 +111,7 @@ def main() -> None:
     for tier, r in results.items():
         print(f"{tier:6} {r['train_step_s'] * 1e3:9.1f} {r['collect_step_s'] * 1e3:12.1f} {r['overhead']:8.3f}x "
               f"{r['write_MBps']:11.0f} {r['vs_bound']:8.3f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,13 @@ def dd_bandwidth(directory: Path, mbytes: int = 2048) -> dict[str, float]:
     return {"dd_write_fresh_MBps": mb / fresh, "dd_write_over_MBps": mb / over, "dd_read_MBps": mb / read}
 
 
+def write_json(path: str | None, report: dict) -> None:
+    """The benchmark's figures as JSON at `path` (nothing when None)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
 def dd_read_file(path: Path) -> float:
     """Seconds `dd iflag=direct` takes to read `path` (the device's limit for one pass over it)."""
     return dd(f"if={path}", "of=/dev/null", "iflag=direct")
