@@ -166,6 +166,25 @@ def bma_predict(client: Any, model: nn.Module, thetas: np.ndarray, data: Sequenc
     return {name: s / len(thetas) for name, s in sums.items()}
 
 
+def _swag_predict(model: nn.Module, theta: np.ndarray, x: torch.Tensor, bn: torch.Tensor | None) -> np.ndarray:
+    """Run on a worker: one sampled model's probabilities on x, its BatchNorm refreshed on bn."""
+    from nvmlib.module import load, probabilities
+
+    model = load(copy.deepcopy(model), theta, bn, update_bn=bn is not None)  # tasks share the scattered model
+    return probabilities(model, x)
+
+
+def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Tensor,
+                 bn: torch.Tensor | None) -> np.ndarray:
+    """nvmlib.SWAG.predict's BMA with the sampled models spread over the client's workers."""
+    if not client.scheduler_info()["workers"]:
+        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2))")
+    model_future, x_future, bn_future = client.scatter([copy.deepcopy(model).cpu(), x, bn], broadcast=True)
+    tasks = [client.submit(_swag_predict, model_future, theta, x_future, bn_future, pure=False)
+             for theta in client.scatter(list(thetas))]
+    return _tree(client, tasks, _add) / len(thetas)
+
+
 # ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
     """A dask LocalCluster of `workers` processes of one thread each on 127.0.0.1, and its Client."""

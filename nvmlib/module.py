@@ -179,42 +179,16 @@ class SWAG:
         return self._work
 
     def _load(self, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool) -> nn.Module:
-        """The working model with parameters `theta` and, if it has BatchNorm, fresh statistics."""
-        model = self._working_model()
-        first = next(model.parameters())
-        with torch.no_grad():
-            nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(theta)).to(first.device, first.dtype),
-                                          model.parameters())
-        if update_bn and has_batchnorm(model):
-            self._check_bn(bn_loader, update_bn)
-            self._update_bn(model, bn_loader, first.device)
-        model.eval()
-        return model
+        """The working model with parameters `theta` and, if it has BatchNorm, fresh statistics;
+        a failed refresh drops the working copy (update_bn leaves its momenta unset then)."""
+        try:
+            return load(self._working_model(), theta, bn_loader, update_bn)
+        except BaseException:
+            self._work = None
+            raise
 
     def _check_bn(self, bn_loader: Loader | None, update_bn: bool) -> None:
-        if update_bn and bn_loader is None and has_batchnorm(self.model):
-            raise ConfigError("the model has BatchNorm layers, whose statistics belong to other weights: pass "
-                              "bn_loader=<training data> to recompute them for each sampled model, or "
-                              "update_bn=False to keep the stale statistics knowingly")
-
-    def _update_bn(self, model: nn.Module, loader: Loader, device: torch.device) -> None:
-        """torch.optim.swa_utils.update_bn over the loader's inputs, with shape errors in user terms.
-        update_bn leaves momenta unset when a forward pass fails, so the working copy is dropped then."""
-        last: list[torch.Tensor] = []
-
-        def inputs() -> Iterator[torch.Tensor]:
-            for x in batches(loader, device):
-                last[:] = [x]
-                yield x
-
-        try:
-            with torch.no_grad():
-                _update_bn(inputs(), model)
-        except BaseException as exc:
-            self._work = None
-            if isinstance(exc, RuntimeError) and last:
-                raise _forward_error(last[0], exc) from exc
-            raise
+        check_bn(self.model, bn_loader, update_bn)
 
     def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
         """S parameter vectors (S, n_params) float32 from one streamed pass over the log."""
@@ -236,8 +210,21 @@ class SWAG:
         return self._load(self.posterior.mean(), bn_loader, update_bn)
 
     def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int | None = 0, update_bn: bool = True) -> np.ndarray:
-        """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models."""
+                seed: int | None = 0, update_bn: bool = True, client: Any = None) -> np.ndarray:
+        """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models.
+
+        client: a dask.distributed Client; the S models' BatchNorm refreshes and predictions then run
+        on its workers (the loaders are gathered into tensors and sent once), and a posterior on the
+        zarr tier is also sampled there. The result equals the local one to float rounding."""
+        if client is not None:
+            from nvmlib.distributed import swag_predict
+
+            self._check_bn(bn_loader, update_bn)
+            _check_sampling(S, scale)
+            on_zarr = self.store.kind == "zarr"
+            thetas = self.posterior.sample(S, scale=scale, seed=seed, client=client if on_zarr else None)
+            return swag_predict(client, self._working_model(), thetas, gather(loader),
+                                gather(bn_loader) if update_bn and bn_loader is not None else None)
         total: np.ndarray | None = None
         for model in self.sample_models(S, bn_loader, scale, seed, update_bn):
             p = probabilities(model, loader)
@@ -264,6 +251,49 @@ class SWAG:
 
     def __repr__(self) -> str:
         return f"<SWAG of {type(self.model).__name__}: {self._post!r}>"
+
+
+def check_bn(model: nn.Module, bn_loader: Loader | None, update_bn: bool) -> None:
+    """Refuse to draw models with BatchNorm and no data to recompute its statistics on."""
+    if update_bn and bn_loader is None and has_batchnorm(model):
+        raise ConfigError("the model has BatchNorm layers, whose statistics belong to other weights: pass "
+                          "bn_loader=<training data> to recompute them for each sampled model, or "
+                          "update_bn=False to keep the stale statistics knowingly")
+
+
+def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool = True) -> nn.Module:
+    """`model` with parameters `theta`, in eval mode, its BatchNorm statistics recomputed on bn_loader
+    (torch.optim.swa_utils.update_bn) when it has BatchNorm and update_bn is set."""
+    first = next(model.parameters())
+    with torch.no_grad():
+        nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(theta)).to(first.device, first.dtype),
+                                      model.parameters())
+    if update_bn and has_batchnorm(model):
+        check_bn(model, bn_loader, update_bn)
+        last: list[torch.Tensor] = []
+
+        def inputs() -> Iterator[torch.Tensor]:
+            for x in batches(bn_loader, first.device):
+                last[:] = [x]
+                yield x
+
+        try:
+            with torch.no_grad():
+                _update_bn(inputs(), model)
+        except RuntimeError as exc:
+            if last:
+                raise _forward_error(last[0], exc) from exc
+            raise
+    model.eval()
+    return model
+
+
+def gather(loader: Loader) -> torch.Tensor:
+    """Every input of `loader` as one CPU tensor (to send to a cluster's workers once)."""
+    parts = list(batches(loader, torch.device("cpu")))
+    if not parts:
+        raise ValueError("the loader yielded no batches: pass a non-empty loader")
+    return torch.cat(parts)
 
 
 @torch.no_grad()

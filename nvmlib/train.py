@@ -10,6 +10,7 @@ written atomically beside it, so an interrupted run resumes to the same result (
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import os
@@ -23,10 +24,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from nvmlib.progress import tqdm
 
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
+from nvmlib.backends.files import write_atomically
 from nvmlib.data import Split, load
 from nvmlib.errors import ConfigError, StoreError
 from nvmlib.models import MODELS, make_model, n_params
@@ -298,19 +300,16 @@ def state_file(store: Store, results_filepath: str | Path | None = None) -> Path
 
 def _save_state(path: Path | None, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                 epoch: int, batch: int, updates: int, finished: bool) -> None:
-    """Write the train state atomically (tmp file, fsync, rename)."""
+    """Write the train state atomically (files.write_atomically); a full disk is a StoreError naming it."""
     if path is None:
         return
     state = {"format": STATE_FORMAT, "config": {k: getattr(config, k) for k in RESUME_KEYS},
              "epoch": epoch, "batch": batch, "updates": updates, "finished": finished,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomically(path, buf.getbuffer())
 
 
 def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:

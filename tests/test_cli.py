@@ -5,7 +5,7 @@ import re
 import pandas as pd
 import pytest
 
-from nvmlib.backends import open_store
+from nvmlib.backends import available_tiers, open_store
 from nvmlib.cli import build_parser, main
 from nvmlib.swag import SWAGPosterior
 
@@ -54,7 +54,6 @@ def test_train_then_evaluate_on_mmap(tmp_path, capsys, monkeypatch):
     (["train", "model_2fc", "-p", "/nonexistent/data"], "does not exist"),
     (["train", "model_2fc", "-c", "7"], "GPU 7"),
     (["train", "model_4fc", "-e", "10000000"], "needs .* GB"),
-    (["train", "model_2fc", "-f", "/mnt/pmem0", "-s", "10"], "pymm"),
     (["evaluate"], "dram posterior does not outlive"),
 ])
 def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys):
@@ -64,7 +63,38 @@ def test_bad_input_prints_one_line_and_exits_2(argv, match, capsys):
     assert re.search(match, err)
 
 
+def test_pymm_shelf_too_small_or_pymm_missing_exits_2(tmp_path, capsys):
+    pymm = available_tiers()["pymm"] == "ok"
+    assert main(["train", "model_2fc", "-f", str(tmp_path / "shelf"), "-s", "10", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nvmlib: error: ") and "Traceback" not in err
+    assert re.search("the shelf is 10 MB; pass -s 18[0-9][0-9]" if pymm else "pymm tier needs IBM PyMM", err)
+
+
 def test_unwritable_results_path_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["train", "model_2fc", "--results_filepath", str(tmp_path / "file" / "x.csv")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "model_2fc", "--dtype", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "model_2fc", "--dtype", "int32"], "invalid choice: 'int32'"),
+    (["train", "model_2fc", "-n", "-1"], "-n: -1 is out of range"),
+    (["train", "model_2fc", "-n", "nan"], "-n: nan is out of range"),
+    (["evaluate", "--posterior_path", "x", "-S", "0"], "-S: 0 is out of range"),
+    (["evaluate", "--posterior_path", "x", "--scale", "-1"], "--scale: -1 is out of range"),
+    (["evaluate", "--posterior_path", "x", "--scale", "nan"], "--scale: nan is out of range"),
+])
+def test_bad_arguments_are_one_line_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_divergence_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "model_2fc", "-e", "1", "--limit", "1000", "-n", "1e10",
+                 "--posterior_path", str(tmp_path / "p"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged: lower the learning rate" in err

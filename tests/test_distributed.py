@@ -171,3 +171,27 @@ def test_cli_evaluate_on_a_scheduler_gives_the_local_metrics(cluster, tmp_path):
         for key, value in a.items():
             if not isinstance(value, str):
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("tier", ["zarr", "mmap"])
+def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
+    """nvmlib.SWAG.predict(client=...): BatchNorm refresh and prediction on the workers (and, on the
+    zarr tier, the sampling pass too) give the local BMA."""
+    import torch
+
+    from nvmlib import SWAG
+    from nvmlib.any_model import convnet
+
+    client = scaled(cluster, 2)
+    torch.manual_seed(0)
+    model = convnet(4)
+    x = torch.randn(40, 1, 28, 28)
+    with SWAG(model, tier, tmp_path / "p", max_rank=5) as swag:
+        for _ in range(7):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            swag.collect()
+        local = swag.predict(x, S=4, bn_loader=x[:20], seed=3)
+        there = swag.predict(x, S=4, bn_loader=x[:20], seed=3, client=client)
+    np.testing.assert_allclose(there, local, rtol=0, atol=1e-5)

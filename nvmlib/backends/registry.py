@@ -14,8 +14,9 @@ TIERS: dict[str, tuple[str, str]] = {
     "pmem": ("nvmlib.backends.pmem:PmemStore",
              "install PMDK's libpmem: `apt-get install libpmem1` (Debian/Ubuntu) or `dnf install libpmem`"),
     "pymm": ("nvmlib.backends.pymm:PymmStore",
-             "build IBM PyMM (github.com/IBM/mcas, `--with-pymm`) and put it on PYTHONPATH; "
-             "the PyPI package named 'pymm' is unrelated, do not install it"),
+             "build IBM's standalone PyMM (github.com/IBM/pymm, commit a506739) into this Python "
+             "environment, as README.md's 'PyMM' section shows; the PyPI package named 'pymm' is "
+             "unrelated, do not install it"),
     "zarr": ("nvmlib.backends.zarr:ZarrStore", "pip install 'nvmlib[zarr]'"),
 }
 

@@ -10,6 +10,10 @@ first to a side array `<name>.open` (one object per row) and a record `<name>.st
 shard is complete it is written to the log in one piece; the side array is reused for the next
 shard only after that, and the record is rewritten before any of its rows are. So an interrupted
 write never makes the store unreadable, and every row written so far stays readable.
+
+zarr writes each object to a temporary file and renames it into place; in a local directory
+`persist` makes the objects written since the last persist and the directories above them
+durable (fsync), in that order.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
 from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, prepare_dir
+from nvmlib.backends.files import disk_free, fsync_dir, prepare_dir
 from nvmlib.errors import LockedError, StoreError
 
 LOG_SUFFIX = ".log"
@@ -77,6 +81,8 @@ class ZarrStore(Store):
         self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
+        self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
+        self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
@@ -88,6 +94,7 @@ class ZarrStore(Store):
             chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
             self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
                                     compressors=None, fill_value=0)
+            self._sync_new(name)
             return
         rows, cols = shape
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
@@ -95,8 +102,11 @@ class ZarrStore(Store):
                                 compressors=None, fill_value=0)
         self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0)
         self.group[name + STATE][:] = NO_SHARD
+        self._mark(name + STATE, 0, 1)
         self.group.create_array(name, shape=(rows, cols), dtype=dtype, chunks=(inner, cols),
                                 shards=(shard, cols), compressors=None, fill_value=0)
+        for key in (name + OPEN, name + STATE, name):
+            self._sync_new(key)
 
     @staticmethod
     def _is_log(name: str, shape: tuple[int, ...]) -> bool:
@@ -109,6 +119,9 @@ class ZarrStore(Store):
             except KeyError:
                 raise StoreError(f"{self.url} holds no array {name!r}") from None
         return self._arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return (name in self._arrays and not name.endswith((OPEN, STATE))) or name in self.names()
 
     def names(self) -> list[str]:
         with warnings.catch_warnings():  # zarr warns of objects that are no arrays: the writer's marker (see lock), a train state
@@ -125,11 +138,14 @@ class ZarrStore(Store):
     def delete(self, name: str) -> None:
         for key in (name, name + OPEN, name + STATE):
             self._arrays.pop(key, None)
+            self._dirty.pop(key, None)
             if key in self.group:
                 del self.group[key]
         for cache in (self._open, self._written):
             cache.pop(name, None)
         self._flushed.discard(name)
+        if self.local:
+            fsync_dir(self.path)
 
     def shard_rows(self, name: str) -> int:
         """Rows per shard of log `name` (1 for arrays that are not sharded logs)."""
@@ -143,7 +159,8 @@ class ZarrStore(Store):
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         if self.array(name).shards is None:
-            return super().write_rows(name, start, rows)
+            super().write_rows(name, start, rows)
+            return self._mark(name, start, start + len(rows))
         self._check_writable()
         if start < 0 or start + len(rows) > self.array(name).shape[0]:
             raise StoreError(f"rows {start}..{start + len(rows)} are outside {name!r} of "
@@ -166,6 +183,7 @@ class ZarrStore(Store):
             self._load(name, lo, hi)
         self._open[name][i] = row
         self.array(name + OPEN)[i:i + 1] = row[None]
+        self._mark(name + OPEN, i, i + 1)
         self._flushed.discard(name)
         self._set_state(name, shard, lo, max(hi, i + 1))
         if lo == 0 and max(hi, i + 1) == min(R, log.shape[0] - shard * R):  # complete: write it whole
@@ -173,6 +191,7 @@ class ZarrStore(Store):
 
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
         self.array(name + STATE)[:] = (shard, lo, hi)
+        self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
 
     def _load(self, name: str, lo: int, hi: int) -> None:
@@ -189,6 +208,7 @@ class ZarrStore(Store):
             self._load(name, lo, hi)
         R = self.shard_rows(name)
         self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
+        self._mark(name, shard * R + lo, shard * R + hi)
         self._flushed.add(name)
 
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -206,6 +226,49 @@ class ZarrStore(Store):
             if self._state(name)[0] == shard:
                 return out
         raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
+
+    # ---- durability ---------------------------------------------------------------------
+    def _mark(self, key: str, start: int, stop: int) -> None:
+        """Remember the objects (chunks, or shards) rows start..stop−1 of array `key` live in."""
+        if not self.local or stop <= start:
+            return
+        grid = self.array(key).metadata.chunk_grid.chunk_shape  # shards, when the array is sharded
+        rest = (0,) * (len(grid) - 1)
+        self._dirty.setdefault(key, set()).update((i,) + rest for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
+
+    def persist(self, name: str) -> None:
+        """fsync the objects written to `name` (a log: its side array and record too) since the last
+        persist, then their directories, deepest first."""
+        dirs: set[Path] = set()
+        for key in (name + OPEN, name + STATE, name):
+            coords = self._dirty.pop(key, set())
+            if not coords:
+                continue
+            meta = self.array(key).metadata
+            for c in coords:
+                file = self.path / key / meta.encode_chunk_key(c)
+                if file.exists():
+                    _fsync_file(file)
+                dirs.add(file.parent)  # zarr renamed the object into it
+                for d in file.parent.parents:  # and made any directory above it it lacked: once each
+                    if d in self._synced or not d.is_relative_to(self.path):
+                        break
+                    dirs.add(d)
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # each entry before its parent's
+            if d.is_dir():
+                fsync_dir(d)
+        self._synced.update(dirs)
+
+    def _sync_new(self, key: str) -> None:
+        """fsync a new array's metadata and every directory from its own up to the store's parent."""
+        if not self.local:
+            return
+        file = self.path / key / "zarr.json"
+        _fsync_file(file)
+        for d in file.parents:
+            fsync_dir(d)
+            if d == self.path.parent:
+                break
 
     # ---- the rest of the protocol --------------------------------------------------------
     def free_bytes(self) -> int | None:
@@ -255,3 +318,11 @@ class ZarrStore(Store):
         self._open.clear()
         self._written.clear()
         super().close()
+
+
+def _fsync_file(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
