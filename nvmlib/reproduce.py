@@ -43,7 +43,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
                       "samples": 4, "max_rank": 10, "collect_every": 2, "probe_bytes": 32 << 20},
         "cluster": {"model": "model_2conv2fc", "epochs": 1, "limit": 500, "max_rank": 5, "shard_mb": 1,
-                    "samples": 3, "worker_counts": [1], "test_limit": 300, "angles": [0, 90]},
+                    "samples": 3, "worker_counts": [1], "test_limit": 300, "angles": [0, 90], "probe_bytes": 32 << 20},
     },
     # the whole reproduction on a laptop: 2 cores, 8 GB of RAM (peak RSS under 6 GB), 20 GB of disk,
     # MNIST in full, model_2fc (one iterate: 3.2 MB)
@@ -63,10 +63,10 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                               "angles": list(range(0, 181, 15)), "probe_bytes": 256 << 20},
         "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 16},
-        "any_model": {"limit": 10_000, "width": 16, "epochs": 6, "swag_epochs": 3, "runs": 3, "samples": 20,
-                      "max_rank": 20},
+        "any_model": {"limit": 5000, "test_limit": 5000, "width": 8, "epochs": 6, "swag_epochs": 3, "runs": 3,
+                      "samples": 10, "max_rank": 20},
         "cluster": {"model": "model_2fc", "epochs": 1, "limit": None, "max_rank": 300, "shard_mb": 128,
-                    "samples": 30, "worker_counts": [1, 2], "test_limit": None, "angles": [0, 90]},
+                    "samples": 20, "worker_counts": [1, 2], "test_limit": 2000, "angles": [0, 90]},
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,

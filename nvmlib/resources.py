@@ -143,7 +143,8 @@ def cluster(p: Mapping[str, Any]) -> Needs:
     worker processes."""
     log = on_tier("zarr", None, posterior_bytes(n_params(p["model"]), kept_rows(p)))
     workers = max(p["worker_counts"]) * WORKER_BYTES
-    return log + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]) + workers)
+    return one_after_another([log + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]) + workers),
+                              probe(p)])
 
 
 # notebook -> its needs from its parameters; a notebook adds its own function here
