@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 SCALE  ?= default
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+# jupyter refuses to start as root without --allow-root (containers, cloud VMs)
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.nvmlib-installed
 
@@ -22,8 +26,11 @@ test: $(READY)
 reproduce: $(READY)
 	$(BIN)/nvmlib reproduce --scale $(SCALE)
 
+# the notebooks folder opens in the lab's file browser; a browser window only where there is a display
 lab: $(READY)
-	$(BIN)/jupyter lab notebooks/
+	@echo "make lab: JupyterLab serves this checkout; open the http://$(LAB_IP):... URL with its token printed below (Ctrl-C stops it)"
+	$(BIN)/jupyter lab --ServerApp.root_dir=. --ip=$(LAB_IP) --port=$(LAB_PORT) $(ROOT_FLAG) \
+		$(if $(DISPLAY),,--no-browser) --LabApp.default_url=/lab/tree/notebooks
 
 bench: $(READY)
 	$(BIN)/python benchmarks/bench_swag.py $(BENCH_DIR)

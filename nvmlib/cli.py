@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,21 @@ from typing import Callable
 
 from nvmlib import probe, reproduce
 from nvmlib.errors import ConfigError, DataError, NvmlibError
+from nvmlib.swag import FLOAT_DTYPES
+
+
+def _number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to pass."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}; "
+                                             f"pass {what}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; pass {what}")
+        return value
+    return parse
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:
@@ -39,8 +55,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _tier_args(p)
     p.add_argument("-e", dest="epochs", type=int, default=1, help="epochs (default 1)")
     p.add_argument("-b", dest="batch_size", type=int, default=100, help="batch size (default 100)")
-    p.add_argument("-n", dest="lr", type=float, default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("-m", dest="momentum", type=float, default=0.0, help="momentum (default 0)")
+    p.add_argument("-n", dest="lr", type=_number(float, 0, "a learning rate > 0 (e.g. 1e-4)", strict=True),
+                   default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("-m", dest="momentum", type=_number(float, 0, "a momentum >= 0 (e.g. 0.9)"), default=0.0,
+                   help="momentum (default 0)")
     p.add_argument("-r", dest="record_every", type=int, default=1, help="record every r-th minibatch (1)")
     p.add_argument("-K", dest="max_rank", type=int, help="posterior size: iterates kept (default: all)")
     p.add_argument("-s", dest="shelf_size_mb", type=int, help="shelf size in MB (shelf tiers)")
@@ -49,7 +67,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use only the first N training examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--swag_start", type=int, default=0, help="epochs of SGD before recording (default 0)")
-    p.add_argument("--dtype", default="float32", help="precision of the stored iterates")
+    p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES, help="precision of the stored iterates")
     p.add_argument("--checkpoint_every", type=int, default=100, help="updates between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a posterior already at the path")
@@ -77,8 +95,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a trained run's posterior (a persistent tier) on MNIST, "
                                    "rotated MNIST and Fashion-MNIST (OOD).")
     _tier_args(p)
-    p.add_argument("-S", dest="samples", type=int, default=30, help="posterior samples (default 30)")
-    p.add_argument("--scale", type=float, default=0.5, help="SWAG covariance scale (default 0.5)")
+    p.add_argument("-S", dest="samples", type=_number(int, 1, "at least 1 sample (e.g. -S 30)"), default=30,
+                   help="posterior samples (default 30)")
+    p.add_argument("--scale", type=_number(float, 0, "a covariance scale >= 0 (0.5 is SWAG's)"), default=0.5,
+                   help="SWAG covariance scale (default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--angles", type=float, nargs="*", default=None, help="rotations in degrees (0 15 ... 180)")
     p.add_argument("--fashion_path", help="directory of Fashion-MNIST idx files (default: Debian's); "
@@ -86,6 +106,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train_results", help="the training run's --results_filepath: finds its train state "
                    "when the tier's path is not a directory (devdax device, shelf, zarr URL)")
     p.add_argument("--results_filepath", help="JSON file to write the metrics to")
+    p.add_argument("--limit", type=int, help="use only the first N test (and OOD) examples")
+    p.add_argument("--scheduler", help="a dask scheduler's address (tcp://host:8786): sample and predict on "
+                   "its workers, which must see the (zarr) posterior's path")
     p.set_defaults(run=run_evaluate)
 
 
@@ -102,27 +125,43 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     if args.results_filepath:
         check_writable(Path(args.results_filepath))
     device = resolve_device(args.gpu)
-    test = load("mnist", "test", args.data_path)
+    test = load("mnist", "test", args.data_path, limit=args.limit)
     try:
-        ood = load("fashion", "test", args.fashion_path)
+        ood = load("fashion", "test", args.fashion_path, limit=args.limit)
     except DataError as exc:
         if args.fashion_path:
             raise
         print(f"nvmlib: note: no OOD evaluation: {exc}", file=sys.stderr)
         ood = None
+    client = _client(args.scheduler) if args.scheduler else None
     post, model, store = reopen(backend, path, device, results_filepath=args.train_results)
     try:
         result = evaluate(model, post, test, ood, args.samples, args.scale, args.seed,
-                          ANGLES if args.angles is None else args.angles)
+                          ANGLES if args.angles is None else args.angles, client=client)
     finally:
         post.close()
         store.close()
+        if client is not None:
+            client.close()
     print(result.table().to_string(float_format="%.4f"))
     if ood is not None:
         print(result.ood.to_string(index=False, float_format="%.4f"))
     if args.results_filepath:
         Path(args.results_filepath).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
+
+
+def _client(address: str):
+    """A dask.distributed.Client connected to the scheduler at `address`, or a ConfigError."""
+    try:
+        from dask.distributed import Client
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"--scheduler needs {exc.name!r}: pip install 'nvmlib[zarr]'") from exc
+    try:
+        return Client(address, timeout=10)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
+                          "dask-jobqueue, SSHCluster) and pass its address") from exc
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (

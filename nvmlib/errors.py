@@ -27,3 +27,15 @@ class ConfigError(NvmlibError):
 
 class DataError(NvmlibError):
     """A data set is missing, damaged, or not the one expected; the message says how to get it."""
+
+
+class SnapshotError(PosteriorError):
+    """A reader's snapshot was overtaken: the writer has since overwritten rows it holds."""
+
+
+class InputError(NvmlibError, ValueError):
+    """A value passed to nvmlib (an iterate, an argument) cannot be used; the message says why."""
+
+
+class ResourceError(NvmlibError):
+    """The machine has too little memory or disk for what was asked; the message says need and have."""

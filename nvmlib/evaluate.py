@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -120,22 +120,36 @@ class Evaluation:
                 "metrics": self.metrics.to_dict(orient="records"), "ood": self.ood.to_dict(orient="records")}
 
 
+def inputs(test: Split, ood: Split | None, angles: Iterable[float]) -> dict[str, torch.Tensor]:
+    """The evaluation's input sets (CPU): `test` rotated by each nonzero angle, `test`, and `ood`."""
+    sets = {f"rotated {a}": rotate(test, a) for a in angles if a != 0}
+    sets["mnist"] = test.tensors("cpu")[0]
+    if ood is not None:
+        sets["ood"] = ood.tensors("cpu")[0]
+    return sets
+
+
 def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split | None = None,
              samples: int = 30, scale: float = 0.5, seed: int = 0,
-             angles: Iterable[float] = ANGLES) -> Evaluation:
+             angles: Iterable[float] = ANGLES, client: Any = None) -> Evaluation:
     """SGD (the model's current parameters), SWA (posterior mean) and SWAG (BMA over `samples`
-    draws) on `test`, on `test` rotated by each angle, and OOD AUROC against `ood`."""
+    draws) on `test`, on `test` rotated by each angle, and OOD AUROC against `ood`.
+
+    client: a dask.distributed.Client: the SWAG draws are sampled and their predictions made on its
+    workers (nvmlib.distributed); the same metrics as without one.
+    """
     device = next(model.parameters()).device
-    inputs = {f"rotated {a}": rotate(test, a) for a in angles if a != 0}
-    inputs["mnist"] = test.tensors("cpu")[0]
-    if ood is not None:
-        inputs["ood"] = ood.tensors("cpu")[0]
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    angles = list(angles)
+    sets = {k: v.to(device) for k, v in inputs(test, ood, angles).items()}
     thetas = {"SGD": [get_flat(model).cpu().numpy()], "SWA": [posterior.mean()],
-              "SWAG": posterior.sample(samples, scale=scale, seed=seed)}
+              "SWAG": posterior.sample(samples, scale=scale, seed=seed, client=client)}
     rows, ood_rows = [], []
     for method in METHODS:
-        probs = bma_predict(model, thetas[method], inputs)
+        if client is not None and method == "SWAG":
+            from nvmlib import distributed
+            probs = distributed.bma_predict(client, model, thetas[method], (test, ood, angles))
+        else:
+            probs = bma_predict(model, thetas[method], sets)
         for name, p in probs.items():
             if name == "ood":
                 continue

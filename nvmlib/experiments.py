@@ -2,7 +2,8 @@
 
 tier_runtime   train once per tier for max(epochs) epochs; the ratio at E epochs uses the first E
                (an E-epoch run does the same work up to there; the log is reserved for the run).
-quality        train once, then replay the log into a growing posterior and evaluate it at each K.
+quality        train once, then replay the log into a growing posterior and evaluate it at each K
+               (rotated MNIST only at the largest K, the one its figure shows).
 sampling       S samples in one streamed pass over the log versus S single-sample passes.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from nvmlib.backends import Store, available_tiers, open_store
 from nvmlib.data import Split
 from nvmlib.evaluate import ANGLES, METHODS, bma_predict, entropy, evaluate
 from nvmlib.models import make_model, n_params, set_flat
+from nvmlib.progress import tqdm
 from nvmlib.swag import SWAGPosterior
 from nvmlib.train import TrainConfig, TrainResult, machine_facts, train, versions
 
@@ -179,16 +181,18 @@ def quality(result: TrainResult, ranks: Sequence[int], test: Split, ood: Split, 
             replay: Store, scale: float = 0.5, seed: int = 0, angles: Sequence[float] = ANGLES
             ) -> dict[str, pd.DataFrame]:
     """Evaluate SGD (iterate K), SWA and SWAG (first K iterates, replayed onto `replay`) at each K;
-    at the largest K also the reliability bins and the OOD entropies.
+    at the largest K also rotated MNIST at `angles`, the reliability bins and the OOD entropies.
     Tables: metrics, ood, reliability, entropy."""
     ranks = sorted({k for k in ranks if 2 <= k <= result.posterior.n_collected})
     if not ranks:
         raise ValueError(f"no K in 2..{result.posterior.n_collected} (the iterates collected) was asked for")
     model = make_model(result.record["config"]["model"]).to(next(result.model.parameters()).device)
     metrics, aurocs, reliability, scores = [], [], [], []
-    for k, posterior, theta in growing(result.posterior, ranks, replay):
+    steps = tqdm(growing(result.posterior, ranks, replay), total=len(ranks), desc="evaluating posteriors", unit="K")
+    for k, posterior, theta in steps:
         set_flat(model, theta)
-        ev = evaluate(model, posterior, test, ood, samples=samples, scale=scale, seed=seed, angles=angles)
+        ev = evaluate(model, posterior, test, ood, samples=samples, scale=scale, seed=seed,
+                      angles=angles if k == ranks[-1] else [0])
         metrics.append(ev.metrics.assign(K=k))
         aurocs.append(ev.ood.assign(K=k))
         if k < ranks[-1]:
@@ -224,7 +228,7 @@ def sampling(model: str, backend: str, path: str | None, scratch_dir: str | Path
             post.flush()
             post.sample(1, seed=seed)
             log_bytes = rank * n * post.dtype.itemsize
-            for s in sample_counts:
+            for s in tqdm(sample_counts, desc=f"sampling on {backend}", unit="S"):
                 for mode, passes in (("one streamed pass", 1), ("S passes", s)):
                     if passes > 1 and s > passes_up_to:
                         continue

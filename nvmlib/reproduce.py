@@ -2,13 +2,18 @@
 
 Executed copies go to results/<notebook>.ipynb beside the JSON record each notebook writes
 (results/<notebook>.json); figures go to figures/ as PNG and PDF; results/reproduce.json
-records the scale and how long each notebook took, results/tier_ratios.md the tier ratios
-(epoch time and, in parentheses, total time relative to DRAM) as a markdown table.
+records the scale, how long each notebook took and the peak resident memory of the run (its
+kernels included), results/tier_ratios.md the tier ratios (epoch time and, in parentheses, total
+time relative to DRAM) as a markdown table.
+
+Before any work the run's peak memory and disk are computed from the preset (nvmlib.resources)
+and the run refuses at once when this machine cannot hold them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -16,27 +21,38 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nvmlib.errors import ConfigError, NvmlibError
+from nvmlib import resources
+from nvmlib.errors import ConfigError, NvmlibError, ResourceError
+from nvmlib.progress import text_bars
 
-NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling")
+NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling", "any_model", "cluster")
 
 # scale -> notebook -> parameters (each overrides the notebook's `parameters` cell)
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {  # seconds: for the tests
         "collect": {"model": "model_2conv2fc", "tier": "mmap", "epochs": 2, "max_rank": None, "limit": 500,
-                    "test_limit": 500, "samples": 3},
-        "tier_runtime": {"model": "model_2conv2fc", "epochs": [1, 2], "limit": 500,
+                    "test_limit": 500, "samples": 3, "probe_bytes": 32 << 20},
+        "tier_runtime": {"model": "model_2conv2fc", "epochs": [1, 2], "max_rank": None, "limit": 500,
                          "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]},
                          "probe_bytes": 32 << 20},
         "posterior_quality": {"model": "model_2conv2fc", "tier": "mmap", "epochs": 1, "lr": 0.01, "limit": 500,
-                              "ranks": [2, 4, 6], "samples": 3, "test_limit": 300, "angles": [0, 90, 180]},
+                              "ranks": [2, 4, 6], "samples": 3, "test_limit": 300, "angles": [0, 90, 180],
+                              "probe_bytes": 32 << 20},
         "sampling": {"model": "model_2conv2fc", "tier": "mmap", "rank": 20, "sample_counts": [1, 4],
                      "passes_up_to": 4, "probe_bytes": 32 << 20},
+        "any_model": {"limit": 1000, "test_limit": 1000, "width": 8, "epochs": 2, "swag_epochs": 2, "runs": 2,
+                      "samples": 4, "max_rank": 10, "collect_every": 2, "probe_bytes": 32 << 20},
+        "cluster": {"model": "model_2conv2fc", "epochs": 1, "limit": 500, "max_rank": 5, "shard_mb": 1,
+                    "samples": 3, "worker_counts": [2], "test_limit": 300, "angles": [0, 90]},
     },
-    "default": {  # the whole reproduction on a 2-core machine, MNIST in full, model_2fc
+    # the whole reproduction on a laptop: 2 cores, 8 GB of RAM (peak RSS under 6 GB), 20 GB of disk,
+    # MNIST in full, model_2fc (one iterate: 3.2 MB)
+    "default": {
         "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 200, "limit": None,
-                    "test_limit": None, "samples": 20},
-        "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4, 5, 6], "limit": None,
+                    "test_limit": None, "samples": 20, "probe_bytes": 256 << 20},
+        # each tier keeps the last 1000 iterates (a ring: one row written per update as with K = all,
+        # 3.2 GB on the DRAM tier instead of the 11.5 GB of every iterate of 6 epochs)
+        "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4, 5, 6], "max_rank": 1000, "limit": None,
                          "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]}},
         # SWAG as it is meant to be run: 3 epochs of SGD with momentum, then 3 epochs recording every
         # 10th minibatch (181 iterates); the paper's protocol (recording from the first minibatch) is
@@ -44,14 +60,18 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 6, "swag_start": 3, "lr": 0.05,
                               "momentum": 0.9, "record_every": 10, "limit": None,
                               "ranks": [2, 5, 10, 20, 50, 100, 181], "samples": 30, "test_limit": 5000,
-                              "angles": list(range(0, 181, 15))},
+                              "angles": list(range(0, 181, 15)), "probe_bytes": 256 << 20},
         "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 16},
+        "any_model": {"limit": 10_000, "width": 16, "epochs": 6, "swag_epochs": 3, "runs": 3, "samples": 20,
+                      "max_rank": 20},
+        "cluster": {"model": "model_2fc", "epochs": 1, "limit": None, "max_rank": 300, "shard_mb": 128,
+                    "samples": 30, "worker_counts": [1, 2], "test_limit": None, "angles": [0, 90]},
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
                     "test_limit": None, "samples": 30, "gpu": 0, "posterior_path": "/mnt/nvme0/nvmlib/collect"},
-        "tier_runtime": {"model": "model_4fc", "epochs": [1, 25, 50, 75], "limit": None, "gpu": 0,
+        "tier_runtime": {"model": "model_4fc", "epochs": [1, 25, 50, 75], "max_rank": None, "limit": None, "gpu": 0,
                          "tiers": {"dram": ["dram", None], "fs-dax": ["pmem", "/mnt/pmem0/nvmlib"],
                                    "dev-dax": ["pmem", "/dev/dax0.0"], "memmap": ["mmap", "/mnt/nvme0/nvmlib"]}},
         "posterior_quality": {"model": "model_4fc", "tier": "mmap", "epochs": 10, "lr": 1e-4, "limit": None, "gpu": 0,
@@ -60,6 +80,10 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                               "replay_tier": "mmap", "replay_path": "/mnt/nvme0/nvmlib/replay"},
         "sampling": {"model": "model_4fc", "tier": "mmap", "rank": 6000, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 8, "posterior_path": "/mnt/nvme0/nvmlib/sampling"},
+        "any_model": {"limit": None, "width": 32, "epochs": 20, "swag_epochs": 10, "runs": 5, "samples": 30,
+                      "max_rank": 200, "posterior_path": "/mnt/nvme0/nvmlib/any_model"},
+        "cluster": {"model": "model_4fc", "epochs": 2, "limit": None, "max_rank": 1200, "shard_mb": 256,
+                    "samples": 30, "worker_counts": [1, 2, 4, 8], "test_limit": None, "angles": list(range(0, 181, 15))},
     },
 }
 
@@ -70,7 +94,7 @@ def parameters(scale: str, notebook: str, results_dir: Path, figures_dir: Path, 
         raise ConfigError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     if notebook not in NOTEBOOKS:
         raise ConfigError(f"unknown notebook {notebook!r}; choose from {', '.join(NOTEBOOKS)}")
-    return {**SCALES[scale][notebook], "seed": seed, "results_dir": str(results_dir.resolve()),
+    return {**SCALES[scale][notebook], "preset": scale, "seed": seed, "results_dir": str(results_dir.resolve()),
             "figures_dir": str(figures_dir.resolve()), "scratch_dir": str((results_dir / "scratch").resolve())}
 
 
@@ -90,31 +114,69 @@ def check_kernel(kernel_name: str) -> None:
                          f"run `{sys.executable} -m ipykernel install --sys-prefix` or pass --kernel NAME")
 
 
+def peak_rss_bytes() -> int:
+    """The largest resident set of this process and of its children that ended (the kernels). Linux
+    starts a process' peak at the resident set of the one that forked it: run from a shell, this is
+    the run's own."""
+    kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kb * 1024  # Linux counts kilobytes
+
+
+def plan_run(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | None = None, seed: int = 0
+             ) -> tuple[dict[str, dict[str, Any]], resources.Plan]:
+    """The parameters of each notebook to run and what the run needs at its peak."""
+    plan = {name: parameters(scale, name, results_dir, figures_dir, seed) for name in only or NOTEBOOKS}
+    return plan, resources.plan(plan, results_dir / "scratch")
+
+
+def check_fits(scale: str, needs: resources.Plan, results_dir: Path, figures_dir: Path,
+               only: list[str] | None = None) -> None:
+    """ResourceError naming need versus have, and the presets that would fit, when this machine cannot
+    hold the run of `scale`."""
+    machine = resources.Machine.here()
+    short = needs.shortfalls(machine)
+    if short:
+        fits = [s for s in SCALES if s != scale and not plan_run(s, results_dir, figures_dir, only)[1].shortfalls(machine)]
+        hint = f"--scale {' or '.join(fits)} fits here" if fits else "no preset fits here"
+        raise ResourceError(f"the {scale} preset cannot run on this machine: {'; '.join(short)}. "
+                            f"Free memory or disk, or run a smaller preset ({hint})")
+
+
 def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", results_dir: str | Path = "results",
               figures_dir: str | Path = "figures", only: list[str] | None = None, kernel_name: str = "python3",
               seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Execute the notebooks at `scale`; returns seconds per notebook. Raises on the first that fails
-    (papermill's PapermillExecutionError; the executed copy shows where)."""
+    """Execute the notebooks at `scale`; returns seconds per notebook. Raises ResourceError at once when
+    this machine cannot hold the run, and on the first notebook that fails (papermill's
+    PapermillExecutionError; the executed copy shows where)."""
     import papermill as pm
 
-    check_kernel(kernel_name)
     notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
-    plan = {name: parameters(scale, name, results_dir, figures_dir, seed) for name in only or NOTEBOOKS}
+    plan, needs = plan_run(scale, results_dir, figures_dir, only, seed)
+    check_fits(scale, needs, results_dir, figures_dir, only)
+    check_kernel(kernel_name)
     results_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    peaks: dict[str, int] = {}
     bar = tqdm(plan, desc=f"reproduce ({scale})", unit="notebook", disable=not progress)
+    bar.write(f"the {scale} preset {needs.summary()}")
     start = time.perf_counter()
     for name in bar:
         bar.set_postfix_str(name)
         t = time.perf_counter()
-        pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb", parameters=plan[name],
-                            kernel_name=kernel_name, cwd=str(notebooks_dir), progress_bar=False)
+        with text_bars():  # the kernels' bars: text, whose last line the executed copy keeps
+            pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb",
+                                parameters=plan[name], kernel_name=kernel_name, cwd=str(notebooks_dir),
+                                progress_bar=False, coalesce_streams=True)
         seconds[name] = time.perf_counter() - t
+        peaks[name] = peak_rss_bytes()
         bar.write(f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, {results_dir / name}.ipynb")
     if "tier_runtime" in plan:
         record = json.loads((results_dir / "tier_runtime.json").read_text())
         (results_dir / "tier_ratios.md").write_text(ratio_markdown(record))
     summary = {"scale": scale, "seconds": seconds, "total_s": time.perf_counter() - start,
+               "peak_rss_bytes": peak_rss_bytes(), "peak_rss_bytes_after": peaks,
+               "estimated_bytes": {name: {"memory": n.memory, "scratch": n.scratch, "kept": dict(n.kept)}
+                                   for name, n in needs.by_notebook.items()},
                "figures": sorted(p.name for p in figures_dir.glob("*.png"))}
     (results_dir / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
     return seconds
@@ -139,7 +201,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("reproduce", help="regenerate the paper's figures from the notebooks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="default",
-                   help="smoke: seconds; default: the whole reproduction here (<= 30 min); "
+                   help="smoke: a minute; default: the whole reproduction on a laptop (2 cores, 8 GB of RAM, "
+                        "20 GB of disk: about 10 min); "
                         "paper: model_4fc and 1/25/50/75 epochs on a server (set the tier paths)")
     p.add_argument("--notebook", action="append", choices=list(NOTEBOOKS), dest="only",
                    help="run only this notebook (repeatable)")
@@ -148,6 +211,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--figures-dir", default="figures")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (must run this Python)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check", action="store_true",
+                   help="only say what the run needs (memory, disk) and whether this machine has it")
     p.set_defaults(run=run)
 
 
@@ -156,6 +221,12 @@ def run(args: argparse.Namespace, script_start: float | None = None) -> int:
     calling convention, unused)."""
     import papermill as pm
 
+    if args.check:
+        results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
+        needs = plan_run(args.scale, results_dir, figures_dir, args.only, args.seed)[1]
+        check_fits(args.scale, needs, results_dir, figures_dir, args.only)
+        print(f"the {args.scale} preset {needs.summary()}: this machine has it")
+        return 0
     try:
         seconds = reproduce(args.scale, args.notebooks_dir, args.results_dir, args.figures_dir, args.only,
                             args.kernel, args.seed)

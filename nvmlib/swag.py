@@ -1,26 +1,34 @@
 """The SWAG posterior: a log of raw iterates on a memory tier, moments in DRAM, crash-safe.
 
 Layout on the store (all arrays fixed-shape, so every tier can hold them):
-  swag.meta     uint8 JSON: n_params, max_rank, capacity, row_len, moments_len, dtype, checkpoint_every, model
+  swag.meta     uint8: JSON (n_params, max_rank, capacity, row_len, moments_len, dtype,
+                checkpoint_every, model, id: a random identity), a newline, its digest in hex
   swag.log      (capacity + 1, row_len) raw iterates, sample-major, a ring when max_rank is set;
                 iterate t sits in slot t % (capacity + 1), so the row being written never
                 overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept);
-                row_len is n_params padded to the tier's row_align (4 KiB rows for O_DIRECT)
-  swag.count    int64 (1,): updates whose row is fully written (the log's commit point)
+                a row is n_params values, zero padding to the tier's row_align (4 KiB rows for
+                O_DIRECT) and a 16-byte trailer [t, digest of the row seeded with (id, t)]
+  swag.count    int64 (2,): [updates whose row is fully written, its digest]: an upper bound for
+                replay, which also stops at the first row that does not verify as iterate t
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
   swag.moments  float64 (2, 2, moments_len): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
                 (n_params padded to the tier's row_align, like the log's rows)
-  swag.commit   int64 (2, 4): per slot [seq, count, crc32 of the slot's moments, crc32 of the record]
-An update appends one row, then bumps swag.count. Every `checkpoint_every` updates the moments
-go to the older slot and then its commit record; a torn record or slot fails its checksum and
-recovery falls back to the other one. Recovery = newest valid checkpoint + replay of the rows
-appended after it, which are still in the log (checkpoint_every <= capacity / 2 guarantees it).
+  swag.commit   int64 (2, 6): per slot [seq, count, digest of the slot's moments, digest of the
+                shift, the posterior's identity, digest of the record]
+Every digest (checksum.py: xxHash3) is seeded with the identity in swag.meta, so files of two
+posteriors never mix. Durability order: an update's row, then its count; every `checkpoint_every`
+updates the log and count are persisted, then the moments go to the older slot, then its commit
+record. A torn record or slot fails its checksum and recovery falls back to the other one.
+Recovery = newest valid checkpoint + replay of the rows appended after it that verify, up to the
+count (checkpoint_every <= capacity / 2 keeps them in the log). A reader sees one snapshot: the
+moments of a count n and rows it checks are iterates n−K..n−1 (SnapshotError once a running
+writer has overwritten one of them: reopen for a newer snapshot).
 """
 from __future__ import annotations
 
 import json
 import math
-import zlib
+import resource
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
@@ -29,9 +37,12 @@ import torch
 
 from nvmlib import moments
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, padded_len
-from nvmlib.errors import PosteriorError, StoreError
+from nvmlib.checksum import digest, identity_seed, new_identity, row_seed
+from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
 
-FORMAT = 2
+FORMAT = 3
+TRAILER = 16  # bytes ending every log row: int64 t, int64 digest
+SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
 META, LOG, COUNT, SHIFT, MOMENTS, COMMIT = (
     "swag.meta", "swag.log", "swag.count", "swag.shift", "swag.moments", "swag.commit")
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -53,21 +64,66 @@ def _as_vector(theta: Any, n_params: int) -> np.ndarray:
     return arr
 
 
-def _not_finite(vec: np.ndarray, dtype: np.dtype) -> ValueError:
+def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
     """The error for a θ that has NaN/Inf values, or values its posterior's dtype cannot hold."""
     bad = ~np.isfinite(vec)
     if bad.any():
-        return ValueError(f"θ has {int(bad.sum())} NaN/Inf values (first at index {int(np.flatnonzero(bad)[0])}); "
+        return InputError(f"θ has {int(bad.sum())} NaN/Inf values (first at index {int(np.flatnonzero(bad)[0])}); "
                           "training diverged: lower the learning rate. The posterior was not changed")
-    return ValueError(f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
+    return InputError(f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
                       "store the posterior as float32 or float64. The posterior was not changed")
 
 
-def _crc(*arrays: np.ndarray) -> int:
-    crc = 0
-    for a in arrays:
-        crc = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), crc)
-    return crc
+def row_len_for(n_params: int, dtype: str, row_align: int) -> int:
+    """Elements of one log row: n_params values and the trailer, padded to row_align bytes."""
+    return padded_len(n_params + TRAILER // np.dtype(dtype).itemsize, dtype, row_align)
+
+
+def _encode_meta(meta: dict) -> np.ndarray:
+    body = json.dumps(meta).encode()
+    return np.frombuffer(body + b"\n" + f"{digest(body):016x}".encode(), dtype=np.uint8)
+
+
+def read_meta(store: Store) -> dict:
+    """The verified meta of the posterior on `store`; PosteriorError saying what is wrong."""
+    if META not in store:
+        raise PosteriorError(f"{store.describe()} holds no posterior (no {META}); check the path, "
+                             "or create one with SWAGPosterior.create / nvmlib train")
+    raw = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
+    if not raw.strip(b"\0"):
+        raise PosteriorError(f"{store.describe()} holds an incomplete posterior: its creation was interrupted "
+                             f"before {META} was written; create it again (overwrite=True, train: --overwrite)")
+    body, _, tail = raw.rpartition(b"\n")
+    try:
+        old = json.loads(raw)
+    except ValueError:
+        old = None
+    if isinstance(old, dict) and old.get("format") != FORMAT:
+        raise PosteriorError(f"the posterior on {store.describe()} has format {old.get('format')}, written by an "
+                             f"older nvmlib; this version reads format {FORMAT} (checksummed) only: collect it "
+                             "again, or read it with the nvmlib version that wrote it")
+    try:
+        meta = json.loads(body)
+        ok = isinstance(meta, dict) and int(tail, 16) == digest(body)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise PosteriorError(f"{META} on {store.describe()} fails its checksum: the posterior's description was torn "
+                             "by an interrupted create, or damaged or edited since; it cannot be trusted (restore it "
+                             "from a copy, or create it again with overwrite=True)")
+    if meta.get("format") != FORMAT:
+        raise PosteriorError(f"posterior format {meta.get('format')} is not {FORMAT}; "
+                             "it was written by another nvmlib version")
+    return meta
+
+
+def _check_file_size_limit(store: Store, nbytes: int) -> None:
+    """Refuse, before anything is deleted, a log file larger than this process may write (ulimit -f)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if store.path is not None and store.path.is_dir() and soft != resource.RLIM_INFINITY and nbytes + ALIGN > soft:
+        raise StoreError(f"the posterior's log needs a file of {(nbytes + ALIGN) / 1e9:.3f} GB but this process "
+                         f"may write files of at most {soft / 1e9:.3f} GB (ulimit -f); raise the limit or keep "
+                         "fewer iterates (smaller max_rank / -K). Nothing was changed")
 
 
 class SWAGPosterior:
@@ -84,6 +140,7 @@ class SWAGPosterior:
         self.dtype = np.dtype(meta["dtype"])
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
+        self._ident = identity_seed(meta["id"])
         self._count = 0
         self._seq = 0
         self._ckpt_count = 0
@@ -101,54 +158,70 @@ class SWAGPosterior:
     @staticmethod
     def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = ALIGN) -> int:
         """Bytes a posterior of `rows` kept iterates needs on a tier (one spare slot for the next row)."""
-        row = padded_len(n_params, dtype, row_align) * np.dtype(dtype).itemsize
+        row = row_len_for(n_params, dtype, row_align) * np.dtype(dtype).itemsize
         return (rows + 1) * row + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
                checkpoint_every: int = 100, capacity: int | None = None, model: str | None = None,
                overwrite: bool = False) -> "SWAGPosterior":
-        """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`)."""
-        if not isinstance(n_params, (int, np.integer)) or n_params < 1:
-            raise ValueError(f"n_params must be a positive integer, not {n_params!r}")
+        """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
+
+        overwrite=True replaces a posterior already there, but only after every check the new one
+        must pass (arguments, free space, the file size limit): a refused create deletes nothing."""
+        if not isinstance(n_params, (int, np.integer)) or isinstance(n_params, bool) or n_params < 1:
+            raise InputError(f"n_params must be a positive integer, not {n_params!r}")
+        for name, value in (("max_rank", max_rank), ("capacity", capacity), ("checkpoint_every", checkpoint_every)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+                raise InputError(f"{name} must be an integer, not {value!r}")
         if max_rank is not None and max_rank < 2:
-            raise ValueError(f"max_rank={max_rank}: the low-rank part needs at least 2 iterates "
+            raise InputError(f"max_rank={max_rank}: the low-rank part needs at least 2 iterates "
                              "(K−1 divides D Dᵀ); use max_rank >= 2 or None to keep all")
-        if str(np.dtype(dtype)) not in FLOAT_DTYPES:
-            raise ValueError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
+        try:
+            dtype = str(np.dtype(dtype))
+        except TypeError:
+            dtype = repr(dtype)
+        if dtype not in FLOAT_DTYPES:
+            raise InputError(f"dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
         if max_rank is None and capacity is None:
-            raise ValueError("max_rank=None keeps every iterate: pass capacity=<number of updates> "
+            raise InputError("max_rank=None keeps every iterate: pass capacity=<number of updates> "
                              "so the tier can reserve the log (nvmlib train computes it)")
         cap = int(max_rank if max_rank is not None else capacity)
         if cap < 2:
-            raise ValueError(f"capacity={cap}: a posterior needs room for at least 2 iterates")
+            raise InputError(f"capacity={cap}: a posterior needs room for at least 2 iterates")
         if checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+            raise InputError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
         store.lock(LOG)
         try:
             if META in store:
-                if not overwrite:
+                try:
+                    read_meta(store)
+                    whole = True
+                except PosteriorError as exc:
+                    whole = "incomplete" not in str(exc)  # a torn create holds nothing to keep
+                if whole and not overwrite:
                     raise PosteriorError(f"{store.describe()} already holds a posterior; open it with "
                                          "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
                                          "or choose another path")
             old = [n for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT) if n in store]  # or a torn create's
+            row_len = row_len_for(int(n_params), dtype, store.row_align)
+            moments_len = padded_len(int(n_params), "float64", store.row_align)
             check_fits(store, cls.required_bytes(int(n_params), cap, dtype, store.row_align), f"a posterior of {cap} "
-                       f"iterates × {n_params} parameters ({np.dtype(dtype)})",
+                       f"iterates × {n_params} parameters ({dtype})",
                        reclaimable=sum(store.nbytes(n) for n in old))
+            _check_file_size_limit(store, (cap + 1) * row_len * np.dtype(dtype).itemsize)
             for name in old:
                 store.delete(name)
-            row_len = padded_len(int(n_params), dtype, store.row_align)
-            moments_len = padded_len(int(n_params), "float64", store.row_align)
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
-                    "row_len": row_len, "moments_len": moments_len, "dtype": str(np.dtype(dtype)), "model": model,
-                    "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2)))}
+                    "row_len": row_len, "moments_len": moments_len, "dtype": dtype, "model": model,
+                    "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))), "id": new_identity()}
             store.create(LOG, (cap + 1, row_len), dtype)
-            for name, shape, dt in ((COUNT, (1,), "int64"), (SHIFT, (int(n_params),), "float64"),
-                                    (MOMENTS, (2, 2, moments_len), "float64"), (COMMIT, (2, 4), "int64")):
+            for name, shape, dt in ((COUNT, (2,), "int64"), (SHIFT, (int(n_params),), "float64"),
+                                    (MOMENTS, (2, 2, moments_len), "float64"), (COMMIT, (2, 6), "int64")):
                 store.create(name, shape, dt)
             post = cls(store, meta, readonly=False)
-            post._checkpoint()
-            raw = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+            post._checkpoint(force=True)
+            raw = _encode_meta(meta)
             store.create(META, raw.shape, "uint8")  # written last: its presence marks a whole posterior
             store.write_rows(META, 0, raw)
             store.persist(META)
@@ -160,31 +233,61 @@ class SWAGPosterior:
     @classmethod
     def open(cls, store: Store, n_params: int | None = None, model: str | None = None,
              readonly: bool = False) -> "SWAGPosterior":
-        """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint."""
-        if META not in store:
-            raise PosteriorError(f"{store.describe()} holds no posterior (no {META}); check the path, "
-                                 "or create one with SWAGPosterior.create / nvmlib train")
-        meta = json.loads(store.read_rows(META, 0, store.shape(META)[0]).tobytes())
-        if meta.get("format") != FORMAT:
-            raise PosteriorError(f"posterior format {meta.get('format')} is not {FORMAT}; "
-                                 "it was written by another nvmlib version")
+        """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint.
+
+        readonly=True: a reader; it sees one consistent snapshot even while a writer collects."""
+        meta = read_meta(store)
         if n_params is not None and meta["n_params"] != n_params:
             raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
                                  f"parameters, not {n_params}: it belongs to another model "
                                  f"({meta.get('model') or 'unnamed'}); open the right path")
-        if model is not None and meta.get("model") not in (None, model):
+        if model is not None and (meta.get("model") or model).split("#")[0] != model:  # name#architecture
             raise PosteriorError(f"the posterior on {store.describe()} was made for model "
                                  f"{meta['model']!r}, not {model!r}; open the right path")
         if not readonly:
+            if store.readonly:
+                raise PosteriorError(f"{store.describe()} was opened read-only: open the posterior with readonly=True, "
+                                     "or open the store for writing")
             store.lock(LOG)
         post = cls(store, meta, readonly)
         try:
-            post._recover(int(store.read_rows(COUNT, 0, 1)[0]))
+            post._check_shapes()
+            post._open_snapshot()
         except BaseException:
             if not readonly:
                 store.unlock(LOG)
             raise
         return post
+
+    def _check_shapes(self) -> None:
+        """Every array has the shape its meta says (a swapped or resized file is refused)."""
+        want = {LOG: (self.slots, self.row_len), COUNT: (2,), SHIFT: (self.n_params,),
+                MOMENTS: (2, 2, self.meta["moments_len"]), COMMIT: (2, 6)}
+        for name, shape in want.items():
+            if name not in self.store:
+                raise PosteriorError(f"{self.store.describe()} lacks {name}: the posterior is damaged")
+            if self.store.shape(name) != shape:
+                raise PosteriorError(f"{name} on {self.store.describe()} has shape {self.store.shape(name)}, "
+                                     f"not {shape} as {META} says: the posterior is damaged")
+
+    def _read_count(self) -> int | None:
+        """The count the log's writer last recorded, or None when it fails its checksum (torn, edited)."""
+        count, check = (int(x) for x in self.store.read_rows(COUNT, 0, 2))
+        return count if check == digest(np.array([count], np.int64), self._ident) and count >= 0 else None
+
+    def _open_snapshot(self) -> None:
+        """Recover the newest state; a reader retries while a running writer changes what it reads."""
+        for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
+            before = (self.store.read_rows(COUNT, 0, 2).tobytes(), self.store.read_rows(COMMIT, 0, 2).tobytes())
+            try:
+                self._recover(self._read_count(), exact=False)
+                break
+            except PosteriorError:
+                after = (self.store.read_rows(COUNT, 0, 2).tobytes(), self.store.read_rows(COMMIT, 0, 2).tobytes())
+                if not self.readonly or (after == before and attempt > 0) or attempt + 1 == SNAPSHOT_TRIES:
+                    raise
+        if not self.readonly:  # rows the crash left beyond the recovered count (e.g. the one in flight)
+            self._discard(self._count, max(self._read_count() or 0, self._count) + 2)
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -226,9 +329,8 @@ class SWAGPosterior:
         row = self._row[:self.n_params]  # the moments are of what the tier stores: cast first
         if not moments.stage(vec, row):
             raise _not_finite(vec, self.dtype)
-        # the row goes to the tier on a pool thread while the moments are added here
-        self._pending = self._pool().submit(self.store.write_rows, LOG, self._count % self.slots,
-                                            self._row[None, :])
+        # the row is stamped and goes to the tier on a pool thread while the moments are added here
+        self._pending = self._pool().submit(self._write_row, self._count)
         if self._count == 0:
             self._shift[:] = row
         self._accumulate(row)
@@ -238,6 +340,25 @@ class SWAGPosterior:
             return True
         return False
 
+    def updates_to_checkpoint(self) -> int:
+        """How many more updates until one writes a checkpoint (1: the next one does)."""
+        self._settle()
+        return 1 if self._count == 0 else max(1, self.checkpoint_every - (self._count - self._ckpt_count))
+
+    def _stamp(self, row: np.ndarray, t: int) -> None:
+        """Write the trailer of a full log row holding iterate t: [t, digest of its values]."""
+        raw = row.view(np.uint8)
+        tail = np.array([t, digest(raw[:self.n_params * self.dtype.itemsize], row_seed(self._ident, t))], np.int64)
+        raw[-TRAILER:] = tail.view(np.uint8)
+
+    def _write_row(self, t: int) -> None:
+        self._stamp(self._row, t)
+        self.store.write_rows(LOG, t % self.slots, self._row[None, :])
+
+    def _write_count(self, count: int) -> None:
+        value = np.array([count], np.int64)
+        self.store.write_rows(COUNT, 0, np.append(value, digest(value, self._ident)).astype(np.int64))
+
     def _settle(self) -> None:
         """Wait for the row in flight; then count it, or undo its moments exactly if it failed."""
         pending, self._pending = self._pending, None
@@ -245,14 +366,15 @@ class SWAGPosterior:
             return
         try:
             pending.result()
+            self.store.order(LOG)  # the row, then the count that covers it
             if self._count == 0:
                 self.store.write_rows(SHIFT, 0, self._shift)
                 self.store.persist(SHIFT)
         except BaseException:
-            self._recover(self._count)  # checkpoint + replay of the rows before it
+            self._recover(self._count, exact=True)  # checkpoint + replay of the rows before it
             raise
         self._count += 1
-        self.store.write_rows(COUNT, 0, np.array([self._count], dtype=np.int64))
+        self._write_count(self._count)
 
     def _accumulate(self, row: np.ndarray) -> None:
         """Add `row` to the shifted moments; a large vector's second half on a pool thread (the
@@ -278,54 +400,163 @@ class SWAGPosterior:
         self._check_open(write=True)
         self._checkpoint()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, force: bool = False) -> None:
+        """Persist log and count, then the moments into the older slot, then its commit record.
+        Without `force`, a count already checkpointed is not written again: the other slot keeps
+        the checkpoint before it (the one a saved train state may point to)."""
+        if not force and self._count == self._ckpt_count:
+            return
         self.store.persist(LOG)
         self.store.persist(COUNT)
         seq = self._seq + 1
         slot = seq % 2
-        crc = self._pool().submit(_crc, self._moments)  # zlib releases the GIL: overlaps the write
+        check = self._pool().submit(digest, self._moments, self._ident)  # overlaps the write
         self.store.write_rows(MOMENTS, slot, self._moments[None])
         self.store.persist(MOMENTS)
-        head = np.array([seq, self._count, crc.result()], dtype=np.int64)
-        record = np.append(head, _crc(head)).astype(np.int64)
+        head = np.array([seq, self._count, check.result(), digest(self._shift, self._ident), self._ident],
+                        dtype=np.int64)
+        record = np.append(head, digest(head, self._ident)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
         self.store.persist(COMMIT)
         self._seq, self._ckpt_count = seq, self._count
 
-    def _recover(self, target: int) -> None:
-        """Load the newest valid checkpoint at or before `target` updates and replay the log to it."""
-        records = self.store.read_rows(COMMIT, 0, 2)
-        valid = [r for r in records if r[0] > 0 and int(r[3]) == _crc(r[:3]) and r[1] <= target]
-        for seq, count, crc_m, _ in sorted(valid, key=lambda r: -r[0]):
-            block = self.store.read_rows(MOMENTS, int(seq) % 2, int(seq) % 2 + 1)[0]
-            if _crc(block) != crc_m or target - count > self.capacity:
+    def _checkpoints(self, bound: int | None, problems: list[str]) -> list[tuple[int, int, int, int]]:
+        """(seq, count, moments digest, shift digest) of the valid commit records, newest first,
+        at or before `bound` (None: any); what is wrong with the others goes to `problems`."""
+        valid = []
+        for slot, r in enumerate(self.store.read_rows(COMMIT, 0, 2)):
+            seq, count, d_moments, d_shift, ident, check = (int(x) for x in r)
+            if seq == 0 and not r.any():
+                continue  # never written
+            if ident != self._ident:
+                problems.append(f"{COMMIT} slot {slot} belongs to another posterior (identity {ident:x}, "
+                                f"not {self._ident:x}): files of two posteriors were mixed")
+            elif check != digest(r[:5], self._ident) or seq < 1 or count < 0 or seq % 2 != slot:
+                problems.append(f"{COMMIT} slot {slot} fails its checksum (a torn or damaged record)")
+            elif bound is None or count <= bound:
+                valid.append((seq, count, d_moments, d_shift))
+        return sorted(valid, reverse=True)
+
+    def _recover(self, bound: int | None, exact: bool) -> None:
+        """Load the newest valid checkpoint at or before `bound` updates and replay the log's
+        verified rows after it: up to `bound` (None: the newest checkpoint's count) or, unless
+        `exact`, the first row that does not verify (a crash lost it). Every update of that
+        checkpoint is present, or PosteriorError says what is damaged."""
+        problems: list[str] = []
+        candidates = self._checkpoints(bound, problems)
+        if bound is None:
+            bound = max((c[1] for c in candidates), default=0)
+            candidates = [c for c in candidates if c[1] <= bound]
+        if exact:  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
+            candidates.append((0, 0, digest(np.zeros_like(self._moments), self._ident), -1))
+        for seq, count, d_moments, d_shift in candidates:
+            block = self.store.read_rows(MOMENTS, seq % 2, seq % 2 + 1)[0] if seq else np.zeros_like(self._moments)
+            if digest(block, self._ident) != d_moments:
+                problems.append(f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} updates)")
+                continue
+            shift = self.store.read_rows(SHIFT, 0, self.n_params)
+            if count > 0 and digest(shift, self._ident) != d_shift:
+                problems.append(f"{SHIFT} fails its checksum: the first iterate, which every moment is relative "
+                                "to, is damaged")
                 continue
             self._moments[:] = block
-            self._shift[:] = self.store.read_rows(SHIFT, 0, self.n_params)
-            for start in range(int(count), target, 64):
-                for row in self._iterates(start, min(start + 64, target)):
-                    self._accumulate(row)
-            self._count, self._seq, self._ckpt_count = target, int(seq), int(count)
+            self._shift[:] = shift
+            reached = self._replay(count, bound, problems)
+            if reached < bound and (exact or reached < count):
+                continue
+            if count == 0 and reached > 0 and not self.readonly and self._shift.tobytes() != shift.tobytes():
+                self.store.write_rows(SHIFT, 0, self._shift)
+                self.store.persist(SHIFT)
+            newest = max((c[0] for c in self._checkpoints(None, [])), default=0)
+            self._count, self._seq, self._ckpt_count = reached, seq or newest, count
             return
-        raise PosteriorError(f"the posterior on {self.store.describe()} has no valid checkpoint from "
-                             f"which its {target} updates can be rebuilt; it is damaged beyond recovery")
+        what = "; ".join(dict.fromkeys(problems)) or "no commit record was ever written"
+        raise PosteriorError(f"the posterior on {self.store.describe()} cannot be rebuilt to {bound} updates "
+                             f"from a valid checkpoint: {what}. It is damaged beyond recovery")
+
+    def _replay(self, start: int, stop: int, problems: list[str]) -> int:
+        """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify; the
+        count reached. A reader whose rows a running writer overwrote gets SnapshotError."""
+        for a in range(start, stop, 64):
+            rows, ok, why = self._read_verified(a, min(a + 64, stop))
+            for i in range(ok):
+                if a + i == 0:
+                    self._shift[:] = rows[0]
+                self._accumulate(rows[i])
+            if why:
+                if self.readonly and "overwritten" in why:
+                    raise SnapshotError(why)
+                problems.append(why)
+                return a + ok
+        return stop
+
+    def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
+        """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does not."""
+        raw = rows.reshape(len(rows), -1).view(np.uint8)
+        tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
+        nbytes = self.n_params * self.dtype.itemsize
+        for i, (t, check) in enumerate(tails):
+            want = t0 + i
+            if t != want:
+                state = (f"was overwritten by iterate {t} (a running writer has moved on, or a crash kept a later "
+                         "row and lost the ones before it)" if t > want else "was not written (or was dropped by truncate)")
+                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {state}"
+            if digest(raw[i, :nbytes], row_seed(self._ident, want)) != check:
+                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
+        return len(rows), ""
+
+    def _read_verified(self, start: int, stop: int) -> tuple[np.ndarray, int, str]:
+        """Rows of iterates start..stop−1 ((n, n_params) views of full rows), how many verify, and why not all."""
+        parts, ok, why, t = [], 0, "", start
+        for a, b in self._spans(start, stop, stop):
+            full = self.store.read_rows(LOG, a, b)
+            parts.append(full)
+            if not why:
+                n, why = self._verify(full, t)
+                ok += n
+            t += b - a
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.row_len), self.dtype)])
+        return rows[:, :self.n_params], ok, why
+
+    def _discard(self, start: int, stop: int) -> None:
+        """Invalidate the rows of iterates start..stop−1 still in the log (a truncate dropped them,
+        or a crash left them beyond the recovered count), so that no later replay takes them for
+        new ones; persisted before the count or checkpoint that relies on it."""
+        zero, dropped = aligned_empty((1, self.row_len), self.dtype), False
+        zero[:] = 0
+        for t in range(start, min(stop, start + self.slots)):
+            row = self.store.read_rows(LOG, t % self.slots, t % self.slots + 1)
+            if int(np.ascontiguousarray(row.view(np.uint8)[0, -TRAILER:]).view(np.int64)[0]) >= start:
+                self.store.write_rows(LOG, t % self.slots, zero)
+                dropped = True
+        if dropped:
+            self.store.persist(LOG)
 
     def truncate(self, count: int) -> None:
         """Roll back to the first `count` updates (drops later ones), e.g. to resume training there.
 
         Count and moments roll back exactly. In a ring that has wrapped, the dropped rows took the
-        slots of the oldest kept ones, so until collection passes the old count again (with the same
-        iterates when training is deterministic, as `nvmlib train --resume` is on the CPU) up to
-        (dropped − 1) of the kept rows are newer iterates of the same run.
+        slots of the oldest kept ones: until collection passes the old count again, reading those
+        rows (kept_rows, sample) raises PosteriorError rather than return iterates of another run.
         """
         self._check_open(write=True)
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool):
+            raise InputError(f"truncate needs a whole number of updates, not {count!r}")
         if not 0 <= count <= self._count:
-            raise ValueError(f"cannot truncate to {count} updates: the posterior has {self._count}")
+            raise InputError(f"cannot truncate to {count} updates: the posterior has {self._count}")
         if count == self._count:
             return
-        self._recover(count)
-        self.store.write_rows(COUNT, 0, np.array([count], dtype=np.int64))
-        self._checkpoint()
+        old = self._count
+        if count == 0:
+            self._moments[:] = 0
+            self._shift[:] = 0
+            self._count = 0
+        else:
+            self._recover(int(count), exact=True)
+        self._discard(int(count), old)
+        self._write_count(int(count))
+        self._checkpoint(force=True)
+        self._checkpoint(force=True)  # both slots now hold this count: no record of the dropped updates is left
 
     # ---- the posterior ------------------------------------------------------------------
     def mean(self) -> np.ndarray:
@@ -339,11 +570,13 @@ class SWAGPosterior:
         m = self._s1 / self._count
         return np.maximum(self._s2 / self._count - m * m, 0.0)
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
 
         D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk while the next chunk is read.
-        With fewer than 2 kept rows only the diagonal part is used.
+        With fewer than 2 kept rows only the diagonal part is used. client: a
+        dask.distributed.Client whose workers compute D z₂ where the (zarr) log lies
+        (nvmlib.distributed); the same array as without one, to float32 rounding.
         """
         self._check_nonempty()
         if S < 1:
@@ -360,11 +593,15 @@ class SWAGPosterior:
             return z1
 
         with ThreadPoolExecutor(1) as pool:
-            chunks = self._stream(K) if K >= 2 else iter(())  # the first read starts now
+            chunks = self._stream(K) if K >= 2 and client is None else iter(())  # the first read starts now
             pending = pool.submit(diagonal)
             if K >= 2:
                 z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
-                acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
+                if client is not None:
+                    from nvmlib.distributed import low_rank
+                    acc = torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
+                else:
+                    acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
                 for start, rows in chunks:
                     rows = rows.astype(work, copy=False)
                     rows -= mean
@@ -377,6 +614,14 @@ class SWAGPosterior:
         out += mean
         return out.astype(np.float32, copy=False)
 
+    @classmethod
+    def view(cls, store: Store, meta: dict, count: int) -> "SWAGPosterior":
+        """A read-only view of the log as it stood after `count` updates, without moments or
+        recovery: for a process that only reads kept rows (a dask worker, nvmlib.distributed)."""
+        post = cls(store, meta, readonly=True)
+        post._count = count
+        return post
+
     def _spans(self, start: int, stop: int, step: int) -> list[tuple[int, int]]:
         """[a, b) slot ranges holding iterates start..stop−1 in order, each at most `step` rows."""
         spans, t = [], start
@@ -387,8 +632,20 @@ class SWAGPosterior:
             t += b - a
         return spans
 
+    def _checked(self, rows: np.ndarray, t0: int) -> np.ndarray:
+        """`rows` (full log rows of iterates t0, t0+1, ...) as (n, n_params) values, once all verify."""
+        ok, why = self._verify(rows, t0)
+        if ok < len(rows):
+            raise (SnapshotError(why + "; reopen the posterior for a newer snapshot") if "overwritten" in why
+                   else PosteriorError(why + f"; mean and variance are intact, but iterates {self._count - self.rank}.."
+                                       f"{self._count} (sample, kept_rows) cannot be trusted"))
+        return rows[:, :self.n_params]
+
     def _iterates(self, start: int, stop: int) -> np.ndarray:
-        parts = [self.store.read_rows(LOG, a, b)[:, :self.n_params] for a, b in self._spans(start, stop, stop)]
+        parts, t = [], start
+        for a, b in self._spans(start, stop, stop):
+            parts.append(self._checked(self.store.read_rows(LOG, a, b), t))
+            t += b - a
         return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.n_params), self.dtype)])
 
     def _stream(self, K: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -398,9 +655,11 @@ class SWAGPosterior:
         spans = self._spans(self._count - K, self._count, step)
         buffers = [aligned_empty((min(step, K), self.row_len), self.dtype) for _ in range(min(2, len(spans)))]
 
-        def read(i: int) -> np.ndarray:
+        firsts = np.cumsum([self._count - K] + [b - a for a, b in spans])
+
+        def read(i: int) -> np.ndarray:  # verified on the reading thread, while the previous chunk is used
             a, b = spans[i]
-            return self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])[:, :self.n_params]
+            return self._checked(self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a]), int(firsts[i]))
 
         pool = ThreadPoolExecutor(1)
         first = pool.submit(read, 0)
@@ -442,7 +701,7 @@ class SWAGPosterior:
         try:
             if not self.readonly:
                 self._settle()
-                self._checkpoint()
+                self._checkpoint()  # nothing when this count is already checkpointed
         finally:
             if not self.readonly:
                 self.store.unlock(LOG)

@@ -10,6 +10,7 @@ written atomically beside it, so an interrupted run resumes to the same result (
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import math
 import os
@@ -23,13 +24,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from nvmlib.progress import tqdm
 
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
+from nvmlib.backends.files import write_atomically
 from nvmlib.data import Split, load
 from nvmlib.errors import ConfigError, StoreError
-from nvmlib.models import MODELS, get_flat, make_model, n_params
+from nvmlib.models import MODELS, make_model, n_params
+from nvmlib.module import SWAG
 from nvmlib.swag import SWAGPosterior
 
 STATE_FORMAT = 1
@@ -71,16 +74,20 @@ class TrainConfig:
 class TrainResult:
     """A finished run: the posterior (still open), the SGD model, timings and the record."""
 
-    posterior: SWAGPosterior
+    swag: SWAG
     model: nn.Module
     store: Store
     test: Split
     timings: dict[str, float]
     record: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def posterior(self) -> SWAGPosterior:
+        return self.swag.posterior
+
     def close(self) -> None:
         """Close the posterior and its store (a dram posterior is gone afterwards)."""
-        self.posterior.close()
+        self.swag.close()
         self.store.close()
 
 
@@ -113,7 +120,7 @@ def train(config: TrainConfig, store: Store | None = None,
     t_experiment = time.perf_counter()
     own_store = store is None
     store = store if store is not None else open_tier(config)
-    post = None
+    swag = None
     try:
         timings["open shelf time (s)"] = time.perf_counter() - t_experiment
         state_path = state_file(store, config.results_filepath)
@@ -126,15 +133,15 @@ def train(config: TrainConfig, store: Store | None = None,
 
         t = time.perf_counter()
         if config.resume:
-            post, position = _resume(store, config, n, state_path, model, optimizer, device)
+            swag, position = _resume(store, config, state_path, model, optimizer, device)
         else:
-            post = SWAGPosterior.create(store, n, config.max_rank, config.dtype, config.checkpoint_every,
-                                        capacity=capacity, model=config.model, overwrite=config.overwrite)
+            swag = SWAG(model, store=store, max_rank=config.max_rank, capacity=capacity, dtype=config.dtype,
+                        checkpoint_every=config.checkpoint_every, name=config.model, overwrite=config.overwrite)
             position = (0, 0, 0)
-            if config.swag_start == 0 and post.update(get_flat(model)):
-                _save_state(state_path, config, model, optimizer, 0, 0, post.n_collected, False)
+            if config.swag_start == 0 and swag.collect():
+                _save_state(state_path, config, model, optimizer, 0, 0, swag.n_collected, False)
         timings["make posterior time (s)"] = time.perf_counter() - t
-        resumed_from = post.n_collected if config.resume else None
+        resumed_from = swag.n_collected if config.resume else None
 
         x_train, y_train = train_split.tensors(device)
         bar = tqdm(total=config.epochs * n_batches, initial=position[0] * n_batches + position[1],
@@ -153,9 +160,9 @@ def train(config: TrainConfig, store: Store | None = None,
                     loss.backward()
                     optimizer.step()
                     if _records(config, n_batches, epoch, b):
-                        if post.update(get_flat(model)):
+                        if swag.collect():
                             nxt = (epoch, b + 1) if b + 1 < n_batches else (epoch + 1, 0)
-                            _save_state(state_path, config, model, optimizer, *nxt, post.n_collected, False)
+                            _save_state(state_path, config, model, optimizer, *nxt, swag.n_collected, False)
                     bar.update()
                     if on_batch is not None:
                         on_batch(epoch, b)
@@ -164,22 +171,23 @@ def train(config: TrainConfig, store: Store | None = None,
                 timings[f"epoch {epoch + 1} time (s)"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        post.flush()
-        _save_state(state_path, config, model, optimizer, config.epochs, 0, post.n_collected, True)
+        swag.flush()
+        _save_state(state_path, config, model, optimizer, config.epochs, 0, swag.n_collected, True)
         timings["posterior finalize time (s)"] = time.perf_counter() - t
     except BaseException:
-        if post is not None:
-            post.close()
+        if swag is not None:
+            swag.close()
         if own_store:
             store.close()
         raise
+    post = swag.posterior
     timings["posterior size (byte)"] = float(post.nbytes)
     timings["total experiment time (s)"] = time.perf_counter() - t_experiment
     timings["total script time (s)"] = time.perf_counter() - t_script
     record = _record(config, store, post, train_split, test_split, timings, device, resumed_from, state_path)
     if config.results_filepath:
         write_results(Path(config.results_filepath), timings, record)
-    return TrainResult(post, model, store, test_split, timings, record)
+    return TrainResult(swag, model, store, test_split, timings, record)
 
 
 # ---- checks made before anything is trained ---------------------------------------------------
@@ -292,19 +300,16 @@ def state_file(store: Store, results_filepath: str | Path | None = None) -> Path
 
 def _save_state(path: Path | None, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
                 epoch: int, batch: int, updates: int, finished: bool) -> None:
-    """Write the train state atomically (tmp file, fsync, rename)."""
+    """Write the train state atomically (files.write_atomically); a full disk is a StoreError naming it."""
     if path is None:
         return
     state = {"format": STATE_FORMAT, "config": {k: getattr(config, k) for k in RESUME_KEYS},
              "epoch": epoch, "batch": batch, "updates": updates, "finished": finished,
              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "torch_rng": torch.get_rng_state()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomically(path, buf.getbuffer())
 
 
 def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -318,9 +323,8 @@ def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]
     return state
 
 
-def _resume(store: Store, config: TrainConfig, n: int, state_path: Path | None, model: nn.Module,
-            optimizer: torch.optim.Optimizer, device: torch.device
-            ) -> tuple[SWAGPosterior, tuple[int, int, int]]:
+def _resume(store: Store, config: TrainConfig, state_path: Path | None, model: nn.Module,
+            optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[SWAG, tuple[int, int, int]]:
     """Reopen the posterior at the last train state and restore model, optimizer and RNG."""
     if state_path is None:
         raise ConfigError("nothing to resume: a dram posterior does not outlive its process; "
@@ -330,16 +334,16 @@ def _resume(store: Store, config: TrainConfig, n: int, state_path: Path | None, 
                if state["config"][k] != getattr(config, k)]
     if changed:
         raise ConfigError(f"--resume needs the settings of the interrupted run; changed: {'; '.join(changed)}")
-    post = SWAGPosterior.open(store, n_params=n, model=config.model)
+    swag = SWAG.open(model, store=store)
     try:
-        post.truncate(state["updates"])
+        swag.posterior.truncate(state["updates"])
     except BaseException:
-        post.close()
+        swag.close()
         raise
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"].cpu())
-    return post, (state["epoch"], state["batch"], state["updates"])
+    return swag, (state["epoch"], state["batch"], state["updates"])
 
 
 def reopen(backend: str, path: str | Path, device: torch.device | str = "cpu", readonly: bool = True,
@@ -357,8 +361,7 @@ def reopen(backend: str, path: str | Path, device: torch.device | str = "cpu", r
         state = load_state(where, device)
         model = make_model(state["config"]["model"]).to(device)
         model.load_state_dict(state["model"])
-        post = SWAGPosterior.open(store, n_params=n_params(model), model=state["config"]["model"],
-                                  readonly=readonly)
+        post = SWAG.open(model, store=store, readonly=readonly).posterior
     except BaseException:
         store.close()
         raise

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Debian packages nvmlib uses when present: PMDK's libpmem (the pmem tier) and Fashion-MNIST
-# (the OOD benchmark). Installs them when run as root on Debian/Ubuntu; otherwise says how.
+# Debian packages nvmlib uses when present: PMDK's libpmem (the pmem tier), Fashion-MNIST (the OOD
+# benchmark) and Chromium (the JupyterLab browser test). Installs them when run as root on
+# Debian/Ubuntu; otherwise says how.
 set -u
-pkgs=(libpmem1 dataset-fashion-mnist)
+pkgs=(libpmem1 dataset-fashion-mnist chromium)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -11,9 +12,9 @@ done
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
     && exit 0
-  echo "system-deps: apt-get could not install ${missing[*]}; the pmem tier / Fashion-MNIST OOD will be skipped" >&2
+  echo "system-deps: apt-get could not install ${missing[*]}; the pmem tier / Fashion-MNIST OOD / browser test will be skipped" >&2
 else
   echo "system-deps: optional packages missing: ${missing[*]}" >&2
-  echo "  install them with: sudo apt-get install ${missing[*]}  (pmem tier, Fashion-MNIST OOD)" >&2
+  echo "  install them with: sudo apt-get install ${missing[*]}  (pmem tier, Fashion-MNIST OOD, browser test)" >&2
 fi
 exit 0

@@ -75,3 +75,26 @@ def test_unwritable_results_path_exits_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["train", "model_2fc", "--results_filepath", str(tmp_path / "file" / "x.csv")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["train", "model_2fc", "--dtype", "bogus"], "invalid choice: 'bogus'"),
+    (["train", "model_2fc", "--dtype", "int32"], "invalid choice: 'int32'"),
+    (["train", "model_2fc", "-n", "-1"], "-n: -1 is out of range"),
+    (["train", "model_2fc", "-n", "nan"], "-n: nan is out of range"),
+    (["evaluate", "--posterior_path", "x", "-S", "0"], "-S: 0 is out of range"),
+    (["evaluate", "--posterior_path", "x", "--scale", "-1"], "--scale: -1 is out of range"),
+    (["evaluate", "--posterior_path", "x", "--scale", "nan"], "--scale: nan is out of range"),
+])
+def test_bad_arguments_are_one_line_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and msg in err and "Traceback" not in err
+
+
+def test_divergence_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "model_2fc", "-e", "1", "--limit", "1000", "-n", "1e10",
+                 "--posterior_path", str(tmp_path / "p"), "--no_progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training diverged: lower the learning rate" in err

@@ -3,6 +3,8 @@ the notebooks in git carry no outputs and exactly one `parameters` cell."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -20,6 +22,8 @@ FIGURES = {
     "posterior_quality": ["posterior_quality-rank", "posterior_quality-rotated",
                           "posterior_quality-reliability", "posterior_quality-ood"],
     "sampling": ["sampling"],
+    "any_model": ["any_model-metrics", "any_model-reliability", "any_model-cost"],
+    "cluster": ["cluster"],
 }
 
 
@@ -57,11 +61,13 @@ def test_kernel_must_run_this_python() -> None:
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module."""
+    """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module, as a user runs it:
+    a process started by a shell. (Linux hands a process the peak RSS of the one it was forked from when
+    it execs; forked by the shell, not by this large pytest process, its peak RSS is the run's own.)"""
     out = tmp_path_factory.mktemp("reproduce")
-    status = reproduce.main(["--scale", "smoke", "--notebooks-dir", str(NOTEBOOKS),
-                             "--results-dir", str(out / "results"), "--figures-dir", str(out / "figures")])
-    assert status == 0
+    args = [sys.executable, "-m", "nvmlib.reproduce", "--scale", "smoke", "--notebooks-dir", str(NOTEBOOKS),
+            "--results-dir", str(out / "results"), "--figures-dir", str(out / "figures")]
+    subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", *args], check=True)  # two commands: bash forks
     return out
 
 
@@ -77,6 +83,35 @@ def test_smoke_run_writes_record_and_figures(smoke: Path, name: str) -> None:
         for suffix in (".png", ".pdf"):
             assert_image(smoke / "figures" / f"{figure}{suffix}")
     assert not any((smoke / "results" / "scratch").glob("*/*")), "scratch posteriors must be removed"
+
+
+def noise(book: nbformat.NotebookNode) -> list[str]:
+    """Errors and stderr (warnings included) in the outputs of an executed notebook."""
+    return [o.get("text") or f"{o.get('ename')}: {o.get('evalue')}" for c in book.cells for o in c.get("outputs", [])
+            if o.output_type == "error" or (o.output_type == "stream" and o.name == "stderr")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
+def test_smoke_run_is_quiet_and_its_figures_say_how_they_were_made(smoke: Path, name: str) -> None:
+    executed = nbformat.read(smoke / "results" / f"{name}.ipynb", as_version=4)
+    assert noise(executed) == []
+    record = json.loads((smoke / "results" / f"{name}.json").read_text())
+    if FIGURES.get(name):
+        assert record["measured"]["caption"].startswith("smoke preset · ")
+    widgets = [o for c in executed.cells for o in c.get("outputs", []) if "data" in o
+               and "application/vnd.jupyter.widget-view+json" in o.data]
+    assert widgets == [], "under papermill progress bars are text (a widget keeps only its first frame)"
+
+
+@pytest.mark.slow
+def test_smoke_run_records_its_peak_memory_within_the_estimate(smoke: Path) -> None:
+    summary = json.loads((smoke / "results" / "reproduce.json").read_text())
+    estimate = max(n["memory"] for n in summary["estimated_bytes"].values())
+    assert 100e6 < summary["peak_rss_bytes"] <= estimate
+    executed = nbformat.read(smoke / "results" / "collect.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []) if o.output_type == "stream")
+    assert "100%|" in text and "\r" not in text, "the progress bar's last line, carriage returns resolved"
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 
 from nvmlib.backends import available_tiers, open_store
 from nvmlib.backends import libpmem
+from nvmlib.backends.base import private_dir
 from nvmlib.backends.pmem import DATA_START, SLOT_BYTES, device_lock_path
 from nvmlib.errors import StoreError, TierUnavailable
 
@@ -63,12 +64,12 @@ def test_devdax_torn_table_update_keeps_previous_table(tmp_path):
         assert st.names() == ["a"]
 
 
-def test_devdax_lock_lives_in_tmp_keyed_by_device(tmp_path):
+def test_devdax_lock_lives_in_a_private_dir_keyed_by_device(tmp_path):
     dev = _device(tmp_path)
     with open_store("pmem", dev, device=True) as st:
         st.lock("swag.log")
         lock = device_lock_path(dev, "swag.log")
-        assert lock.parent == Path("/tmp") and str(dev).strip("/").replace("/", "_") in lock.name
+        assert lock.parent == private_dir() and str(dev).strip("/").replace("/", "_") in lock.name
         assert lock.read_text() == str(os.getpid())
 
 

@@ -118,3 +118,29 @@ def test_unwritable_path_is_a_clear_error(persistent_tier, tmp_path):
     with pytest.raises(StoreError, match=str(blocker)):
         TIER_OPENERS[name](blocker)
 
+
+
+def test_lock_files_never_follow_links(store, tmp_path):
+    """A symlink planted where a lock file goes is refused, and its target is left untouched."""
+    if not store.persistent:
+        pytest.skip("the dram tier has no lock file")
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    lock = store._lock_path("log")
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(target)
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.lock("log")
+    assert target.read_text() == "precious"
+    lock.unlink()
+    store.lock("log")  # a plain lock file works
+    store.unlock("log")
+
+
+def test_device_locks_live_in_a_private_directory(tmp_path):
+    from nvmlib.backends.pmem import device_lock_path
+    import os
+    import stat
+    where = device_lock_path(tmp_path / "dax0.0", "swag.log").parent
+    st = os.lstat(where)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077

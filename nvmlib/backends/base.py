@@ -1,9 +1,12 @@
 """The Store protocol every memory tier implements, plus the writer lock they share."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
+import stat
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -76,6 +79,10 @@ class Store(ABC):
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
 
+    def order(self, name: str) -> None:
+        """Make earlier writes to `name` reach the media before any later write (a store fence); where
+        that costs a flush (files), a no-op: checksums then catch a later write that overtook it."""
+
     def nbytes(self, name: str | None = None) -> int:
         """Bytes one array (or, with None, all arrays) occupy on the tier."""
         names = [name] if name is not None else self.names()
@@ -95,7 +102,7 @@ class Store(ABC):
             raise LockedError(f"{name} on {self.describe()} is already open for writing by this store; "
                               "close that writer first or open the posterior read-only (readonly=True)")
         path = self._lock_path(name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -120,8 +127,8 @@ class Store(ABC):
         return self.path / f".{name}.lock"
 
     def close(self) -> None:
-        for name in list(self._lock_fds):
-            self.unlock(name)
+        """Release what the store holds. Writer locks stay held until `unlock` (a posterior's close)
+        or the end of the process: a posterior still open keeps its single-writer guarantee."""
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -135,6 +142,40 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
+
+
+def open_lock_file(path: Path) -> int:
+    """Open (creating) lock file `path` without following a link; refuse anything but a plain file
+    with one name (a planted symlink, hard link or device is never written through)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreError(f"the lock file {path} is a symbolic link; nvmlib never writes through one: "
+                             "remove it and retry") from None
+        raise StoreError(f"cannot open the lock file {path}: {exc.strerror}; check the directory's permissions") from exc
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise StoreError(f"the lock file {path} is not a plain file of its own (a device, or a hard link to "
+                         "another file); nvmlib will not write to it: remove it and retry")
+    return fd
+
+
+def private_dir() -> Path:
+    """A directory only this user can write ($XDG_RUNTIME_DIR, else <tmp>/nvmlib-<uid>, mode 0700),
+    for the locks of devices, which have no directory of their own."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(runtime) / "nvmlib" if runtime else Path(tempfile.gettempdir()) / f"nvmlib-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock directory {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise StoreError(f"the lock directory {path} is not a directory that only you can write (a link, "
+                         "another user's, or group/world-writable); remove it and retry")
+    return path
 
 
 ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors)

@@ -72,8 +72,62 @@ def read_all(fd: int, buf: memoryview, offset: int, file: Path) -> None:
         done += got
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory `path` durable (a file created, renamed or removed there)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: memoryview | bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old file or the new one: a new temporary
+    file beside it (never through a link), fsync, rename, fsync of the directory. A full disk or a
+    file size limit is a StoreError that names it; the old file is kept."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            write_all(fd, memoryview(data).cast("B"), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            why = "the file would exceed ulimit -f" if exc.errno == errno.EFBIG else "the disk is full"
+            raise StoreError(f"cannot write {path}: {why} ({exc.strerror}); the previous {path.name} is intact: "
+                             "free space (or raise the limit) and resume") from exc
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def npy_header(file: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) of .npy `file`, checked against its size: StoreError when the
+    header is unreadable or the file is shorter than it says (never grown back with zeros)."""
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise StoreError(f"{file} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise StoreError(f"{file} is not an array file nvmlib wrote ({exc}); the store is damaged") from exc
+    need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size < need:
+        raise StoreError(f"{file} has {size} bytes but its header says {need}: the file was truncated and the "
+                         "store is damaged (restore the file from a copy)")
+    return offset, tuple(shape), np.dtype(dtype)
+
+
 def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True) -> None:
-    """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual)."""
+    """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual),
+    durable with its directory entry when this returns."""
     header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
     header = header.ljust(ALIGN - 11) + "\n"  # magic (6) + version (2) + length (2) + header = ALIGN
     end = ALIGN + int(np.prod(shape)) * dtype.itemsize
@@ -83,6 +137,9 @@ def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate:
             f.truncate(end)
             if preallocate:
                 reserve(f.fileno(), 0, end, file)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(file.parent)
     except FileExistsError:
         raise StoreError(f"{file} already exists; delete it or choose another directory") from None
     except OSError as exc:

@@ -66,8 +66,12 @@ class Mapping:
     so the memory is unmapped only when the last view is gone (like np.memmap).
     """
 
-    def __init__(self, path: Path, length: int = 0, tmpfile: bool = False) -> None:
-        """Map all of file or device `path`; tmpfile: map a new unnamed file of `length` in directory `path`."""
+    def __init__(self, path: Path, length: int = 0, tmpfile: bool = False, readonly: bool = False) -> None:
+        """Map all of file or device `path`; tmpfile: map a new unnamed file of `length` in directory `path`;
+        readonly: map it for reading only (libpmem maps read-write, which a read-only mount refuses)."""
+        self.fd = self.direct = None
+        if readonly:
+            return self._map_readonly(path)
         mapped, is_pmem = ctypes.c_size_t(0), ctypes.c_int(0)
         flags = FILE_CREATE | FILE_TMPFILE if tmpfile else 0
         addr = lib().pmem_map_file(os.fsencode(path), length, flags, 0o600,
@@ -75,16 +79,32 @@ class Mapping:
         if not addr:
             raise _error("map", path)
         self.path, self.addr, self.length, self.is_pmem = path, addr, mapped.value, bool(is_pmem.value)
+        self.readonly = False
         # Off persistent memory the mapping is page cache: pwrite fills it without a page fault per page,
         # and whole 4 KiB blocks (the log's rows) go to the device with O_DIRECT, past the cache.
         self.fd = None if self.is_pmem or tmpfile else os.open(path, os.O_RDWR)
         self.direct = None if self.fd is None or stat.S_ISCHR(os.fstat(self.fd).st_mode) else \
             DirectIO.open(path, readonly=False)
 
+    def _map_readonly(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            length = st.st_size if not stat.S_ISCHR(st.st_mode) else \
+                int(Path(f"/sys/dev/char/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}/size").read_text())
+            addr = _libc().mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) if length else None
+        except OSError as exc:
+            raise StoreError(f"cannot map {path} for reading: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise StoreError(f"cannot map {path} for reading: {os.strerror(ctypes.get_errno()) if length else 'it is empty'}")
+        self.path, self.addr, self.length, self.is_pmem, self.readonly = path, addr, length, False, True
+
     def view(self, offset: int, shape: tuple[int, ...], dtype: np.dtype, writeable: bool) -> np.ndarray:
         """A numpy array over [offset, offset + its size) of the mapping."""
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if offset + nbytes > self.length:
+        if offset < 0 or nbytes < 0 or offset + nbytes > self.length:
             raise StoreError(f"{self.path} is shorter than its table says ({self.length} bytes < "
                              f"{offset + nbytes}); the file or device is damaged or was resized")
         raw = (ctypes.c_char * nbytes).from_address(self.addr + offset)
@@ -128,11 +148,25 @@ class Mapping:
             raise _error("flush", self.path)
 
     def __del__(self) -> None:
-        lib().pmem_unmap(self.addr, self.length)
+        if not hasattr(self, "addr"):  # the mapping failed
+            return
+        if self.readonly:
+            _libc().munmap(self.addr, self.length)
+        else:
+            lib().pmem_unmap(self.addr, self.length)
         if self.fd is not None:
             os.close(self.fd)
         if self.direct is not None:
             self.direct.close()
+
+
+@cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.restype, libc.munmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
 
 
 def is_pmem_dir(path: Path) -> bool:

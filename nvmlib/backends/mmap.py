@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
-from nvmlib.backends.files import DirectIO, create_npy, disk_free, os_error, prepare_dir, read_all, write_all
+from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header, os_error, prepare_dir,
+                                  read_all, write_all)
 from nvmlib.errors import StoreError
 
 SUFFIX = ".npy"
@@ -54,11 +55,15 @@ class MmapStore(Store):
             file = self._file(name)
             if not file.exists():
                 raise StoreError(f"{self.path} holds no array {name!r}")
-            self._maps[name] = np.load(file, mmap_mode="r" if self.readonly else "r+")
+            offset, shape, dtype = npy_header(file)
+            self._maps[name] = np.memmap(file, dtype, "r" if self.readonly else "r+", offset, shape)
         return self._maps[name]
 
     def names(self) -> list[str]:
         return sorted(p.name[: -len(SUFFIX)] for p in self.path.glob(f"*{SUFFIX}"))
+
+    def __contains__(self, name: str) -> bool:
+        return self._file(name).is_file()
 
     def delete(self, name: str) -> None:
         self._maps.pop(name, None)
@@ -68,6 +73,7 @@ class MmapStore(Store):
         if direct is not None:
             direct.close()
         self._file(name).unlink(missing_ok=True)
+        fsync_dir(self.path)
 
     def _fd(self, name: str) -> int:
         if name not in self._fds:

@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +21,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, check_fits  # arrays on a device start at multiples of ALIGN
-from nvmlib.backends.files import create_npy, disk_free, prepare_dir
+from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, private_dir
+from nvmlib.backends.files import create_npy, disk_free, fsync_dir, npy_header, prepare_dir
 from nvmlib.backends.libpmem import Mapping, lib
 from nvmlib.errors import StoreError
 
@@ -46,9 +45,9 @@ class Extent(NamedTuple):
 
 
 def device_lock_path(device: Path, name: str) -> Path:
-    """A lock file in the temporary directory, keyed by the device path (a device has no directory)."""
+    """A lock file in this user's private directory, keyed by the device path (a device has no directory)."""
     key = str(Path(device).resolve()).strip("/").replace("/", "_")
-    return Path(tempfile.gettempdir()) / f"nvmlib-{key}-{name}.lock"
+    return private_dir() / f"{key}-{name}.lock"
 
 
 def _round_up(n: int, to: int = ALIGN) -> int:
@@ -70,24 +69,17 @@ class FileLayout:
 
     def open(self, name: str) -> tuple[Mapping, Extent]:
         file = self.file(name)
-        try:
-            with open(file, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                    np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)
-                offset = f.tell()
-        except FileNotFoundError:
-            raise StoreError(f"{self.path} holds no array {name!r}") from None
-        except ValueError as exc:
-            raise StoreError(f"{file} is not an array file nvmlib wrote ({exc}); the store is damaged") from exc
-        return Mapping(file), Extent(offset, tuple(shape), np.dtype(dtype))
+        if not file.exists():
+            raise StoreError(f"{self.path} holds no array {name!r}")
+        offset, shape, dtype = npy_header(file)
+        return Mapping(file, readonly=self.readonly), Extent(offset, shape, dtype)
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
         create_npy(self.file(name), shape, dtype)
 
     def delete(self, name: str) -> None:
         self.file(name).unlink(missing_ok=True)
+        fsync_dir(self.path)
 
     def free_bytes(self) -> int:
         return disk_free(self.path)
@@ -107,11 +99,11 @@ class DeviceLayout:
         if not self.path.exists():
             raise StoreError(f"there is no device {self.path}: create a devdax namespace "
                              "(ndctl create-namespace -m devdax) or check the path")
-        if not os.access(self.path, os.R_OK | os.W_OK):
-            raise StoreError(f"the device {self.path} is not readable and writable by you; "
-                             f"run `sudo chmod go+rw {self.path}` or choose another path")
+        if not os.access(self.path, os.R_OK if readonly else os.R_OK | os.W_OK):
+            raise StoreError(f"the device {self.path} is not {'readable' if readonly else 'readable and writable'} "
+                             f"by you; run `sudo chmod go+rw {self.path}` or choose another path")
         self.readonly = readonly
-        self.map = Mapping(self.path)
+        self.map = Mapping(self.path, readonly=readonly)
         if self.map.length < DATA_START + ALIGN:
             raise StoreError(f"the device {self.path} has only {self.map.length} bytes; "
                              f"a pmem device needs at least {DATA_START + ALIGN}")
@@ -135,9 +127,27 @@ class DeviceLayout:
             if head[:8].tobytes() != MAGIC or length > SLOT_BYTES - HEAD or crc != _table_crc(seq, body):
                 continue
             if seq > best[0]:
-                entries = json.loads(body)
-                best = (seq, {n: Extent(o, tuple(s), np.dtype(d)) for n, (o, s, d) in entries.items()})
+                best = (seq, self._extents(json.loads(body)))
         return best
+
+    def _extents(self, entries: dict) -> dict[str, Extent]:
+        """The table's entries, each checked to lie inside the device's data area (a table with a valid
+        checksum but an entry outside it is damage nvmlib must not map: StoreError)."""
+        table = {}
+        for name, entry in entries.items():
+            try:
+                offset, shape, dtype = entry
+                extent = Extent(int(offset), tuple(int(n) for n in shape), np.dtype(dtype))
+                ok = (isinstance(offset, int) and all(isinstance(n, int) and n >= 0 for n in shape)
+                      and extent.offset >= DATA_START and extent.offset + extent.nbytes <= self.map.length)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise StoreError(f"the table of {self.path} has an invalid entry for {name!r} ({entry!r}: outside "
+                                 f"bytes {DATA_START}..{self.map.length} of the device); the device's table is "
+                                 "damaged: nvmlib will not map it")
+            table[name] = extent
+        return table
 
     def _write(self, table: dict[str, Extent]) -> None:
         """Write `table` into the older slot and persist it; the newer slot stays valid meanwhile."""
@@ -155,7 +165,7 @@ class DeviceLayout:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialise table updates between processes sharing the device."""
-        fd = os.open(device_lock_path(self.path, ".table"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(device_lock_path(self.path, ".table"))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -295,6 +305,12 @@ class PmemStore(Store):
             return np.array(src)
         out[...] = src
         return out
+
+    def order(self, name: str) -> None:
+        """pmem_drain on persistent memory: the copies made so far are durable before any later one."""
+        mapping, _ = self._entry(name)
+        if mapping.is_pmem:
+            lib().pmem_drain()
 
     def persist(self, name: str) -> None:
         if self.readonly:

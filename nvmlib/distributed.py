@@ -1,0 +1,216 @@
+"""A SWAG posterior's sampling and evaluation on a dask cluster, next to its zarr log.
+
+Sampling: D z₂ = Σ_shards z₂[rows]ᵀ·(rows − θ̄). Each task reads whole shards of the log where
+they lie (the store's URL, opened on the worker) and accumulates their partial products; the
+partials are summed in a tree of tasks on the workers, in a fixed order. z₂ is drawn on the
+client from the seed alone, exactly as the local pass draws it, and the tasks depend only on the
+log's layout, so the draws do not depend on the number of workers or on who reads what.
+Evaluation: the S sampled models' predictions are spread over the workers, summed in the same
+kind of tree, and averaged on the client.
+
+Before any task runs, every worker opens the store and checks that it holds this very posterior,
+so a cluster that cannot see the store's path fails with an error that says so.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nvmlib.backends.zarr import ZarrStore
+from nvmlib.errors import StoreError
+from nvmlib.swag import LOG, META, SWAGPosterior
+
+GROUP_BYTES = 512 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
+FAN_IN = 4  # partial results summed by one task of the tree
+
+
+def _open(url: str, storage_options: dict | None) -> ZarrStore:
+    return ZarrStore(url, readonly=True, storage_options=storage_options)
+
+
+def _probe(url: str, storage_options: dict | None, meta: bytes) -> str | None:
+    """Run on each worker: None when it reads the posterior whose metadata is `meta`, else why not."""
+    try:
+        store = _open(url, storage_options)
+        held = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
+    except Exception as exc:  # anything a worker meets is reported to the client, by worker
+        return f"{type(exc).__name__}: {exc}"
+    return None if held == meta else "another posterior is stored at that path on this worker"
+
+
+def check_workers(post: SWAGPosterior, client: Any) -> None:
+    """Refuse, before any compute, a posterior the client's workers cannot read where it lies."""
+    store = post.store
+    if not isinstance(store, ZarrStore):
+        raise StoreError(f"the posterior is on the {store.describe()}; a dask cluster reads it where it "
+                         "lies only on the zarr tier: put it on open_store('zarr', URL) with a URL every "
+                         "worker can reach (a shared file system path, or s3://... with storage_options)")
+    meta = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
+    answers = client.run(_probe, store.url, store.storage_options, meta)
+    if not answers:
+        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2)) and wait for "
+                         "them (client.wait_for_workers(2))")
+    bad = {worker: why for worker, why in answers.items() if why}
+    if bad:
+        worker, why = next(iter(bad.items()))
+        raise StoreError(f"{len(bad)} of {len(answers)} dask workers cannot read the posterior at "
+                         f"{store.url} (e.g. {worker}: {why}); nothing was computed. Put the posterior "
+                         "where every worker sees it: a shared file system mounted at the same path on "
+                         "every node, or an object store URL (s3://..., with storage_options)")
+
+
+def shard_groups(post: SWAGPosterior, K: int) -> list[list[tuple[int, int]]]:
+    """The kept iterates as runs [t0, t1) that each lie in one shard, grouped into tasks of whole
+    shards (about GROUP_BYTES each), in the log's order."""
+    R = post.store.shard_rows(LOG)
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    t = post.n_collected - K
+    for a, b in post._spans(t, post.n_collected, post.slots):  # slot ranges, oldest iterate first
+        while a < b:
+            end = min(b, (a // R + 1) * R)
+            by_shard.setdefault(a // R, []).append((t, t + end - a))
+            t, a = t + end - a, end
+    per_task = max(1, GROUP_BYTES // (R * post.row_len * post.dtype.itemsize))
+    shards = sorted(by_shard)
+    return [[run for s in shards[i:i + per_task] for run in by_shard[s]] for i in range(0, len(shards), per_task)]
+
+
+def _partial(url: str, storage_options: dict | None, meta: dict, count: int, runs: list[tuple[int, int]],
+             z2: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Run on a worker: Σ over `runs` of z₂[run]ᵀ·(rows − θ̄), (S, n_params); z2 holds the runs' rows
+    of z₂ in order."""
+    post = SWAGPosterior.view(_open(url, storage_options), meta, count)
+    acc = torch.zeros((z2.shape[1], len(mean)), dtype=torch.from_numpy(z2).dtype)
+    at = 0
+    with ThreadPoolExecutor(1) as pool:  # the next shard is read while this one is multiplied
+        pending = pool.submit(post.iterates, *runs[0])
+        for i, (t0, t1) in enumerate(runs):
+            rows = pending.result().astype(mean.dtype, copy=False)
+            if i + 1 < len(runs):
+                pending = pool.submit(post.iterates, *runs[i + 1])
+            rows -= mean
+            acc.addmm_(torch.from_numpy(z2[at:at + t1 - t0]).T, torch.from_numpy(rows))
+            at += t1 - t0
+    return acc.numpy()
+
+
+def _add(*parts: np.ndarray) -> np.ndarray:
+    out = parts[0] + parts[1]
+    for part in parts[2:]:
+        out += part
+    return out
+
+
+def _tree(client: Any, futures: list, combine: Callable) -> Any:
+    """The results of `futures` combined FAN_IN at a time, in order, by tasks on the workers."""
+    while len(futures) > 1:
+        futures = [client.submit(combine, *futures[i:i + FAN_IN], pure=False) if len(futures[i:i + FAN_IN]) > 1
+                   else futures[i] for i in range(0, len(futures), FAN_IN)]
+    return futures[0].result()
+
+
+def low_rank(post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray, client: Any) -> np.ndarray:
+    """Σ_k z₂ₖ·(θ_k − θ̄) over the K kept rows, (S, n_params) (the local pass's D z₂ before its
+    1/√(K−1)), computed by the client's workers."""
+    check_workers(post, client)
+    K, store = len(z2), post.store
+    mean_future = client.scatter(mean, broadcast=True)
+    first = post.n_collected - K
+    tasks = [client.submit(_partial, store.url, store.storage_options, post.meta, post.n_collected, runs,
+                           np.concatenate([z2[t0 - first:t1 - first] for t0, t1 in runs]), mean_future, pure=False)
+             for runs in shard_groups(post, K)]
+    return _tree(client, tasks, _add)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+_INPUTS: dict[str, dict[str, torch.Tensor]] = {}  # per worker process: the evaluation's inputs, built once
+
+
+def _predict(key: str, model: nn.Module, theta: np.ndarray, data: tuple) -> dict[str, np.ndarray]:
+    """Run on a worker: the probabilities of `model` with parameters `theta` on every input set."""
+    from nvmlib.evaluate import inputs, predict
+    from nvmlib.models import set_flat
+
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        _INPUTS[key] = inputs(*data)
+    model = copy.deepcopy(model)  # tasks on one worker share the scattered model
+    set_flat(model, theta)
+    return {name: predict(model, x) for name, x in _INPUTS[key].items()}
+
+
+def _add_dicts(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: _add(*(p[name] for p in parts)) for name in parts[0]}
+
+
+def bma_predict(client: Any, model: nn.Module, thetas: np.ndarray, data: Sequence) -> dict[str, np.ndarray]:
+    """nvmlib.evaluate.bma_predict with the S models' predictions spread over the client's workers:
+    probabilities averaged over `thetas` on `nvmlib.evaluate.inputs(*data)`."""
+    if not client.scheduler_info()["workers"]:
+        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2))")
+    key = uuid.uuid4().hex
+    model_future, data_future = client.scatter([copy.deepcopy(model).cpu(), tuple(data)], broadcast=True)
+    theta_futures = client.scatter(list(thetas))
+    tasks = [client.submit(_predict, key, model_future, theta, data_future, pure=False) for theta in theta_futures]
+    sums = _tree(client, tasks, _add_dicts)
+    return {name: s / len(thetas) for name, s in sums.items()}
+
+
+# ---- timing: one process against a LocalCluster ------------------------------------------------
+def local_cluster(workers: int) -> tuple[Any, Any]:
+    """A dask LocalCluster of `workers` processes of one thread each on 127.0.0.1, and its Client."""
+    from dask.distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None)
+    return cluster, Client(cluster)
+
+
+def drop_cache(store: ZarrStore) -> None:
+    """Hand a local zarr store's pages back to the OS, so the next pass reads from the device."""
+    if not store.local:
+        return
+    for root, _, files in os.walk(store.url):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
+            repeats: int = 1) -> pd.DataFrame:
+    """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
+    each pass reading a cold log (after one warm-up call per cluster); columns mode, workers, seconds,
+    max_abs_diff (from the local draws)."""
+    def timed(client: Any = None) -> tuple[float, np.ndarray]:
+        drop_cache(post.store)
+        start = time.perf_counter()
+        out = post.sample(S, seed=seed, client=client)
+        return time.perf_counter() - start, out
+
+    rows, local = [], None
+    for _ in tqdm(range(repeats), desc="single process", unit="pass"):
+        seconds, local = timed()
+        rows.append({"mode": "single process", "workers": 1, "seconds": seconds, "max_abs_diff": 0.0})
+    for workers in tqdm(worker_counts, desc="dask LocalCluster", unit="cluster"):
+        cluster, client = local_cluster(workers)
+        try:
+            post.sample(1, seed=seed, client=client)  # warm-up: imports on the workers
+            for _ in range(repeats):
+                seconds, out = timed(client)
+                rows.append({"mode": "dask", "workers": workers, "seconds": seconds,
+                             "max_abs_diff": float(np.abs(out - local).max())})
+        finally:
+            client.close()
+            cluster.close()
+    return pd.DataFrame(rows)

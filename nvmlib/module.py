@@ -1,0 +1,353 @@
+"""SWAG for any torch module: collect its parameters into a SWAGPosterior on a memory tier,
+draw models from the posterior (BatchNorm statistics recomputed for each), and average their
+predictions (Bayesian model averaging); MultiSWAG keeps several such runs side by side.
+
+The iterate is every parameter of the module (`model.parameters()`), as in Maddox et al.;
+buffers such as BatchNorm's running statistics are not part of the posterior: they belong to
+one set of weights, so they are recomputed on `bn_loader` for every sampled model.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn as _update_bn
+
+from nvmlib.backends import open_store
+from nvmlib.backends.base import Store
+from nvmlib.errors import ConfigError, PosteriorError
+from nvmlib.staging import make_stager
+from nvmlib.swag import SWAGPosterior
+
+Loader = Iterable[Any] | torch.Tensor  # a DataLoader yielding (x, y) or x, or a tensor of inputs
+TENSOR_BATCH = 512  # rows of a tensor "loader" per forward pass
+
+
+def batches(loader: Loader, device: torch.device) -> Iterator[torch.Tensor]:
+    """The inputs of each batch of `loader`, on `device`."""
+    if isinstance(loader, torch.Tensor):
+        for i in range(0, len(loader), TENSOR_BATCH):
+            yield loader[i:i + TENSOR_BATCH].to(device)
+        return
+    for item in loader:
+        x = item[0] if isinstance(item, (list, tuple)) else item
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"the loader yielded a {type(x).__name__}, not a tensor: pass a DataLoader "
+                            "yielding (x, y) or x, or a tensor of inputs")
+        yield x.to(device)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether the model has BatchNorm layers (whose running statistics depend on the weights)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short digest of the model's parameter names, shapes and dtypes: its architecture."""
+    text = ";".join(f"{k}:{tuple(p.shape)}:{p.dtype}" for k, p in model.named_parameters())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The module's parameters, checked to be floating point and on one device."""
+    params = list(model.parameters())
+    if not params:
+        raise ConfigError(f"{type(model).__name__} has no parameters: SWAG needs a trainable model")
+    for name, p in model.named_parameters():
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; SWAG needs floating-point parameters: "
+                            "make it a buffer (register_buffer) if it is not trained")
+    if len({p.device for p in params}) > 1:
+        raise ConfigError("the model's parameters are on several devices; move the model to one device "
+                          "(model.to(device)) before wrapping it in SWAG")
+    return params
+
+
+def _check_sampling(S: int, scale: float) -> None:
+    if not isinstance(S, (int, np.integer)) or isinstance(S, bool) or S < 1:
+        raise ValueError(f"S={S!r}: the number of sampled models must be an integer >= 1")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale={scale!r}: the covariance scale must be a finite number >= 0 "
+                         "(0.5 in Maddox et al.)")
+
+
+def _forward_error(x: torch.Tensor, exc: RuntimeError) -> ValueError:
+    return ValueError(f"the model cannot take a batch of shape {tuple(x.shape)} ({x.dtype}) from the loader: "
+                      f"{str(exc).splitlines()[0]}; pass a loader yielding inputs shaped as in training")
+
+
+class SWAG:
+    """A SWAG posterior of `model`'s parameters on a memory tier.
+
+    SWAG(model, tier, path, max_rank=K) creates a new posterior (tier and path as in open_store, or
+    store=<Store>); SWAG.open(model, tier, path) reopens one. After each optimizer step call
+    collect(). max_rank=None keeps every iterate: pass capacity=<number of collects> then.
+    """
+
+    def __init__(self, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
+                 max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
+                 dtype: str = "float32", checkpoint_every: int = 100, name: str | None = None,
+                 overwrite: bool = False, **store_options: Any) -> None:
+        params = _parameters(model)
+        own = store is None
+        store = open_store(tier, path, **store_options) if own else store
+        try:
+            post = SWAGPosterior.create(store, sum(p.numel() for p in params), max_rank, dtype, checkpoint_every,
+                                        capacity=capacity, model=f"{name or type(model).__name__}#{fingerprint(model)}",
+                                        overwrite=overwrite)
+        except BaseException:
+            if own:
+                store.close()
+            raise
+        self._setup(model, params, store, own, post)
+
+    @classmethod
+    def open(cls, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
+             store: Store | None = None, readonly: bool = False, **store_options: Any) -> "SWAG":
+        """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture."""
+        params = _parameters(model)
+        own = store is None
+        store = open_store(tier, path, readonly=readonly, **store_options) if own else store
+        try:
+            post = SWAGPosterior.open(store, n_params=sum(p.numel() for p in params), readonly=readonly)
+            stored = post.meta.get("model") or ""
+            if "#" in stored and stored.rsplit("#", 1)[1] != fingerprint(model):
+                post.close()
+                raise PosteriorError(f"the posterior on {store.describe()} was made for another architecture "
+                                     f"({stored.rsplit('#', 1)[0]}, same parameter count, other layer shapes) "
+                                     f"than this {type(model).__name__}; open it with the model it was made for")
+        except BaseException:
+            if own:
+                store.close()
+            raise
+        self = cls.__new__(cls)
+        self._setup(model, params, store, own, post)
+        return self
+
+    def _setup(self, model: nn.Module, params: list[torch.Tensor], store: Store, own: bool,
+               post: SWAGPosterior) -> None:
+        self.model = model
+        self.store = store
+        self._own_store = own
+        self._post = post
+        self._stager = None if post.readonly else make_stager(params, post.update)
+        self._until_checkpoint: int | None = None
+        self._work: nn.Module | None = None  # the copy sampled models are loaded into
+
+    # ---- collecting ---------------------------------------------------------------------
+    def collect(self) -> bool:
+        """Record the model's parameters now as one iterate; True when this wrote a checkpoint
+        (everything collected so far is durable). On a GPU the copy is asynchronous, except for
+        an update that checkpoints, which waits so that its True means what it says."""
+        if self._stager is None:
+            raise PosteriorError("this SWAG was opened read-only; open it with readonly=False to collect")
+        if self._until_checkpoint is None:
+            self._stager.drain()
+            self._until_checkpoint = self._post.updates_to_checkpoint()
+        sync = self._until_checkpoint <= 1
+        wrote = self._stager.stage(sync)
+        self._until_checkpoint = None if sync else self._until_checkpoint - 1
+        return wrote
+
+    @property
+    def posterior(self) -> SWAGPosterior:
+        """The SWAGPosterior underneath, with every collected iterate recorded."""
+        if self._stager is not None:
+            self._stager.drain()
+        return self._post
+
+    @property
+    def n_collected(self) -> int:
+        """Iterates collected so far."""
+        return self.posterior.n_collected
+
+    def flush(self) -> None:
+        """Checkpoint now: everything collected so far becomes durable."""
+        self.posterior.flush()
+        self._until_checkpoint = None
+
+    # ---- sampling and predicting --------------------------------------------------------
+    def _working_model(self) -> nn.Module:
+        if self._work is None:
+            self._work = copy.deepcopy(self.model)
+        return self._work
+
+    def _load(self, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool) -> nn.Module:
+        """The working model with parameters `theta` and, if it has BatchNorm, fresh statistics."""
+        model = self._working_model()
+        first = next(model.parameters())
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(theta)).to(first.device, first.dtype),
+                                          model.parameters())
+        if update_bn and has_batchnorm(model):
+            self._check_bn(bn_loader, update_bn)
+            self._update_bn(model, bn_loader, first.device)
+        model.eval()
+        return model
+
+    def _check_bn(self, bn_loader: Loader | None, update_bn: bool) -> None:
+        if update_bn and bn_loader is None and has_batchnorm(self.model):
+            raise ConfigError("the model has BatchNorm layers, whose statistics belong to other weights: pass "
+                              "bn_loader=<training data> to recompute them for each sampled model, or "
+                              "update_bn=False to keep the stale statistics knowingly")
+
+    def _update_bn(self, model: nn.Module, loader: Loader, device: torch.device) -> None:
+        """torch.optim.swa_utils.update_bn over the loader's inputs, with shape errors in user terms.
+        update_bn leaves momenta unset when a forward pass fails, so the working copy is dropped then."""
+        last: list[torch.Tensor] = []
+
+        def inputs() -> Iterator[torch.Tensor]:
+            for x in batches(loader, device):
+                last[:] = [x]
+                yield x
+
+        try:
+            with torch.no_grad():
+                _update_bn(inputs(), model)
+        except BaseException as exc:
+            self._work = None
+            if isinstance(exc, RuntimeError) and last:
+                raise _forward_error(last[0], exc) from exc
+            raise
+
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
+        """S parameter vectors (S, n_params) float32 from one streamed pass over the log."""
+        _check_sampling(S, scale)
+        return self.posterior.sample(S, scale=scale, seed=seed)
+
+    def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
+                      update_bn: bool = True) -> Iterator[nn.Module]:
+        """S models drawn from one pass over the log, each in eval mode with BatchNorm statistics
+        recomputed on bn_loader. The same module object is reloaded for each draw: deepcopy one
+        to keep it past the next iteration. The wrapped model itself is never changed."""
+        self._check_bn(bn_loader, update_bn)
+        thetas = self.sample(S, scale, seed)  # the pass over the log happens here, at the call
+        return (self._load(theta, bn_loader, update_bn) for theta in thetas)
+
+    def mean_model(self, bn_loader: Loader | None = None, update_bn: bool = True) -> nn.Module:
+        """The SWA solution θ̄ as a model (BatchNorm statistics recomputed on bn_loader)."""
+        self._check_bn(bn_loader, update_bn)
+        return self._load(self.posterior.mean(), bn_loader, update_bn)
+
+    def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
+                seed: int | None = 0, update_bn: bool = True) -> np.ndarray:
+        """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models."""
+        total: np.ndarray | None = None
+        for model in self.sample_models(S, bn_loader, scale, seed, update_bn):
+            p = probabilities(model, loader)
+            total = p if total is None else total + p
+        assert total is not None
+        return total / S
+
+    # ---- closing ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Record what is in flight, checkpoint, and close the store if SWAG opened it."""
+        try:
+            if self._stager is not None:
+                self._stager.close()
+            self._post.close()
+        finally:
+            if self._own_store:
+                self.store.close()
+
+    def __enter__(self) -> "SWAG":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SWAG of {type(self.model).__name__}: {self._post!r}>"
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, loader: Loader) -> np.ndarray:
+    """Softmax probabilities (N, classes) float64 of `model` on every input of `loader`."""
+    device = next(model.parameters()).device
+    out = []
+    for x in batches(loader, device):
+        try:
+            logits = model(x)
+        except RuntimeError as exc:
+            raise _forward_error(x, exc) from exc
+        out.append(torch.softmax(logits.double(), dim=1).cpu())
+    if not out:
+        raise ValueError("the loader yielded no batches: pass a non-empty loader")
+    return torch.cat(out).numpy()
+
+
+class MultiSWAG:
+    """M independent SWAG runs of one architecture, kept side by side (root/run0, root/run1, …),
+    and one Bayesian model average over all of them (M runs × S samples)."""
+
+    def __init__(self, runs: Sequence[SWAG]) -> None:
+        if not runs:
+            raise ValueError("MultiSWAG needs at least one run")
+        self.runs = list(runs)
+
+    @classmethod
+    def create(cls, models: Sequence[nn.Module], tier: str = "dram", root: str | Path | None = None,
+               **options: Any) -> "MultiSWAG":
+        """One new posterior per model (independently initialised copies of one architecture)."""
+        if len({fingerprint(m) for m in models}) > 1:
+            raise ConfigError("MultiSWAG runs must share one architecture; the models given differ")
+        runs: list[SWAG] = []
+        try:
+            for i, model in enumerate(models):
+                runs.append(SWAG(model, tier, cls._run_path(root, i), **options))
+        except BaseException:
+            for run in runs:
+                run.close()
+            raise
+        return cls(runs)
+
+    @classmethod
+    def open(cls, model: nn.Module, tier: str, root: str | Path, **options: Any) -> "MultiSWAG":
+        """Every run under `root`, for sampling and prediction (read-only unless readonly=False)."""
+        paths = sorted((p for p in Path(root).glob("run*") if p.name[3:].isdigit()), key=lambda p: int(p.name[3:]))
+        if not paths:
+            raise PosteriorError(f"{root} holds no MultiSWAG runs (run0, run1, …); check the path")
+        options.setdefault("readonly", True)
+        runs: list[SWAG] = []
+        try:
+            for path in paths:
+                runs.append(SWAG.open(model, tier, path, **options))
+        except BaseException:
+            for run in runs:
+                run.close()
+            raise
+        return cls(runs)
+
+    @staticmethod
+    def _run_path(root: str | Path | None, i: int) -> Path | None:
+        return None if root is None else Path(root) / f"run{i}"
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def predict_runs(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
+                     seed: int = 0, update_bn: bool = True) -> list[np.ndarray]:
+        """Each run's BMA (N, classes) over S samples; run i draws with its own seed from `seed`."""
+        seeds = np.random.SeedSequence(seed).generate_state(len(self.runs))
+        return [run.predict(loader, S, bn_loader, scale, int(s), update_bn) for run, s in zip(self.runs, seeds)]
+
+    def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
+                seed: int = 0, update_bn: bool = True) -> np.ndarray:
+        """The BMA over all M × S models (N, classes) float64."""
+        return np.mean(self.predict_runs(loader, S, bn_loader, scale, seed, update_bn), axis=0)
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.close()
+
+    def __enter__(self) -> "MultiSWAG":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
