@@ -163,10 +163,12 @@ def test_the_same_shelf_twice_in_one_process_is_one_shelf(tmp_path):
         second.lock("log")
     with pytest.raises(LockedError, match="already open in this process"):
         open_store("pymm", tmp_path, size_mb=16, name="twice", force_new=True)
+    first.unlock("log")
     first.close()  # the others keep working
     second.lock("log")
     second.write_rows("x", 0, np.full(4, 7))
     assert reader.read_rows("x", 0, 4).tolist() == [7] * 4
+    second.unlock("log")
     second.close()
     reader.close()
     with open_store("pymm", tmp_path, size_mb=16, name="twice") as again:

@@ -55,8 +55,9 @@ SHELF_RESERVE = 1 << 20   # bytes of the usable half its store (hstore) keeps fo
 LARGE_ITEM = 8 << 20      # items this big are placed in whole blocks of this size (measured, see footprint)
 BACKENDS = ("hstore-cc", "mapstore")
 # where new shelf directories are placed in the address space: 16..80 TiB, clear of the heap
-# (0x55..., PIE), shared libraries and thread stacks (0x7f...); one window per directory
-ADDR_LOW, ADDR_HIGH, ADDR_ALIGN, ADDR_WINDOW = 0x1000_0000_0000, 0x5000_0000_0000, 1 << 36, 1 << 40
+# (0x55..., PIE), shared libraries and thread stacks (0x7f...); one window per directory, room
+# for four shelves of the first one's size (PyMM places a directory's next shelves after it)
+ADDR_LOW, ADDR_HIGH, ADDR_ALIGN, ADDR_WINDOW = 0x1000_0000_0000, 0x5000_0000_0000, 1 << 30, 16 << 30
 
 
 def mangle(name: str) -> str:
@@ -155,8 +156,8 @@ _windows: list[tuple[int, int]] = []       # address ranges handed out as load_a
 
 
 def _mapped() -> list[tuple[int, int]]:
-    """Address ranges mapped in this process (/proc/self/maps), plus those handed out as load_addr."""
-    ranges = list(_windows)
+    """Address ranges mapped in this process (/proc/self/maps)."""
+    ranges = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             lo, hi = line.split(None, 1)[0].split("-")
@@ -171,8 +172,8 @@ def _overlap(lo: int, hi: int, ranges: list[tuple[int, int]]) -> tuple[int, int]
 def load_address(size_bytes: int) -> int:
     """A load_addr for a new shelf directory: a window of address space that nothing in this
     process uses, chosen at random so that shelves made by different processes rarely share one."""
-    window = max(ADDR_WINDOW, -(-size_bytes // ADDR_ALIGN) * ADDR_ALIGN)
-    taken = _mapped()
+    window = max(ADDR_WINDOW, -(-4 * size_bytes // ADDR_ALIGN) * ADDR_ALIGN)
+    taken = _mapped() + _windows
     for _ in range(256):
         base = ADDR_LOW + random.randrange((ADDR_HIGH - ADDR_LOW - window) // ADDR_ALIGN) * ADDR_ALIGN
         if _overlap(base, base + window, taken) is None:
