@@ -23,6 +23,7 @@ from nvmlib.data import load
 from nvmlib.evaluate import accuracy, brier, ece, nll
 from nvmlib.experiments import reliability_table
 from nvmlib.module import MultiSWAG, SWAG, probabilities
+from nvmlib.progress import tqdm
 
 METHODS = ("SGD", "SWA", "SWAG", "MultiSWAG")
 
@@ -125,7 +126,7 @@ def run(protocol: Protocol, tier: str = "dram", root: str | Path | None = None) 
     bn = x[:protocol.bn_examples]
     runs, costs, rows, probs = [], [], [], {}
     try:
-        for i in range(protocol.runs):
+        for i in tqdm(range(protocol.runs), desc="training runs", unit="run"):
             path = None if root is None else Path(root) / f"run{i}"
             swag, sgd, cost = _train(protocol, protocol.seed * 1000 + i, x, y, tier, path)
             runs.append(swag)

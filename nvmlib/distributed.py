@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from nvmlib.progress import tqdm
 
 from nvmlib.backends.zarr import ZarrStore
 from nvmlib.errors import StoreError
