@@ -636,10 +636,21 @@ class SWAGPosterior:
         """`rows` (full log rows of iterates t0, t0+1, ...) as (n, n_params) values, once all verify."""
         ok, why = self._verify(rows, t0)
         if ok < len(rows):
-            raise (SnapshotError(why + "; reopen the posterior for a newer snapshot") if "overwritten" in why
+            raise (SnapshotError(why + "; reopen the posterior for a newer snapshot") if self._overtaken(why)
                    else PosteriorError(why + f"; mean and variance are intact, but iterates {self._count - self.rank}.."
                                        f"{self._count} (sample, kept_rows) cannot be trusted"))
         return rows[:, :self.n_params]
+
+    def _overtaken(self, why: str) -> bool:
+        """Whether a row failed because a running writer moved past this reader's snapshot: the row
+        holds a newer iterate, or the writer's count has advanced since (so the row may have been
+        read while it was being overwritten, torn) and not because it is damaged."""
+        if "overwritten" in why:
+            return True
+        if not self.readonly:
+            return False
+        now = self._read_count()
+        return now is None or now > self._count
 
     def _iterates(self, start: int, stop: int) -> np.ndarray:
         parts, t = [], start

@@ -43,13 +43,16 @@ def reader(path: Path, stop: Path) -> None:
     seen, overtaken, last = 0, 0, 0
     s1, s2, n_sums = np.zeros(N), np.zeros(N), 0
     while not stop.exists():
+        store = open_store("mmap", path, readonly=True)
         try:
-            post = SWAGPosterior.open(open_store("mmap", path, readonly=True), readonly=True)
+            post = SWAGPosterior.open(store, readonly=True)
             n = post.n_collected
             mean, var, rank, kept = post.mean(), post.variance(), post.rank, post.kept_rows()
         except SnapshotError:
             overtaken += 1
             continue
+        finally:
+            store.close()
         assert n >= last, f"a snapshot went back from {last} to {n} updates"
         if n < n_sums:
             s1, s2, n_sums = np.zeros(N), np.zeros(N), 0
