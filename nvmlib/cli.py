@@ -11,6 +11,7 @@ from typing import Callable
 
 from nvmlib import probe, reproduce
 from nvmlib.errors import ConfigError, DataError, NvmlibError
+from nvmlib.codec import CODECS
 from nvmlib.swag import FLOAT_DTYPES
 
 
@@ -68,6 +69,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--swag_start", type=int, default=0, help="epochs of SGD before recording (default 0)")
     p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES, help="precision of the stored iterates")
+    p.add_argument("--codec", choices=CODECS, help="store iterates as compressed XOR-deltas (default: raw rows)")
     p.add_argument("--checkpoint_every", type=int, default=100, help="updates between checkpoints")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run at its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a posterior already at the path")

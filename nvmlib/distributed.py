@@ -28,6 +28,7 @@ from nvmlib.progress import tqdm
 
 from nvmlib.backends.zarr import ZarrStore
 from nvmlib.errors import StoreError
+from nvmlib.log import spans
 from nvmlib.swag import LOG, META, SWAGPosterior
 
 GROUP_BYTES = 512 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
@@ -72,15 +73,19 @@ def check_workers(post: SWAGPosterior, client: Any) -> None:
 def shard_groups(post: SWAGPosterior, K: int) -> list[list[tuple[int, int]]]:
     """The kept iterates as runs [t0, t1) that each lie in one shard, grouped into tasks of whole
     shards (about GROUP_BYTES each), in the log's order."""
+    t = post.n_collected - K
+    if post.meta.get("codec"):  # a compressed log: runs of whole chunks, each decoded from its keyframe
+        step = max(1, GROUP_BYTES // (post.n_params * post.dtype.itemsize) // post.log.chunk) * post.log.chunk
+        cuts = [t, *range((t // step + 1) * step, post.n_collected, step), post.n_collected]
+        return [[(a, b)] for a, b in zip(cuts, cuts[1:])]
     R = post.store.shard_rows(LOG)
     by_shard: dict[int, list[tuple[int, int]]] = {}
-    t = post.n_collected - K
-    for a, b in post._spans(t, post.n_collected, post.slots):  # slot ranges, oldest iterate first
+    for a, b in spans(t, post.n_collected, post.log.slots, post.log.slots):  # slot ranges, oldest iterate first
         while a < b:
             end = min(b, (a // R + 1) * R)
             by_shard.setdefault(a // R, []).append((t, t + end - a))
             t, a = t + end - a, end
-    per_task = max(1, GROUP_BYTES // (R * post.row_len * post.dtype.itemsize))
+    per_task = max(1, GROUP_BYTES // (R * post.log.row_len * post.dtype.itemsize))
     shards = sorted(by_shard)
     return [[run for s in shards[i:i + per_task] for run in by_shard[s]] for i in range(0, len(shards), per_task)]
 

@@ -88,19 +88,20 @@ class SWAG:
     SWAG(model, tier, path, max_rank=K) creates a new posterior (tier and path as in open_store, or
     store=<Store>); SWAG.open(model, tier, path) reopens one. After each optimizer step call
     collect(). max_rank=None keeps every iterate: pass capacity=<number of collects> then.
+    codec="delta-zstd" (or "delta-lz4") stores compressed XOR-deltas of consecutive iterates.
     """
 
     def __init__(self, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
                  max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
                  dtype: str = "float32", checkpoint_every: int = 100, name: str | None = None,
-                 overwrite: bool = False, **store_options: Any) -> None:
+                 overwrite: bool = False, codec: str | None = None, **store_options: Any) -> None:
         params = _parameters(model)
         own = store is None
         store = open_store(tier, path, **store_options) if own else store
         try:
             post = SWAGPosterior.create(store, sum(p.numel() for p in params), max_rank, dtype, checkpoint_every,
                                         capacity=capacity, model=f"{name or type(model).__name__}#{fingerprint(model)}",
-                                        overwrite=overwrite)
+                                        overwrite=overwrite, codec=codec)
         except BaseException:
             if own:
                 store.close()

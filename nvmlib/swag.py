@@ -1,13 +1,12 @@
 """The SWAG posterior: a log of raw iterates on a memory tier, moments in DRAM, crash-safe.
 
 Layout on the store (all arrays fixed-shape, so every tier can hold them):
-  swag.meta     uint8: JSON (n_params, max_rank, capacity, row_len, moments_len, dtype,
+  swag.meta     uint8: JSON (n_params, max_rank, capacity, the log's layout, moments_len, dtype,
                 checkpoint_every, model, id: a random identity), a newline, its digest in hex
-  swag.log      (capacity + 1, row_len) raw iterates, sample-major, a ring when max_rank is set;
-                iterate t sits in slot t % (capacity + 1), so the row being written never
-                overwrites one of the `capacity` kept rows (a crash mid-write tears nothing kept);
-                a row is n_params values, zero padding to the tier's row_align (4 KiB rows for
-                O_DIRECT) and a 16-byte trailer [t, digest of the row seeded with (id, t)]
+  swag.log      the iterates, a ring when max_rank is set (nvmlib.log): raw rows, one slot per
+  (swag.index)  iterate, or (codec="delta-zstd"/"delta-lz4") compressed XOR-deltas of consecutive
+                iterates with an index; the row being written never overwrites a kept one (a crash
+                mid-write tears nothing kept), and every row carries a digest seeded with (id, t)
   swag.count    int64 (2,): [updates whose row is fully written, its digest]: an upper bound for
                 replay, which also stops at the first row that does not verify as iterate t
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
@@ -37,16 +36,17 @@ import torch
 
 from nvmlib import moments
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, padded_len
-from nvmlib.checksum import digest, identity_seed, new_identity, row_seed
+from nvmlib.checksum import digest, identity_seed, new_identity
+from nvmlib.codec import check_codec
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
+from nvmlib.log import INDEX, LOG, REPLAY_ROWS, Batch, layout, log_bytes, log_class
 
 FORMAT = 3
-TRAILER = 16  # bytes ending every log row: int64 t, int64 digest
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
-META, LOG, COUNT, SHIFT, MOMENTS, COMMIT = (
-    "swag.meta", "swag.log", "swag.count", "swag.shift", "swag.moments", "swag.commit")
+META, COUNT, SHIFT, MOMENTS, COMMIT = "swag.meta", "swag.count", "swag.shift", "swag.moments", "swag.commit"
+NAMES = (META, LOG, INDEX, COUNT, SHIFT, MOMENTS, COMMIT)
 FLOAT_DTYPES = ("float16", "float32", "float64")
-CHUNK_BYTES = 128 << 20
+MAX_CHUNK = 32  # iterates per chunk of a compressed log (a keyframe, then deltas), at most
 PARALLEL_MIN = 1 << 16  # parameters from which the moments are added on two threads
 
 
@@ -74,9 +74,10 @@ def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
                       "store the posterior as float32 or float64. The posterior was not changed")
 
 
-def row_len_for(n_params: int, dtype: str, row_align: int) -> int:
-    """Elements of one log row: n_params values and the trailer, padded to row_align bytes."""
-    return padded_len(n_params + TRAILER // np.dtype(dtype).itemsize, dtype, row_align)
+def chunk_for(capacity: int) -> int:
+    """Iterates per chunk of a compressed log keeping `capacity`: long chunks store fewer keyframes,
+    short ones keep (and decode) fewer iterates beyond the kept ones; a quarter of them, 2 to MAX_CHUNK."""
+    return int(min(MAX_CHUNK, max(2, capacity // 4)))
 
 
 def _encode_meta(meta: dict) -> np.ndarray:
@@ -135,8 +136,6 @@ class SWAGPosterior:
         self.n_params: int = meta["n_params"]
         self.max_rank: int | None = meta["max_rank"]
         self.capacity: int = meta["capacity"]
-        self.slots = self.capacity + 1
-        self.row_len: int = meta["row_len"]
         self.dtype = np.dtype(meta["dtype"])
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
@@ -148,24 +147,30 @@ class SWAGPosterior:
         self._moments[:] = 0
         self._s1, self._s2 = self._moments[0, :self.n_params], self._moments[1, :self.n_params]
         self._shift = np.zeros(self.n_params)
-        self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
-        self._row[self.n_params:] = 0
+        self.log = log_class(meta)(store, meta, self._ident)
         self._io: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the write of row self._count, while in flight
         self._closed = False
 
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
-    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = ALIGN) -> int:
-        """Bytes a posterior of `rows` kept iterates needs on a tier (one spare slot for the next row)."""
-        row = row_len_for(n_params, dtype, row_align) * np.dtype(dtype).itemsize
-        return (rows + 1) * row + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = ALIGN,
+                       codec: str | None = None) -> int:
+        """Bytes a posterior of `rows` kept iterates needs on a tier (the log reserves room for the
+        next row, and a compressed log for incompressible rows and a chunk more)."""
+        log = log_bytes({"n_params": n_params, "capacity": rows, "dtype": dtype,
+                         **layout(n_params, rows, dtype, row_align, codec, chunk_for(rows))})
+        return log + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
                checkpoint_every: int = 100, capacity: int | None = None, model: str | None = None,
-               overwrite: bool = False) -> "SWAGPosterior":
+               overwrite: bool = False, codec: str | None = None) -> "SWAGPosterior":
         """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
+
+        codec: None keeps raw rows; "delta-zstd" or "delta-lz4" stores each iterate as the
+        compressed XOR with the one before it (lossless: every row reads back bit-exact), in chunks
+        that each start with a keyframe (chunk_for: a quarter of the kept iterates, 2 to MAX_CHUNK).
 
         overwrite=True replaces a posterior already there, but only after every check the new one
         must pass (arguments, free space, the file size limit): a refused create deletes nothing."""
@@ -191,6 +196,7 @@ class SWAGPosterior:
             raise InputError(f"capacity={cap}: a posterior needs room for at least 2 iterates")
         if checkpoint_every < 1:
             raise InputError(f"checkpoint_every must be >= 1, not {checkpoint_every}")
+        check_codec(codec)
         store.lock(LOG)
         try:
             if META in store:
@@ -203,21 +209,23 @@ class SWAGPosterior:
                     raise PosteriorError(f"{store.describe()} already holds a posterior; open it with "
                                          "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
                                          "or choose another path")
-            old = [n for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT) if n in store]  # or a torn create's
-            row_len = row_len_for(int(n_params), dtype, store.row_align)
+            old = [n for n in NAMES if n in store]  # or a torn create's
             moments_len = padded_len(int(n_params), "float64", store.row_align)
-            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, store.row_align), f"a posterior of {cap} "
-                       f"iterates × {n_params} parameters ({dtype})",
+            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, store.row_align, codec),
+                       f"a posterior of {cap} iterates × {n_params} parameters ({dtype}"
+                       f"{', ' + codec + ' reserves room for incompressible rows' if codec else ''})",
                        reclaimable=sum(store.nbytes(n) for n in old))
-            _check_file_size_limit(store, (cap + 1) * row_len * np.dtype(dtype).itemsize)
+            meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
+                    **layout(int(n_params), cap, dtype, store.row_align, codec, chunk_for(cap)),
+                    "moments_len": moments_len, "dtype": dtype, "model": model,
+                    "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))), "id": new_identity()}
+            arrays = log_class(meta).arrays(meta)
+            _check_file_size_limit(store, max(int(np.prod(shape)) * np.dtype(dt).itemsize
+                                              for shape, dt in arrays.values()))
             for name in old:
                 store.delete(name)
-            meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
-                    "row_len": row_len, "moments_len": moments_len, "dtype": dtype, "model": model,
-                    "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))), "id": new_identity()}
-            store.create(LOG, (cap + 1, row_len), dtype)
-            for name, shape, dt in ((COUNT, (2,), "int64"), (SHIFT, (int(n_params),), "float64"),
-                                    (MOMENTS, (2, 2, moments_len), "float64"), (COMMIT, (2, 6), "int64")):
+            for name, (shape, dt) in {**arrays, COUNT: ((2,), "int64"), SHIFT: ((int(n_params),), "float64"),
+                                      MOMENTS: ((2, 2, moments_len), "float64"), COMMIT: ((2, 6), "int64")}.items():
                 store.create(name, shape, dt)
             post = cls(store, meta, readonly=False)
             post._checkpoint(force=True)
@@ -261,8 +269,8 @@ class SWAGPosterior:
 
     def _check_shapes(self) -> None:
         """Every array has the shape its meta says (a swapped or resized file is refused)."""
-        want = {LOG: (self.slots, self.row_len), COUNT: (2,), SHIFT: (self.n_params,),
-                MOMENTS: (2, 2, self.meta["moments_len"]), COMMIT: (2, 6)}
+        want = {**{name: shape for name, (shape, _) in self.log.arrays(self.meta).items()}, COUNT: (2,),
+                SHIFT: (self.n_params,), MOMENTS: (2, 2, self.meta["moments_len"]), COMMIT: (2, 6)}
         for name, shape in want.items():
             if name not in self.store:
                 raise PosteriorError(f"{self.store.describe()} lacks {name}: the posterior is damaged")
@@ -304,8 +312,16 @@ class SWAGPosterior:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the posterior occupies on its tier."""
-        return sum(self.store.nbytes(n) for n in (META, LOG, COUNT, SHIFT, MOMENTS, COMMIT))
+        """Bytes the posterior reserves on its tier."""
+        return sum(self.store.nbytes(n) for n in NAMES if n in self.store)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the posterior holds on its tier: nbytes for raw rows; for a compressed log, the
+        records it keeps (not the room reserved for incompressible ones)."""
+        self._settle()
+        return self.nbytes - sum(self.store.nbytes(n) for n in (LOG, INDEX) if n in self.store) + \
+            self.log.stored_bytes(self._count - self.rank, self._count)
 
     def __repr__(self) -> str:
         return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} rank={self.rank} "
@@ -326,11 +342,11 @@ class SWAGPosterior:
         if self.max_rank is None and self._count >= self.capacity:
             raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; create "
                                  "the posterior with a larger capacity or a max_rank (ring)")
-        row = self._row[:self.n_params]  # the moments are of what the tier stores: cast first
+        row = self.log.row  # the moments are of what the tier stores: cast first
         if not moments.stage(vec, row):
             raise _not_finite(vec, self.dtype)
-        # the row is stamped and goes to the tier on a pool thread while the moments are added here
-        self._pending = self._pool().submit(self._write_row, self._count)
+        # the row is stamped (or encoded) and goes to the tier on a pool thread while the moments are added here
+        self._pending = self._pool().submit(self.log.write, self._count)
         if self._count == 0:
             self._shift[:] = row
         self._accumulate(row)
@@ -345,16 +361,6 @@ class SWAGPosterior:
         self._settle()
         return 1 if self._count == 0 else max(1, self.checkpoint_every - (self._count - self._ckpt_count))
 
-    def _stamp(self, row: np.ndarray, t: int) -> None:
-        """Write the trailer of a full log row holding iterate t: [t, digest of its values]."""
-        raw = row.view(np.uint8)
-        tail = np.array([t, digest(raw[:self.n_params * self.dtype.itemsize], row_seed(self._ident, t))], np.int64)
-        raw[-TRAILER:] = tail.view(np.uint8)
-
-    def _write_row(self, t: int) -> None:
-        self._stamp(self._row, t)
-        self.store.write_rows(LOG, t % self.slots, self._row[None, :])
-
     def _write_count(self, count: int) -> None:
         value = np.array([count], np.int64)
         self.store.write_rows(COUNT, 0, np.append(value, digest(value, self._ident)).astype(np.int64))
@@ -366,7 +372,7 @@ class SWAGPosterior:
             return
         try:
             pending.result()
-            self.store.order(LOG)  # the row, then the count that covers it
+            self.log.order()  # the row, then the count that covers it
             if self._count == 0:
                 self.store.write_rows(SHIFT, 0, self._shift)
                 self.store.persist(SHIFT)
@@ -406,7 +412,7 @@ class SWAGPosterior:
         the checkpoint before it (the one a saved train state may point to)."""
         if not force and self._count == self._ckpt_count:
             return
-        self.store.persist(LOG)
+        self.log.persist()
         self.store.persist(COUNT)
         seq = self._seq + 1
         slot = seq % 2
@@ -477,60 +483,26 @@ class SWAGPosterior:
     def _replay(self, start: int, stop: int, problems: list[str]) -> int:
         """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify; the
         count reached. A reader whose rows a running writer overwrote gets SnapshotError."""
-        for a in range(start, stop, 64):
-            rows, ok, why = self._read_verified(a, min(a + 64, stop))
+        reached = start
+        for first, rows, ok, why in self.log.stream(start, stop, REPLAY_ROWS * self.n_params * self.dtype.itemsize):
             for i in range(ok):
-                if a + i == 0:
+                if first + i == 0:
                     self._shift[:] = rows[0]
                 self._accumulate(rows[i])
+            reached = first + ok
             if why:
                 if self.readonly and "overwritten" in why:
                     raise SnapshotError(why)
                 problems.append(why)
-                return a + ok
+                return reached
         return stop
-
-    def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
-        """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does not."""
-        raw = rows.reshape(len(rows), -1).view(np.uint8)
-        tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
-        nbytes = self.n_params * self.dtype.itemsize
-        for i, (t, check) in enumerate(tails):
-            want = t0 + i
-            if t != want:
-                state = (f"was overwritten by iterate {t} (a running writer has moved on, or a crash kept a later "
-                         "row and lost the ones before it)" if t > want else "was not written (or was dropped by truncate)")
-                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {state}"
-            if digest(raw[i, :nbytes], row_seed(self._ident, want)) != check:
-                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
-        return len(rows), ""
-
-    def _read_verified(self, start: int, stop: int) -> tuple[np.ndarray, int, str]:
-        """Rows of iterates start..stop−1 ((n, n_params) views of full rows), how many verify, and why not all."""
-        parts, ok, why, t = [], 0, "", start
-        for a, b in self._spans(start, stop, stop):
-            full = self.store.read_rows(LOG, a, b)
-            parts.append(full)
-            if not why:
-                n, why = self._verify(full, t)
-                ok += n
-            t += b - a
-        rows = parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.row_len), self.dtype)])
-        return rows[:, :self.n_params], ok, why
 
     def _discard(self, start: int, stop: int) -> None:
         """Invalidate the rows of iterates start..stop−1 still in the log (a truncate dropped them,
         or a crash left them beyond the recovered count), so that no later replay takes them for
         new ones; persisted before the count or checkpoint that relies on it."""
-        zero, dropped = aligned_empty((1, self.row_len), self.dtype), False
-        zero[:] = 0
-        for t in range(start, min(stop, start + self.slots)):
-            row = self.store.read_rows(LOG, t % self.slots, t % self.slots + 1)
-            if int(np.ascontiguousarray(row.view(np.uint8)[0, -TRAILER:]).view(np.int64)[0]) >= start:
-                self.store.write_rows(LOG, t % self.slots, zero)
-                dropped = True
-        if dropped:
-            self.store.persist(LOG)
+        if self.log.discard(start, stop):
+            self.log.persist()
 
     def truncate(self, count: int) -> None:
         """Roll back to the first `count` updates (drops later ones), e.g. to resume training there.
@@ -593,7 +565,7 @@ class SWAGPosterior:
             return z1
 
         with ThreadPoolExecutor(1) as pool:
-            chunks = self._stream(K) if K >= 2 and client is None else iter(())  # the first read starts now
+            chunks = self._stream(self._count - K, self._count) if K >= 2 and client is None else iter(())  # reads start now
             pending = pool.submit(diagonal)
             if K >= 2:
                 z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
@@ -602,9 +574,10 @@ class SWAGPosterior:
                     acc = torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
                 else:
                     acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
-                for start, rows in chunks:
+                for t, rows in chunks:
                     rows = rows.astype(work, copy=False)
                     rows -= mean
+                    start = t - (self._count - K)
                     acc.addmm_(z2[start:start + len(rows)].T, torch.from_numpy(rows))  # acc += z2ᵀ·rows
                 acc /= math.sqrt(K - 1)
             out = pending.result()
@@ -622,24 +595,14 @@ class SWAGPosterior:
         post._count = count
         return post
 
-    def _spans(self, start: int, stop: int, step: int) -> list[tuple[int, int]]:
-        """[a, b) slot ranges holding iterates start..stop−1 in order, each at most `step` rows."""
-        spans, t = [], start
-        while t < stop:
-            a = t % self.slots
-            b = min(a + stop - t, self.slots, a + step)
-            spans.append((a, b))
-            t += b - a
-        return spans
-
-    def _checked(self, rows: np.ndarray, t0: int) -> np.ndarray:
-        """`rows` (full log rows of iterates t0, t0+1, ...) as (n, n_params) values, once all verify."""
-        ok, why = self._verify(rows, t0)
-        if ok < len(rows):
+    def _checked(self, batch: Batch) -> tuple[int, np.ndarray]:
+        """A streamed batch's (first iterate, rows), once all its rows verify."""
+        first, rows, ok, why = batch
+        if ok < len(rows) or why:
             raise (SnapshotError(why + "; reopen the posterior for a newer snapshot") if self._overtaken(why)
                    else PosteriorError(why + f"; mean and variance are intact, but iterates {self._count - self.rank}.."
                                        f"{self._count} (sample, kept_rows) cannot be trusted"))
-        return rows[:, :self.n_params]
+        return first, rows
 
     def _overtaken(self, why: str) -> bool:
         """Whether a row failed because a running writer moved past this reader's snapshot: the row
@@ -652,42 +615,10 @@ class SWAGPosterior:
         now = self._read_count()
         return now is None or now > self._count
 
-    def _iterates(self, start: int, stop: int) -> np.ndarray:
-        parts, t = [], start
-        for a, b in self._spans(start, stop, stop):
-            parts.append(self._checked(self.store.read_rows(LOG, a, b), t))
-            t += b - a
-        return parts[0] if len(parts) == 1 else np.concatenate(parts or [np.empty((0, self.n_params), self.dtype)])
-
-    def _stream(self, K: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start, rows) chunks of the K kept rows, each chunk read while the previous is used; the
-        first read starts at once."""
-        step = max(1, CHUNK_BYTES // (self.row_len * self.dtype.itemsize))
-        spans = self._spans(self._count - K, self._count, step)
-        buffers = [aligned_empty((min(step, K), self.row_len), self.dtype) for _ in range(min(2, len(spans)))]
-
-        firsts = np.cumsum([self._count - K] + [b - a for a, b in spans])
-
-        def read(i: int) -> np.ndarray:  # verified on the reading thread, while the previous chunk is used
-            a, b = spans[i]
-            return self._checked(self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a]), int(firsts[i]))
-
-        pool = ThreadPoolExecutor(1)
-        first = pool.submit(read, 0)
-
-        def chunks() -> Iterator[tuple[int, np.ndarray]]:
-            pending, start = first, 0
-            try:
-                for i in range(len(spans)):
-                    rows = pending.result()
-                    if i + 1 < len(spans):
-                        pending = pool.submit(read, i + 1)
-                    yield start, rows
-                    start += len(rows)
-            finally:
-                pool.shutdown()
-
-        return chunks()
+    def _stream(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first iterate, rows) batches of iterates start..stop−1, each read while the previous one is
+        used (the first read starts at once); SnapshotError/PosteriorError at a row that does not verify."""
+        return (self._checked(batch) for batch in self.log.stream(start, stop))
 
     def iterates(self, start: int, stop: int) -> np.ndarray:
         """Iterates θ_start … θ_stop−1, (stop − start, n_params) in the log's dtype; only the kept
@@ -697,7 +628,10 @@ class SWAGPosterior:
         if not first <= start <= stop <= self._count:
             raise ValueError(f"iterates {start}..{stop} are not all kept: this posterior keeps "
                              f"{first}..{self._count} (max_rank={self.max_rank})")
-        return self._iterates(start, stop)
+        out = np.empty((stop - start, self.n_params), self.dtype)
+        for t, rows in self._stream(start, stop):
+            out[t - start:t - start + len(rows)] = rows
+        return out
 
     def kept_rows(self) -> np.ndarray:
         """The K kept iterates, oldest first: the raw Θ behind D."""
@@ -718,6 +652,7 @@ class SWAGPosterior:
                 self.store.unlock(LOG)
             if self._io is not None:
                 self._io.shutdown()
+            self.log.close()
             self._closed = True
 
     def __enter__(self) -> "SWAGPosterior":

@@ -39,7 +39,7 @@ STATE_FORMAT = 1
 STATE_FILE = "train_state.pt"
 # settings that must not change between an interrupted run and its --resume
 RESUME_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "record_every", "swag_start", "max_rank",
-               "seed", "limit", "dtype", "data_path")
+               "seed", "limit", "dtype", "data_path", "codec")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class TrainConfig:
     limit: int | None = None            # first N training examples only
     seed: int = 0
     dtype: str = "float32"              # precision of the iterates on the tier
+    codec: str | None = None            # --codec: None (raw rows) or a compressed delta log (nvmlib.codec)
     checkpoint_every: int = 100         # updates between durable checkpoints
     results_filepath: str | None = None  # timing CSV; a JSON record goes beside it
     resume: bool = False
@@ -136,7 +137,8 @@ def train(config: TrainConfig, store: Store | None = None,
             swag, position = _resume(store, config, state_path, model, optimizer, device)
         else:
             swag = SWAG(model, store=store, max_rank=config.max_rank, capacity=capacity, dtype=config.dtype,
-                        checkpoint_every=config.checkpoint_every, name=config.model, overwrite=config.overwrite)
+                        checkpoint_every=config.checkpoint_every, name=config.model, overwrite=config.overwrite,
+                        codec=config.codec)
             position = (0, 0, 0)
             if config.swag_start == 0 and swag.collect():
                 _save_state(state_path, config, model, optimizer, 0, 0, swag.n_collected, False)
@@ -181,7 +183,7 @@ def train(config: TrainConfig, store: Store | None = None,
             store.close()
         raise
     post = swag.posterior
-    timings["posterior size (byte)"] = float(post.nbytes)
+    timings["posterior size (byte)"] = float(post.stored_bytes)
     timings["total experiment time (s)"] = time.perf_counter() - t_experiment
     timings["total script time (s)"] = time.perf_counter() - t_script
     record = _record(config, store, post, train_split, test_split, timings, device, resumed_from, state_path)
@@ -270,7 +272,7 @@ def open_tier(config: TrainConfig) -> Store:
 def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> None:
     """StoreError naming the size needed when the tier cannot hold the run's posterior."""
     rows = config.max_rank or capacity
-    need = SWAGPosterior.required_bytes(n, rows, config.dtype, store.row_align)
+    need = SWAGPosterior.required_bytes(n, rows, config.dtype, store.row_align, config.codec)
     what = (f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
             f"its posterior needs {need / 1e9:.3f} GB")
     if config.shelf_size_mb is not None and need > config.shelf_size_mb * 2**20:
@@ -407,7 +409,7 @@ def _record(config: TrainConfig, store: Store, post: SWAGPosterior, train_split:
                  "describe": store.describe(), "persistent": store.persistent},
         "posterior": {"n_params": post.n_params, "n_collected": post.n_collected, "rank": post.rank,
                       "max_rank": post.max_rank, "capacity": post.capacity, "dtype": str(post.dtype),
-                      "nbytes": post.nbytes},
+                      "nbytes": post.nbytes, "stored_bytes": post.stored_bytes, "codec": post.meta.get("codec")},
         "data": {s.split: {"source": s.source, "examples": len(s), "verified": s.verified}
                  for s in (train_split, test_split)},
         "timings": timings, "resumed_from_update": resumed_from,

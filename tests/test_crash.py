@@ -37,13 +37,14 @@ from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 from conftest import TIER_OPENERS
 from nvmlib.swag import META, SWAGPosterior
-tier, tmp, fresh = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "fresh"
+tier, tmp, fresh, codec = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "fresh", sys.argv[4] or None
 from nvmlib import moments  # compile (or load) the update kernels before the clock starts
 moments.stage(np.zeros(1, np.float32), np.zeros(1, np.float32))
 moments.add(np.zeros(1, np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
 store = TIER_OPENERS[tier](tmp)
 if fresh or META not in store:
-    post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY}, overwrite=True)
+    post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY}, overwrite=True,
+                                codec=codec)
 else:
     post = SWAGPosterior.open(store)
 print("ready", flush=True)
@@ -79,10 +80,10 @@ class Expected:
         np.testing.assert_array_equal(post.kept_rows(), np.stack(kept))
 
 
-def _trial(tier: str, tmp: Path, fresh: bool, rng: random.Random) -> tuple[int, int]:
+def _trial(tier: str, tmp: Path, fresh: bool, rng: random.Random, codec: str = "") -> tuple[int, int]:
     """Run the child, SIGKILL it 0.05-0.5 s after its first update; the last count it printed, and the
     last one that checkpointed."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, tier, str(tmp), "fresh" if fresh else "open"],
+    child = subprocess.Popen([sys.executable, "-c", CHILD, tier, str(tmp), "fresh" if fresh else "open", codec],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready = child.stdout.readline()
     assert ready == "ready\n", child.stderr.read()
@@ -96,14 +97,15 @@ def _trial(tier: str, tmp: Path, fresh: bool, rng: random.Random) -> tuple[int, 
     return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
 
 
-def test_sigkill_while_collecting_loses_no_committed_update(persistent_tier, tmp_path):
+@pytest.mark.parametrize("codec", ["", "delta-zstd"])
+def test_sigkill_while_collecting_loses_no_committed_update(persistent_tier, tmp_path, codec):
     tier, opener = persistent_tier
-    rng, expected = random.Random(f"{tier}-{SEED}"), Expected()
-    for trial in range(TRIALS):
+    rng, expected = random.Random(f"{tier}-{SEED}{codec}"), Expected()
+    for trial in range(TRIALS if not codec else TRIALS // 4):
         fresh = trial % 5 == 0
         if fresh:
             expected = Expected()
-        printed, committed = _trial(tier, tmp_path, fresh, rng)
+        printed, committed = _trial(tier, tmp_path, fresh, rng, codec)
         with opener(readonly=True) as store:
             post = SWAGPosterior.open(store, readonly=True)
             assert post.n_collected >= committed, f"trial {trial}: checkpoint at {committed} was lost"

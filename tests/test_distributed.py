@@ -75,7 +75,7 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
             # the draws do not depend on the number of workers
             np.testing.assert_allclose(remote, SEEN.setdefault((name, seed), remote), rtol=1e-6, atol=1e-6)
     wrapped, unwrapped = rings["wrapped"], rings["unwrapped"]
-    assert wrapped.n_collected > wrapped.slots and unwrapped.n_collected < unwrapped.capacity
+    assert wrapped.n_collected > wrapped.log.slots and unwrapped.n_collected < unwrapped.capacity
 
 
 def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_path, one_shard_per_task):

@@ -62,16 +62,17 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("max_rank", [None, 6])
-def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, max_rank):
+@pytest.mark.parametrize("max_rank, codec", [(None, None), (6, None), (6, "delta-zstd")])
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, max_rank, codec):
     whole = train(small(backend="mmap", posterior_path=str(tmp_path / "whole"), checkpoint_every=3,
-                        max_rank=max_rank))
+                        max_rank=max_rank, codec=codec))
 
     def stop_in_second_epoch(epoch: int, batch: int) -> None:
         if epoch == 1 and batch == 2:  # 9 updates made; the last checkpoint was at 7
             raise Interrupt
 
-    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3, max_rank=max_rank)
+    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3, max_rank=max_rank,
+                codec=codec)
     with pytest.raises(Interrupt):
         train(cut, on_batch=stop_in_second_epoch)
     state = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)
@@ -83,6 +84,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     assert np.array_equal(resumed.posterior.variance(), whole.posterior.variance())
     assert np.array_equal(resumed.posterior.sample(3, seed=1), whole.posterior.sample(3, seed=1))
     assert torch.equal(get_flat(resumed.model), get_flat(whole.model))
+    assert resumed.posterior.kept_rows().tobytes() == whole.posterior.kept_rows().tobytes()
+    assert resumed.timings["posterior size (byte)"] == resumed.posterior.stored_bytes  # the bytes actually stored
+    assert (resumed.posterior.stored_bytes < resumed.posterior.nbytes) == (codec is not None)
     whole.close(), resumed.close()
 
 

@@ -1,0 +1,127 @@
+"""The compressed delta log against raw rows, on real training iterates.
+
+For each model (model_2fc, model_4fc) and regime (the paper's: plain SGD at lr 1e-4 from the first
+minibatch; SWAG's: lr 0.05 with momentum 0.9 after a warm-up), ROWS consecutive iterates are
+trained into memory, then recorded into a posterior on the mmap tier (O_DIRECT writes) with each
+codec: raw rows, delta-zstd and delta-lz4 on 1, 2 and all cores. Reported per run: bytes stored
+per iterate, compression ratio against the raw row, and the collection rate in raw bytes per
+second (update() of every iterate, then a durable checkpoint) against `dd oflag=direct` measured
+in the same run. Then sample(S) on the raw and the zstd log of the same iterates (O_DIRECT reads,
+so the device is read, not the page cache).
+
+Usage: python benchmarks/bench_compress.py [DIR] [--models model_2fc,model_4fc] [--rows 48]
+                                           [--samples 16] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench_swag import dd_bandwidth, write_json
+from nvmlib import data, models
+from nvmlib.backends import open_store
+from nvmlib.swag import SWAGPosterior
+from nvmlib.train import machine_facts
+
+REGIMES = {"paper": (1e-4, 0.0, 0), "swag": (0.05, 0.9, 200)}  # lr, momentum, warm-up steps
+
+
+def iterates(model_name: str, regime: str, rows: int) -> np.ndarray:
+    """`rows` consecutive iterates of `model_name` trained on MNIST in `regime`, (rows, n) float32."""
+    lr, momentum, warmup = REGIMES[regime]
+    x, y = data.load("mnist", "train").tensors()
+    torch.manual_seed(0)
+    model = models.make_model(model_name, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    out = np.empty((rows, models.n_params(model)), np.float32)
+    for step in range(warmup + rows):
+        b = slice(step * 100 % 60000, step * 100 % 60000 + 100)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[b]), y[b]).backward()
+        opt.step()
+        if step >= warmup:
+            out[step - warmup] = models.get_flat(model).numpy()
+    return out
+
+
+def collect(where: Path, rows: np.ndarray, codec: str | None, threads: int) -> tuple[float, int]:
+    """(seconds to record every row and checkpoint, log bytes stored) on a fresh mmap posterior."""
+    os.environ["NVMLIB_CODEC_THREADS"] = str(threads)
+    shutil.rmtree(where, ignore_errors=True)
+    store = open_store("mmap", where)
+    post = SWAGPosterior.create(store, rows.shape[1], capacity=len(rows), checkpoint_every=len(rows), codec=codec)
+    t = time.perf_counter()
+    for row in rows:
+        post.update(row)
+    post.flush()
+    seconds = time.perf_counter() - t
+    stored = post.log.stored_bytes(0, len(rows))
+    post.close()
+    store.close()
+    return seconds, stored
+
+
+def sample_seconds(where: Path, S: int) -> float:
+    """Seconds of sample(S) on the posterior at `where` (the median of 3)."""
+    with open_store("mmap", where, readonly=True) as store:
+        post = SWAGPosterior.open(store, readonly=True)
+        times = []
+        for seed in range(3):
+            t = time.perf_counter()
+            post.sample(S, seed=seed)
+            times.append(time.perf_counter() - t)
+        post.close()
+    return float(np.median(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", nargs="?", help="directory on the device to measure (default: a temp dir)")
+    parser.add_argument("--models", default="model_2fc,model_4fc")
+    parser.add_argument("--rows", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-compress-"))
+    cores = os.cpu_count() or 1
+    report = {"machine": machine_facts(torch.device("cpu")), "rows": args.rows, "dd_before": dd_bandwidth(root),
+              "runs": [], "sample": []}
+    dd_write = report["dd_before"]["dd_write_over_MBps"]
+    print(f"dd oflag=direct: {dd_write:.0f} MB/s overwrite, {report['dd_before']['dd_read_MBps']:.0f} MB/s read")
+    settings = [(None, cores)] + [(c, n) for c in ("delta-zstd", "delta-lz4") for n in sorted({1, 2, cores})]
+    for model_name in args.models.split(","):
+        for regime in REGIMES:
+            rows = iterates(model_name, regime, args.rows)
+            raw_row = rows.shape[1] * 4
+            for codec, threads in tqdm(settings, desc=f"{model_name} {regime}", leave=False):
+                seconds, stored = collect(root / f"{codec}", rows, codec, threads)
+                run = {"model": model_name, "regime": regime, "codec": codec or "raw", "threads": threads,
+                       "bytes_per_iterate": stored / len(rows), "ratio": raw_row * len(rows) / stored,
+                       "collect_MBps": raw_row * len(rows) / seconds / 1e6}
+                run["collect_vs_dd_write"] = run["collect_MBps"] / dd_write
+                report["runs"].append(run)
+                tqdm.write(f"{model_name:9s} {regime:5s} {run['codec']:10s} {threads} threads: "
+                      f"{run['bytes_per_iterate'] / 1e6:6.2f} MB/iterate (ratio {run['ratio']:4.2f}), "
+                      f"collect {run['collect_MBps']:6.0f} MB/s = {run['collect_vs_dd_write']:.2f}x dd write")
+            collect(root / "delta-zstd", rows, "delta-zstd", cores)
+            collect(root / "None", rows, None, cores)
+            raw_s, packed_s = sample_seconds(root / "None", args.samples), sample_seconds(root / "delta-zstd", args.samples)
+            report["sample"].append({"model": model_name, "regime": regime, "S": args.samples, "raw_s": raw_s,
+                                     "delta_zstd_s": packed_s, "ratio": packed_s / raw_s})
+            print(f"{model_name:9s} {regime:5s} sample({args.samples}): raw {raw_s:.3f} s, delta-zstd {packed_s:.3f} s "
+                  f"= {packed_s / raw_s:.2f}x")
+    report["dd_after"] = dd_bandwidth(root)
+    shutil.rmtree(root, ignore_errors=True)
+    write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()

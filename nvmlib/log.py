@@ -1,0 +1,367 @@
+"""The posterior's log of kept iterates on a store: raw rows, or compressed delta records.
+
+RawLog (codec None)
+  swag.log    (slots, row_len): iterate t in slot t % slots, a row = its n_params values, zero
+              padding to the tier's row_align (4 KiB rows for O_DIRECT) and a 16-byte trailer
+              [t, digest of the values seeded with (id, t)].
+DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.codec)
+  swag.log    (blocks, 4096) uint8: a ring of blocks holding one record per iterate, each starting
+              on a block; a record is the iterate XOR-ed with the one before it (a keyframe, the
+              first of every `chunk` iterates, is the iterate itself), byte-grouped and compressed.
+  swag.index  (slots, 7) int64: iterate t in slot t % slots = [t, first block (counting from the
+              log's start, never wrapping), record bytes, its keyframe's iterate, digest of the
+              record, digest of the decoded values, digest of this index row].
+  Reading iterate t decodes from its keyframe, so the ring keeps whole chunks: `slots` =
+  capacity + chunk index slots and as many worst-case records of blocks, so that the keyframe of
+  the oldest kept iterate and the record being written are never overwritten; between K and
+  K + chunk − 1 iterates are physically kept, and the posterior uses the last K, as the raw log does.
+Both: a row written by write(t) verifies only once it is whole (a torn one fails its digest); reads
+report how many rows verified and why the next did not ("overwritten": a newer iterate took its
+slot; "fails its checksum": damaged).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+
+from nvmlib.backends.base import Store, aligned_empty, padded_len
+from nvmlib.checksum import digest, row_seed
+from nvmlib.codec import DeltaCodec
+
+LOG, INDEX = "swag.log", "swag.index"
+TRAILER = 16  # bytes ending every raw row: int64 t, int64 digest
+BLOCK = 4096  # bytes of a block of the compressed log (O_DIRECT's alignment)
+CHUNK_BYTES = 128 << 20  # bytes read per step of a streamed pass
+REPLAY_ROWS = 64  # rows per read when a recovery replays the log
+
+Batch = tuple[int, np.ndarray, int, str]  # (first iterate, values, how many verify, why the next does not)
+
+
+def row_len_for(n_params: int, dtype: str, row_align: int) -> int:
+    """Elements of one raw log row: n_params values and the trailer, padded to row_align bytes."""
+    return padded_len(n_params + TRAILER // np.dtype(dtype).itemsize, dtype, row_align)
+
+
+def layout(n_params: int, capacity: int, dtype: str, row_align: int, codec: str | None,
+           chunk: int) -> dict:
+    """The meta fields that describe a log of `capacity` kept iterates (codec None: raw rows)."""
+    if codec is None:
+        return {"codec": None, "row_len": row_len_for(n_params, dtype, row_align)}
+    record = DeltaCodec.bound(np.dtype(dtype), n_params)
+    return {"codec": codec, "chunk": chunk, "record_blocks": -(-record // BLOCK)}
+
+
+def log_bytes(meta: dict) -> int:
+    """Bytes the log's arrays reserve on the tier."""
+    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in log_class(meta).arrays(meta).values())
+
+
+def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]:
+    """[a, b) slot ranges of a ring of `slots` holding positions start..stop−1 in order, each at most `step`."""
+    out, t = [], start
+    while t < stop:
+        a = t % slots
+        b = min(a + stop - t, slots, a + step)
+        out.append((a, b))
+        t += b - a
+    return out
+
+
+class RawLog:
+    """Rows of raw values, one per iterate, each with its trailer."""
+
+    def __init__(self, store: Store, meta: dict, ident: int) -> None:
+        self.store, self.ident = store, ident
+        self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
+        self.slots, self.row_len = meta["capacity"] + 1, meta["row_len"]
+        self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
+        self._row[self.n_params:] = 0
+        self.row = self._row[:self.n_params]  # where the next iterate is staged
+
+    @staticmethod
+    def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {LOG: ((meta["capacity"] + 1, meta["row_len"]), meta["dtype"])}
+
+    def write(self, t: int) -> None:
+        """Stamp the staged row as iterate t and write it to its slot."""
+        raw = self._row.view(np.uint8)
+        tail = np.array([t, digest(raw[:self.n_params * self.dtype.itemsize], row_seed(self.ident, t))], np.int64)
+        raw[-TRAILER:] = tail.view(np.uint8)
+        self.store.write_rows(LOG, t % self.slots, self._row[None, :])
+
+    def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
+        """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does not."""
+        raw = rows.reshape(len(rows), -1).view(np.uint8)
+        tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
+        nbytes = self.n_params * self.dtype.itemsize
+        for i, (t, check) in enumerate(tails):
+            want = t0 + i
+            if t != want:
+                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {_missing(int(t), want)}"
+            if digest(raw[i, :nbytes], row_seed(self.ident, want)) != check:
+                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
+        return len(rows), ""
+
+    def stream(self, start: int, stop: int, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+        """Batches of iterates start..stop−1, each read while the previous one is used (the first
+        read starts at once); the stream ends with the batch where a row does not verify."""
+        step = max(1, step_bytes // (self.row_len * self.dtype.itemsize))
+        parts = spans(start, stop, self.slots, step)
+        firsts = np.cumsum([start] + [b - a for a, b in parts])
+        buffers = [aligned_empty((min(step, stop - start), self.row_len), self.dtype) for _ in range(min(2, len(parts)))]
+
+        def read(i: int) -> Batch:
+            a, b = parts[i]
+            rows = self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])
+            return (int(firsts[i]), rows[:, :self.n_params], *self._verify(rows, int(firsts[i])))
+
+        return _prefetched(read, len(parts))
+
+    def discard(self, start: int, stop: int) -> bool:
+        """Zero the rows of iterates start..stop−1 still in the log; whether any was."""
+        zero, dropped = aligned_empty((1, self.row_len), self.dtype), False
+        zero[:] = 0
+        for t in range(start, min(stop, start + self.slots)):
+            row = self.store.read_rows(LOG, t % self.slots, t % self.slots + 1)
+            if int(np.ascontiguousarray(row.view(np.uint8)[0, -TRAILER:]).view(np.int64)[0]) >= start:
+                self.store.write_rows(LOG, t % self.slots, zero)
+                dropped = True
+        return dropped
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        """Bytes of the log: its rows take their slots whether kept or not."""
+        return self.store.nbytes(LOG)
+
+    def persist(self) -> None:
+        self.store.persist(LOG)
+
+    def order(self) -> None:
+        self.store.order(LOG)
+
+    def close(self) -> None:
+        """Nothing to release: the raw log holds no threads."""
+
+
+class DeltaLog:
+    """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies."""
+
+    FIELDS = 7  # index row: t, first block, bytes, keyframe, record digest, values digest, row digest
+
+    def __init__(self, store: Store, meta: dict, ident: int) -> None:
+        self.store, self.ident = store, ident
+        self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
+        self.chunk, self.record_blocks = meta["chunk"], meta["record_blocks"]
+        self.slots = meta["capacity"] + self.chunk
+        self.blocks = self.slots * self.record_blocks
+        self.codec = DeltaCodec(meta["codec"], self.dtype, self.n_params)
+        self.row = np.empty(self.n_params, self.dtype)  # where the next iterate is staged
+        self._prev = np.empty(self.n_params, self.dtype)  # the iterate written last, the next one's base
+        self._prev_t: int | None = None  # which iterate _prev holds (None: the next write is a keyframe)
+        self._key = self._pos = 0  # keyframe of the open chunk; the block the next record starts on
+        self._buf: np.ndarray | None = None  # the record being written, whole blocks
+
+    @staticmethod
+    def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        slots = meta["capacity"] + meta["chunk"]
+        return {LOG: ((slots * meta["record_blocks"], BLOCK), "uint8"), INDEX: ((slots, DeltaLog.FIELDS), "int64")}
+
+    # ---- writing ------------------------------------------------------------------------
+    def write(self, t: int) -> None:
+        """Encode the staged row as iterate t (a delta of iterate t−1, or a keyframe), write its
+        record, then its index row."""
+        if self._prev_t != t - 1:
+            self._restart(t)
+        delta = self._prev_t == t - 1 and t - self._key < self.chunk
+        key = self._key if delta else t
+        parts = self.codec.encode(self.row, self._prev if delta else None)
+        if self._buf is None:
+            self._buf = aligned_empty((self.record_blocks, BLOCK), np.uint8)
+        flat, at = self._buf.reshape(-1), 0
+        for part in parts:
+            flat[at:at + len(part)] = np.frombuffer(part, np.uint8)
+            at += len(part)
+        n_blocks = -(-at // BLOCK)
+        flat[at:n_blocks * BLOCK] = 0
+        seed = row_seed(self.ident, t)
+        head = [t, self._pos, at, key, digest(flat[:at], seed), digest(self.row.view(np.uint8), seed)]
+        done = 0
+        for a, b in spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks):
+            self.store.write_rows(LOG, a, self._buf[done:done + b - a])
+            done += b - a
+        index = np.array(head, np.int64)
+        self.store.write_rows(INDEX, t % self.slots, np.append(index, digest(index, self.ident))[None])
+        self.row, self._prev = self._prev, self.row
+        self._prev_t, self._key, self._pos = t, key, self._pos + n_blocks
+
+    def _restart(self, t: int) -> None:
+        """Find where iterate t's record goes and its base (after a reopen, recovery or truncate):
+        after iterate t−1's record, with that iterate decoded; a keyframe when t−1 is gone."""
+        self._prev_t, self._pos = None, 0
+        if t == 0:
+            return
+        index = self._index(0, self.slots)
+        ends = [int(r[1]) + -(-int(r[2]) // BLOCK) for r in index if self._valid(r)]
+        self._pos = max(ends, default=0)
+        for first, values, ok, _ in self.stream(t - 1, t):
+            if ok:
+                row = index[(t - 1) % self.slots]
+                self._prev[:] = values[-1]
+                self._prev_t, self._key, self._pos = t - 1, int(row[3]), int(row[1]) + -(-int(row[2]) // BLOCK)
+
+    def discard(self, start: int, stop: int) -> bool:
+        """Zero the index rows of iterates start..stop−1 still in the log (their records are then
+        unreachable); whether any was."""
+        dropped = False
+        for t in range(start, min(stop, start + self.slots)):
+            row = self.store.read_rows(INDEX, t % self.slots, t % self.slots + 1)
+            if row[0, 0] >= start:
+                self.store.write_rows(INDEX, t % self.slots, np.zeros_like(row))
+                dropped = True
+        if dropped and self._prev_t is not None and self._prev_t >= start:
+            self._prev_t = None
+        return dropped
+
+    # ---- reading ------------------------------------------------------------------------
+    def _index(self, start: int, stop: int) -> np.ndarray:
+        """Index rows of iterates start..stop−1 (of slots, when stop − start = slots), in order."""
+        parts = [self.store.read_rows(INDEX, a, b) for a, b in spans(start, stop, self.slots, self.slots)]
+        return np.concatenate(parts) if parts else np.empty((0, self.FIELDS), np.int64)
+
+    def _valid(self, row: np.ndarray) -> bool:
+        return row.any() and int(row[6]) == digest(np.ascontiguousarray(row[:6]), self.ident)
+
+    def _check_index(self, index: np.ndarray, t0: int) -> tuple[int, str]:
+        """How many index rows (of iterates t0, t0+1, ...) are whole and name their iterate, and why not the next."""
+        for i, row in enumerate(index):
+            want = t0 + i
+            where = f"record of iterate {want} in {INDEX} (slot {want % self.slots})"
+            if not row.any():
+                return i, f"{where} was not written (or was dropped by truncate)"
+            if not self._valid(row):
+                return i, f"{where} fails its checksum: it is damaged"
+            if row[0] != want:
+                return i, f"{where} {_missing(int(row[0]), want)}"
+            if not (0 <= row[2] <= self.record_blocks * BLOCK and want - self.chunk < row[3] <= want):
+                return i, f"{where} points outside the log: it is damaged"
+        return len(index), ""
+
+    def stream(self, start: int, stop: int, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+        """Batches of iterates start..stop−1 decoded from the keyframe before `start`, each read and
+        decoded while the previous one is used; the stream ends with the batch where a row does not verify."""
+        index = self._index(start, stop)
+        ok, why = self._check_index(index, start)
+        index, first = index[:ok], start
+        if ok and index[0, 3] < start:  # decode from the keyframe: rows before `start` are only bases
+            key = int(index[0, 3])
+            head = self._index(key, start)
+            n, why_key = self._check_index(head, key)
+            if n < len(head):
+                index, why = index[:0], f"iterate {start} cannot be decoded from its keyframe: {why_key}"
+            else:
+                index, first = np.concatenate([head, index]), key
+        batches = self._batches(index, step_bytes)
+        if not batches:
+            return iter([(start, np.empty((0, self.n_params), self.dtype), 0, why)] if why else [])
+        per = max(hi - lo for lo, hi in batches)
+        out = [np.empty((per, self.n_params), self.dtype) for _ in range(min(2, len(batches)))]
+        prev = np.empty(self.n_params, self.dtype)  # the last row decoded: the next one's base
+
+        def read(i: int) -> Batch:
+            lo, hi = batches[i]
+            rows, values = index[lo:hi], out[i % 2][:hi - lo]
+            a, b = int(rows[0, 1]), int(rows[-1, 1]) + -(-int(rows[-1, 2]) // BLOCK)
+            flat = np.concatenate([self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)]
+                                  ).reshape(-1)
+            n, fail = 0, ""
+            for t, pos, nbytes, key, d_rec, d_val, _ in rows:
+                at = (int(pos) - a) * BLOCK
+                fail = self._decode(flat[at:at + int(nbytes)], values[n], None if key == t else prev,
+                                    int(t), int(d_rec), int(d_val))
+                if fail:
+                    break
+                prev[:] = values[n]
+                n += 1
+            skip = max(0, start - first - lo)
+            return first + lo + skip, values[skip:], max(0, n - skip), fail or (why if i + 1 == len(batches) else "")
+
+        return _prefetched(read, len(batches))
+
+    def _decode(self, record: np.ndarray, out: np.ndarray, prev: np.ndarray | None, t: int, d_rec: int,
+                d_val: int) -> str:
+        """Decode one record into `out` and check it; why it fails, or ""."""
+        seed = row_seed(self.ident, t)
+        where = f"record of iterate {t} in {LOG}"
+        if digest(record, seed) != d_rec:
+            return f"{where} fails its checksum: it is damaged or torn (or a newer record took its blocks)"
+        try:
+            self.codec.decode(memoryview(record), prev, out)
+        except ValueError as exc:
+            return f"{where} does not decode: {exc}"
+        if digest(out.view(np.uint8), seed) != d_val:
+            return f"{where} decodes to values that fail their checksum: it is damaged"
+        return ""
+
+    def _batches(self, index: np.ndarray, step_bytes: int) -> list[tuple[int, int]]:
+        """[lo, hi) runs of index rows whose records lie in consecutive blocks, each at most step_bytes decoded."""
+        per = max(1, step_bytes // (self.n_params * self.dtype.itemsize))
+        out, lo = [], 0
+        for i in range(1, len(index) + 1):
+            if i == len(index) or i - lo >= per or index[i, 1] != index[i - 1, 1] + -(-index[i - 1, 2] // BLOCK):
+                out.append((lo, i))
+                lo = i
+        return out if len(index) else []
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        """Bytes of the records that iterates start..stop−1 need (from the keyframe before `start`) and of the index."""
+        index = self._index(start, stop)
+        if len(index) and self._valid(index[0]) and index[0, 3] < start:
+            index = np.concatenate([self._index(int(index[0, 3]), start), index])
+        return sum(-(-int(r[2]) // BLOCK) * BLOCK for r in index if self._valid(r)) + self.store.nbytes(INDEX)
+
+    def persist(self) -> None:
+        self.store.persist(LOG)
+        self.store.persist(INDEX)
+
+    def order(self) -> None:
+        self.store.order(LOG)
+        self.store.order(INDEX)
+
+    def close(self) -> None:
+        self.codec.close()
+
+
+def _missing(found: int, want: int) -> str:
+    """Why a slot meant for iterate `want` holds iterate `found` instead."""
+    if found > want:
+        return (f"was overwritten by iterate {found} (a running writer has moved on, or a crash kept a later "
+                "row and lost the ones before it)")
+    return "was not written (or was dropped by truncate)"
+
+
+def _prefetched(read, n: int) -> Iterator[Batch]:
+    """read(0), read(1), ... read(n−1), each started on a thread while the one before is used."""
+    pool = ThreadPoolExecutor(1)
+    first: Future = pool.submit(read, 0)
+
+    def batches() -> Iterator[Batch]:
+        pending = first
+        try:
+            for i in range(n):
+                batch = pending.result()
+                if batch[3]:
+                    yield batch
+                    return
+                if i + 1 < n:
+                    pending = pool.submit(read, i + 1)
+                yield batch
+        finally:
+            pool.shutdown()
+
+    return batches()
+
+
+def log_class(meta: dict) -> type[RawLog] | type[DeltaLog]:
+    """The kind of log `meta` describes (format-3 metas without a codec: raw)."""
+    return DeltaLog if meta.get("codec") else RawLog
