@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 N, K, EVERY = 1000, 16, 8
 SECONDS = float(os.environ.get("NVMLIB_READER_SECONDS", "20"))
@@ -23,9 +24,9 @@ def theta(t: int) -> np.ndarray:
     return (np.random.default_rng([11, t]).standard_normal(N) + t / 50).astype(np.float32)
 
 
-def writer(path: Path, seconds: float) -> None:
+def writer(path: Path, seconds: float, codec: str | None) -> None:
     from nvmlib import SWAGPosterior, open_store
-    post = SWAGPosterior.create(open_store("mmap", path), N, max_rank=K, checkpoint_every=EVERY)
+    post = SWAGPosterior.create(open_store("mmap", path), N, max_rank=K, checkpoint_every=EVERY, codec=codec)
     post.update(theta(0))
     print("ready", flush=True)
     t, end = 1, time.monotonic() + seconds
@@ -70,10 +71,11 @@ def reader(path: Path, stop: Path) -> None:
     print(json.dumps({"snapshots": seen, "overtaken": overtaken, "last": last}), flush=True)
 
 
-def test_readers_see_consistent_snapshots_while_a_writer_collects(tmp_path):
+@pytest.mark.parametrize("codec", ["", "delta-zstd"])
+def test_readers_see_consistent_snapshots_while_a_writer_collects(tmp_path, codec):
     path, stop = tmp_path / "posterior", tmp_path / "stop"
     me = [sys.executable, __file__]
-    w = subprocess.Popen(me + ["writer", str(path), str(SECONDS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    w = subprocess.Popen(me + ["writer", str(path), str(SECONDS), codec], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     assert w.stdout.readline() == "ready\n", w.stderr.read()
     readers = [subprocess.Popen(me + ["reader", str(path), str(stop)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -93,4 +95,4 @@ def test_readers_see_consistent_snapshots_while_a_writer_collects(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     role, where = sys.argv[1], Path(sys.argv[2])
-    writer(where, float(sys.argv[3])) if role == "writer" else reader(where, Path(sys.argv[3]))
+    writer(where, float(sys.argv[3]), sys.argv[4] or None) if role == "writer" else reader(where, Path(sys.argv[3]))
