@@ -268,12 +268,21 @@ class DeltaLog:
         out = [np.empty((per, self.n_params), self.dtype) for _ in range(min(2, len(batches)))]
         prev = np.empty(self.n_params, self.dtype)  # the last row decoded: the next one's base
 
-        def read(i: int) -> Batch:
+        def fetch(i: int) -> np.ndarray:  # on the I/O thread: a batch's records, while the one before is decoded
+            rows = index[slice(*batches[i])]
+            a, b = int(rows[0, 1]), int(rows[-1, 1]) + -(-int(rows[-1, 2]) // BLOCK)
+            return np.concatenate([self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)])
+
+        io = ThreadPoolExecutor(1)
+        fetched = {0: io.submit(fetch, 0)}
+
+        def read(i: int) -> Batch:  # on the decoding thread, while the batch before is used
             lo, hi = batches[i]
             rows, values = index[lo:hi], out[i % 2][:hi - lo]
-            a, b = int(rows[0, 1]), int(rows[-1, 1]) + -(-int(rows[-1, 2]) // BLOCK)
-            flat = np.concatenate([self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)]
-                                  ).reshape(-1)
+            a = int(rows[0, 1])
+            flat = fetched.pop(i).result().reshape(-1)
+            if i + 1 < len(batches):
+                fetched[i + 1] = io.submit(fetch, i + 1)
             n, fail = 0, ""
             for t, pos, nbytes, key, d_rec, d_val, _ in rows:
                 at = (int(pos) - a) * BLOCK
@@ -286,7 +295,7 @@ class DeltaLog:
             skip = max(0, start - first - lo)
             return first + lo + skip, values[skip:], max(0, n - skip), fail or (why if i + 1 == len(batches) else "")
 
-        return _prefetched(read, len(batches))
+        return _prefetched(read, len(batches), io)
 
     def _decode(self, record: np.ndarray, out: np.ndarray, prev: np.ndarray | None, t: int, d_rec: int,
                 d_val: int) -> str:
@@ -340,8 +349,9 @@ def _missing(found: int, want: int) -> str:
     return "was not written (or was dropped by truncate)"
 
 
-def _prefetched(read, n: int) -> Iterator[Batch]:
-    """read(0), read(1), ... read(n−1), each started on a thread while the one before is used."""
+def _prefetched(read, n: int, io: ThreadPoolExecutor | None = None) -> Iterator[Batch]:
+    """read(0), read(1), ... read(n−1), each started on a thread while the one before is used;
+    `io`, the pool `read` reads ahead on, is shut down with it."""
     pool = ThreadPoolExecutor(1)
     first: Future = pool.submit(read, 0)
 
@@ -358,6 +368,8 @@ def _prefetched(read, n: int) -> Iterator[Batch]:
                 yield batch
         finally:
             pool.shutdown()
+            if io is not None:
+                io.shutdown()
 
     return batches()
 
