@@ -6,11 +6,13 @@ trained into memory, then recorded into a posterior on the mmap tier (O_DIRECT w
 codec: raw rows, delta-zstd and delta-lz4 on 1, 2 and all cores. Reported per run: bytes stored
 per iterate, compression ratio against the raw row, and the collection rate in raw bytes per
 second (update() of every iterate, then a durable checkpoint) against `dd oflag=direct` measured
-in the same run. Then sample(S) on the raw and the zstd log of the same iterates (O_DIRECT reads,
-so the device is read, not the page cache).
+in the same run; each setting runs `--repeat` times, interleaved with the others (the machine's
+load and the disk drift), after an untimed warm-up, and the median is reported. Then sample(S) on
+the raw and the zstd log of the same iterates (O_DIRECT reads: the device is read, not the page
+cache), again interleaved.
 
 Usage: python benchmarks/bench_compress.py [DIR] [--models model_2fc,model_4fc] [--rows 48]
-                                           [--samples 16] [--json out.json]
+                                           [--samples 16] [--repeat 3] [--json out.json]
 """
 from __future__ import annotations
 
@@ -69,17 +71,15 @@ def collect(where: Path, rows: np.ndarray, codec: str | None, threads: int) -> t
     return seconds, stored
 
 
-def sample_seconds(where: Path, S: int) -> float:
-    """Seconds of sample(S) on the posterior at `where` (the median of 3)."""
+def sample_seconds(where: Path, S: int, seed: int) -> float:
+    """Seconds of sample(S) on the posterior at `where`."""
     with open_store("mmap", where, readonly=True) as store:
         post = SWAGPosterior.open(store, readonly=True)
-        times = []
-        for seed in range(3):
-            t = time.perf_counter()
-            post.sample(S, seed=seed)
-            times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        post.sample(S, seed=seed)
+        seconds = time.perf_counter() - t
         post.close()
-    return float(np.median(times))
+    return seconds
 
 
 def main() -> None:
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--models", default="model_2fc,model_4fc")
     parser.add_argument("--rows", type=int, default=48)
     parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-compress-"))
@@ -101,8 +102,16 @@ def main() -> None:
         for regime in REGIMES:
             rows = iterates(model_name, regime, args.rows)
             raw_row = rows.shape[1] * 4
-            for codec, threads in tqdm(settings, desc=f"{model_name} {regime}", leave=False):
-                seconds, stored = collect(root / f"{codec}", rows, codec, threads)
+            for codec, threads in settings:  # warm-up: compile and load the kernels, start the threads
+                collect(root / "warm-up", rows[:4], codec, threads)
+            times: dict[tuple, list[float]] = {}
+            stored_of: dict[tuple, int] = {}
+            for _ in tqdm(range(args.repeat), desc=f"{model_name} {regime}", leave=False):
+                for codec, threads in settings:
+                    seconds, stored_of[codec, threads] = collect(root / f"{codec}", rows, codec, threads)
+                    times.setdefault((codec, threads), []).append(seconds)
+            for codec, threads in settings:
+                seconds, stored = float(np.median(times[codec, threads])), stored_of[codec, threads]
                 run = {"model": model_name, "regime": regime, "codec": codec or "raw", "threads": threads,
                        "bytes_per_iterate": stored / len(rows), "ratio": raw_row * len(rows) / stored,
                        "collect_MBps": raw_row * len(rows) / seconds / 1e6}
@@ -111,9 +120,11 @@ def main() -> None:
                 tqdm.write(f"{model_name:9s} {regime:5s} {run['codec']:10s} {threads} threads: "
                       f"{run['bytes_per_iterate'] / 1e6:6.2f} MB/iterate (ratio {run['ratio']:4.2f}), "
                       f"collect {run['collect_MBps']:6.0f} MB/s = {run['collect_vs_dd_write']:.2f}x dd write")
-            collect(root / "delta-zstd", rows, "delta-zstd", cores)
-            collect(root / "None", rows, None, cores)
-            raw_s, packed_s = sample_seconds(root / "None", args.samples), sample_seconds(root / "delta-zstd", args.samples)
+            pair = {}
+            for seed in range(args.repeat):
+                for codec in (None, "delta-zstd"):
+                    pair.setdefault(codec, []).append(sample_seconds(root / f"{codec}", args.samples, seed))
+            raw_s, packed_s = float(np.median(pair[None])), float(np.median(pair["delta-zstd"]))
             report["sample"].append({"model": model_name, "regime": regime, "S": args.samples, "raw_s": raw_s,
                                      "delta_zstd_s": packed_s, "ratio": packed_s / raw_s})
             print(f"{model_name:9s} {regime:5s} sample({args.samples}): raw {raw_s:.3f} s, delta-zstd {packed_s:.3f} s "
