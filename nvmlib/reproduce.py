@@ -206,7 +206,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="default",
                    help="smoke: a minute; default: the whole reproduction on a laptop (2 cores, 8 GB of RAM, "
-                        "20 GB of disk: about 10 min); "
+                        "20 GB of disk: under 10 min, 5.6 min measured on 2 shared cores); "
                         "paper: model_4fc and 1/25/50/75 epochs on a server (set the tier paths)")
     p.add_argument("--notebook", action="append", choices=list(NOTEBOOKS), dest="only",
                    help="run only this notebook (repeatable)")
