@@ -45,28 +45,32 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "cluster": {"model": "model_2conv2fc", "epochs": 1, "limit": 500, "max_rank": 5, "shard_mb": 1,
                     "samples": 3, "worker_counts": [1], "test_limit": 300, "angles": [0, 90], "probe_bytes": 32 << 20},
     },
-    # the whole reproduction on a laptop: 2 cores, 8 GB of RAM (peak RSS under 6 GB), 20 GB of disk,
-    # MNIST in full, model_2fc (one iterate: 3.2 MB)
+    # the whole reproduction on a laptop in under 10 minutes: 2 cores, 8 GB of RAM (peak RSS under
+    # 6 GB), 20 GB of disk; model_2fc (one iterate: 3.2 MB), one torch thread per kernel (two stall
+    # behind any other work on two cores)
     "default": {
-        "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 200, "limit": None,
-                    "test_limit": None, "samples": 20, "probe_bytes": 256 << 20},
-        # each tier keeps the last 1000 iterates (a ring: one row written per update as with K = all,
-        # 3.2 GB on the DRAM tier instead of the 11.5 GB of every iterate of 6 epochs)
-        "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4, 5, 6], "max_rank": 1000, "limit": None,
-                         "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]}},
-        # SWAG as it is meant to be run: 3 epochs of SGD with momentum, then 3 epochs recording every
-        # 10th minibatch (181 iterates); the paper's protocol (recording from the first minibatch) is
-        # the `paper` preset's
-        "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 6, "swag_start": 3, "lr": 0.05,
+        # collect and tier_runtime train on the first 30,000 MNIST images (300 minibatches an epoch)
+        "collect": {"model": "model_2fc", "tier": "mmap", "epochs": 2, "max_rank": 100, "limit": 30_000,
+                    "test_limit": 5000, "samples": 10, "probe_bytes": 128 << 20},
+        # each tier keeps the last 300 iterates (a ring: one row written per update as with K = all,
+        # 1 GB on the DRAM tier instead of the 3.8 GB of every iterate of 4 epochs)
+        "tier_runtime": {"model": "model_2fc", "epochs": [1, 2, 3, 4], "max_rank": 300, "limit": 30_000,
+                         "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]},
+                         "probe_bytes": 128 << 20},
+        # SWAG as it is meant to be run on all of MNIST: 2 epochs of SGD with momentum, then 2 epochs
+        # recording every 10th minibatch (121 iterates); the paper's protocol (recording from the first
+        # minibatch) is the `paper` preset's
+        "posterior_quality": {"model": "model_2fc", "tier": "mmap", "epochs": 4, "swag_start": 2, "lr": 0.05,
                               "momentum": 0.9, "record_every": 10, "limit": None,
-                              "ranks": [2, 5, 10, 20, 50, 100, 181], "samples": 30, "test_limit": 5000,
-                              "angles": list(range(0, 181, 15)), "probe_bytes": 256 << 20},
-        "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 600, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
-                     "passes_up_to": 16},
+                              "ranks": [2, 5, 10, 20, 50, 121], "samples": 20, "test_limit": 2000,
+                              "angles": list(range(0, 181, 30)), "probe_bytes": 128 << 20},
+        "sampling": {"model": "model_2fc", "tier": "mmap", "rank": 200, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
+                     "passes_up_to": 8, "probe_bytes": 128 << 20},
         "any_model": {"limit": 5000, "test_limit": 5000, "width": 8, "epochs": 6, "swag_epochs": 3, "runs": 3,
-                      "samples": 10, "max_rank": 20},
-        "cluster": {"model": "model_2fc", "epochs": 1, "limit": None, "max_rank": 300, "shard_mb": 128,
-                    "samples": 20, "worker_counts": [1, 2], "test_limit": 2000, "angles": [0, 90]},
+                      "samples": 10, "max_rank": 20, "torch_threads": 1, "probe_bytes": 128 << 20},
+        "cluster": {"model": "model_2fc", "epochs": 1, "limit": 20_000, "max_rank": 100, "shard_mb": 32,
+                    "samples": 10, "worker_counts": [1, 2], "test_limit": 1000, "angles": [0, 90],
+                    "probe_bytes": 128 << 20},
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
@@ -202,7 +206,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="default",
                    help="smoke: a minute; default: the whole reproduction on a laptop (2 cores, 8 GB of RAM, "
-                        "20 GB of disk: about 10 min); "
+                        "20 GB of disk: under 10 min, 5.6 min measured on 2 shared cores); "
                         "paper: model_4fc and 1/25/50/75 epochs on a server (set the tier paths)")
     p.add_argument("--notebook", action="append", choices=list(NOTEBOOKS), dest="only",
                    help="run only this notebook (repeatable)")

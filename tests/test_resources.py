@@ -54,11 +54,15 @@ def test_phases_in_turn_take_the_largest_and_kept_paths_add_up() -> None:
 
 
 def test_a_small_machine_is_told_need_and_have(tmp_path: Path) -> None:
-    small = resources.Machine(memory_available=2 * GB, memory_total=4 * GB, disk_free=lambda path: 1 * GB)
-    short = plan("default", tmp_path).shortfalls(small)
+    small = resources.Machine(memory_available=2 * GB, memory_total=4 * GB, disk_free=lambda path: 0.5 * GB)
+    default = plan("default", tmp_path)
+    assert default.needs.memory > 2 * GB and default.needs.scratch > 0.5 * GB
+    short = default.shortfalls(small)
     assert len(short) == 2
-    assert short[0].startswith("memory: needs 4.") and "(tier_runtime)" in short[0] and "has 2.0 GB available of 4.0 GB" in short[0]
-    assert short[1].startswith("disk: needs 3.") and "1.0 GB free" in short[1]
+    assert short[0] == (f"memory: needs {resources.size(default.needs.memory)} at its peak (cluster), "
+                        "this machine has 2.0 GB available of 4.0 GB")
+    assert short[1].startswith(f"disk: needs {resources.size(default.needs.scratch)} under ")
+    assert short[1].endswith("whose file system has 0.5 GB free")
     assert plan("smoke", tmp_path).shortfalls(small) == []
 
 
