@@ -11,6 +11,10 @@ load and the disk drift), after an untimed warm-up, and the median is reported. 
 the raw and the zstd log of the same iterates (O_DIRECT reads: the device is read, not the page
 cache), again interleaved.
 
+The codec alone (in memory, no I/O) is timed too, encoding and decoding on 1, 2 and all cores:
+where its rate per core sits against the device's bandwidth says how many cores the compressed
+log needs to collect faster than raw rows can be written.
+
 Usage: python benchmarks/bench_compress.py [DIR] [--models model_2fc,model_4fc] [--rows 48]
                                            [--samples 16] [--repeat 3] [--json out.json]
 """
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from bench_swag import dd_bandwidth, write_json
 from nvmlib import data, models
 from nvmlib.backends import open_store
+from nvmlib.codec import DeltaCodec
 from nvmlib.swag import SWAGPosterior
 from nvmlib.train import machine_facts
 
@@ -71,6 +76,22 @@ def collect(where: Path, rows: np.ndarray, codec: str | None, threads: int) -> t
     return seconds, stored
 
 
+def codec_rates(rows: np.ndarray, codec: str, threads: int) -> tuple[float, float]:
+    """GB/s (of raw rows) of the codec alone, in memory: (encode, decode) of every delta of `rows`."""
+    coder = DeltaCodec(codec, rows.dtype, rows.shape[1], threads)
+    coder.decode(memoryview(b"".join(coder.encode(rows[1], rows[0]))), rows[0], np.empty_like(rows[0]))  # warm-up
+    t = time.perf_counter()
+    records = [b"".join(coder.encode(rows[i], rows[i - 1])) for i in range(1, len(rows))]
+    encode = time.perf_counter() - t
+    out = np.empty_like(rows[0])
+    t = time.perf_counter()
+    for i, record in enumerate(records):
+        coder.decode(memoryview(record), rows[i], out)
+    decode = time.perf_counter() - t
+    coder.close()
+    return rows[1:].nbytes / encode / 1e9, rows[1:].nbytes / decode / 1e9
+
+
 def sample_seconds(where: Path, S: int, seed: int) -> float:
     """Seconds of sample(S) on the posterior at `where`."""
     with open_store("mmap", where, readonly=True) as store:
@@ -93,8 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-compress-"))
     cores = os.cpu_count() or 1
-    report = {"machine": machine_facts(torch.device("cpu")), "rows": args.rows, "dd_before": dd_bandwidth(root),
-              "runs": [], "sample": []}
+    report = {"machine": machine_facts(torch.device("cpu")), "rows": args.rows, "load_before": os.getloadavg(),
+              "dd_before": dd_bandwidth(root), "runs": [], "sample": []}
     dd_write = report["dd_before"]["dd_write_over_MBps"]
     print(f"dd oflag=direct: {dd_write:.0f} MB/s overwrite, {report['dd_before']['dd_read_MBps']:.0f} MB/s read")
     settings = [(None, cores)] + [(c, n) for c in ("delta-zstd", "delta-lz4") for n in sorted({1, 2, cores})]
@@ -120,6 +141,13 @@ def main() -> None:
                 tqdm.write(f"{model_name:9s} {regime:5s} {run['codec']:10s} {threads} threads: "
                       f"{run['bytes_per_iterate'] / 1e6:6.2f} MB/iterate (ratio {run['ratio']:4.2f}), "
                       f"collect {run['collect_MBps']:6.0f} MB/s = {run['collect_vs_dd_write']:.2f}x dd write")
+            for codec, threads in settings[1:]:
+                encode, decode = codec_rates(rows, codec, threads)
+                report["codec"] = report.get("codec", []) + [{"model": model_name, "regime": regime, "codec": codec,
+                                                               "threads": threads, "encode_GBps": encode,
+                                                               "decode_GBps": decode}]
+                print(f"{model_name:9s} {regime:5s} {codec:10s} {threads} threads in memory: encode {encode:.2f} GB/s, "
+                      f"decode {decode:.2f} GB/s")
             pair = {}
             for seed in range(args.repeat):
                 for codec in (None, "delta-zstd"):
@@ -129,7 +157,9 @@ def main() -> None:
                                      "delta_zstd_s": packed_s, "ratio": packed_s / raw_s})
             print(f"{model_name:9s} {regime:5s} sample({args.samples}): raw {raw_s:.3f} s, delta-zstd {packed_s:.3f} s "
                   f"= {packed_s / raw_s:.2f}x")
-    report["dd_after"] = dd_bandwidth(root)
+    report["dd_after"], report["load_after"] = dd_bandwidth(root), os.getloadavg()
+    print(f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after; dd after: "
+          f"{report['dd_after']['dd_write_over_MBps']:.0f} MB/s overwrite, {report['dd_after']['dd_read_MBps']:.0f} MB/s read")
     shutil.rmtree(root, ignore_errors=True)
     write_json(args.json, report)
 
