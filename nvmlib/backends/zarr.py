@@ -3,13 +3,18 @@ the posterior log where it lies.
 
 Arrays named `*.log` are append logs, stored with zarr v3's sharding codec: rows are grouped into
 shards of about `shard_bytes` (inner chunk: one row, or a few rows of a small model), so a reader
-fetches one object per shard. zarr writes a shard as one object, index included, so the single
-writer only ever writes *whole* shards: the rows of the shard being filled (the open shard) go
-first to a side array `<name>.open` (one object per row) and a record `<name>.state`
-= [shard, lo, hi] says that rows lo..hi−1 of that shard are to be read from the side array. When the
-shard is complete it is written to the log in one piece; the side array is reused for the next
-shard only after that, and the record is rewritten before any of its rows are. So an interrupted
-write never makes the store unreadable, and every row written so far stays readable.
+fetches one object per shard. A shard is one object, its index included, so the single writer
+only ever puts *whole* shards into the log: the rows of the shard being filled (the open shard) go
+elsewhere first, and a record `<name>.state` = [shard, lo, hi] says that rows lo..hi−1 of that
+shard are to be read from there. In a local directory the open shard is a file
+`<name>.open/shard.<n>` already in zarr's shard format (uncompressed inner chunks in order, then
+their index and its crc32c, written when the file is made): each row is written once, in place,
+and the complete file is made durable and linked into the log under the shard's name (an atomic
+rename). Elsewhere (object stores cannot write in place) the open rows go to a side array
+`<name>.open`, one object per row, and zarr writes the complete shard. Either way the open shard is
+reused for the next shard only after it is in the log, and the record is rewritten before any of
+its rows are; so an interrupted write never makes the store unreadable, and every row written so
+far stays readable.
 
 zarr writes each object to a temporary file and renames it into place; in a local directory
 `persist` makes the objects written since the last persist and the directories above them
@@ -24,15 +29,18 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
 from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, fsync_dir, prepare_dir
+from nvmlib.backends.files import disk_free, fsync_dir, os_error, prepare_dir, reserve, write_all
 from nvmlib.errors import LockedError, StoreError
 
 LOG_SUFFIX = ".log"
@@ -40,6 +48,7 @@ OPEN, STATE = ".open", ".state"
 SHARD_BYTES = 128 << 20  # a shard: one object of at least ~100 MB, fetched whole by a reader
 INNER_BYTES = 1 << 20  # inner chunks of at least this (a few rows of a small model), at most one shard
 NO_SHARD = (-1, 0, 0)
+EMPTY = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk that is not stored
 
 
 def log_layout(rows: int, row_bytes: int, shard_bytes: int = SHARD_BYTES) -> tuple[int, int]:
@@ -48,6 +57,32 @@ def log_layout(rows: int, row_bytes: int, shard_bytes: int = SHARD_BYTES) -> tup
     shard = int(min(rows, max(1, shard_bytes // row_bytes)))
     shard = max(inner, shard // inner * inner)
     return shard, inner
+
+
+def shard_chunk_bytes(log: zarr.Array) -> int:
+    """Bytes of one inner chunk of the sharded array `log` (uncompressed)."""
+    return log.chunks[0] * log.shape[1] * log.dtype.itemsize
+
+
+def shard_index(log: zarr.Array, rows: int) -> bytes:
+    """The index zarr reads at the end of a shard of `log` whose first `rows` rows are stored as
+    whole uncompressed inner chunks, in order from offset 0: (offset, nbytes) uint64 pairs, then
+    their crc32c (zarr v3 sharding codec, index_location "end")."""
+    codec = log.metadata.codecs[0]
+    plain = (isinstance(codec, ShardingCodec) and codec.index_location.value == "end"
+             and [type(c) for c in codec.codecs] == [BytesCodec]
+             and [type(c) for c in codec.index_codecs] == [BytesCodec, Crc32cCodec]
+             and all(c.endian is None or c.endian.value == "little" for c in (codec.codecs[0], codec.index_codecs[0])))
+    if not plain:
+        raise StoreError(f"{log.name} was not made by nvmlib's zarr tier (its shards are {codec}); "
+                         "append to it with zarr itself, or create the posterior with nvmlib")
+    inner, size = log.chunks[0], shard_chunk_bytes(log)
+    index = np.full((log.shards[0] // inner, 1, 2), EMPTY, dtype="<u8")
+    stored = -(-rows // inner)
+    index[:stored, 0, 0] = np.arange(stored) * size
+    index[:stored, 0, 1] = size
+    raw = index.tobytes()
+    return raw + np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
 
 
 class ZarrStore(Store):
@@ -81,7 +116,8 @@ class ZarrStore(Store):
         self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
-        self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
+        self._fds: dict[str, tuple[int, int]] = {}  # log -> (open shard, the writer's descriptor of its file)
+        self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
@@ -136,6 +172,7 @@ class ZarrStore(Store):
         return sum(Store.nbytes(self, n) for n in names + aux)
 
     def delete(self, name: str) -> None:
+        self._close_fd(name)
         for key in (name, name + OPEN, name + STATE):
             self._arrays.pop(key, None)
             self._dirty.pop(key, None)
@@ -152,7 +189,7 @@ class ZarrStore(Store):
         shards = self.array(name).shards
         return shards[0] if shards else 1
 
-    # ---- the log: whole shards, the open one through the side array ---------------------
+    # ---- the log: whole shards, the open one beside them ----------------------------------
     def _state(self, name: str) -> tuple[int, int, int]:
         shard, lo, hi = (int(v) for v in self.array(name + STATE)[:])
         return shard, lo, hi
@@ -169,30 +206,94 @@ class ZarrStore(Store):
             self._append(name, start + i, row)
 
     def _append(self, name: str, row_index: int, row: np.ndarray) -> None:
-        """Write one row of a sharded log: to the side array, and the shard when it is complete."""
-        log, R = self.array(name), self.shard_rows(name)
-        shard, i = divmod(row_index, R)
+        """Write one row of a sharded log: to the open shard, which joins the log when complete."""
+        shard, i = divmod(row_index, self.shard_rows(name))
         current, lo, hi = self._written.get(name) or self._state(name)
         if current != shard or not lo <= i <= hi:  # a new open shard (or a jump within one)
             if current >= 0:
                 self._flush(name, current, lo, hi)
-            self._set_state(name, shard, i, i)  # before the side array is overwritten
-            self._open.setdefault(name, np.empty((R, log.shape[1]), log.dtype))
+            self._set_state(name, shard, i, i)  # before the open rows are overwritten
+            self._begin(name, shard)
             lo, hi = i, i
-        elif name not in self._open:  # a writer reopened mid-shard: take the side rows back
+        elif not self.local and name not in self._open:  # a writer reopened mid-shard: take the side rows back
             self._load(name, lo, hi)
-        self._open[name][i] = row
-        self.array(name + OPEN)[i:i + 1] = row[None]
-        self._mark(name + OPEN, i, i + 1)
+        self._put(name, shard, i, row[None])
         self._flushed.discard(name)
-        self._set_state(name, shard, lo, max(hi, i + 1))
-        if lo == 0 and max(hi, i + 1) == min(R, log.shape[0] - shard * R):  # complete: write it whole
-            self._flush(name, shard, lo, max(hi, i + 1))
+        hi = max(hi, i + 1)
+        self._set_state(name, shard, lo, hi)
+        if lo == 0 and hi == self._rows_in(name, shard):  # complete: it joins the log whole
+            self._flush(name, shard, lo, hi)
+
+    def _rows_in(self, name: str, shard: int) -> int:
+        """Rows of the log in shard `shard` (the last shard may hold fewer)."""
+        R = self.shard_rows(name)
+        return min(R, self.array(name).shape[0] - shard * R)
 
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
         self.array(name + STATE)[:] = (shard, lo, hi)
         self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
+
+    def _open_file(self, name: str, shard: int) -> Path:
+        """A local log's open shard: a file in zarr's shard format inside the side array's directory."""
+        return self.path / (name + OPEN) / f"shard.{shard}"
+
+    def _begin(self, name: str, shard: int) -> None:
+        """Start open shard `shard` (its record already names it): locally a fresh file in the shard
+        format, its index written at once (the rows' places in it are fixed)."""
+        if not self.local:
+            log = self.array(name)
+            self._open[name] = np.empty((self.shard_rows(name), log.shape[1]), log.dtype)
+            return
+        self._close_fd(name)
+        path = self._open_file(name, shard)
+        for old in path.parent.glob("shard.*"):  # the previous open shard: in the log already, or dropped
+            old.unlink()
+        index = shard_index(self.array(name), self._rows_in(name, shard))
+        size = self._rows_in(name, shard) * self._row_bytes(name)
+        size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fds[name] = (shard, fd)
+        try:
+            reserve(fd, 0, size + len(index), path)
+            write_all(fd, memoryview(index), size)
+        except OSError as exc:
+            raise os_error(exc, path, "starting the open shard") from exc
+        self._dirty.setdefault(name + OPEN, set()).add(path)
+
+    def _row_bytes(self, name: str) -> int:
+        return self.array(name).shape[1] * self.array(name).dtype.itemsize
+
+    def _fd(self, name: str, shard: int) -> int:
+        """The writer's descriptor of open shard `shard`; a writer reopened mid-shard opens it again
+        (or starts it, when a crash came between its record and its file)."""
+        if self._fds.get(name, (None,))[0] != shard:
+            self._close_fd(name)
+            path = self._open_file(name, shard)
+            if path.exists():
+                self._fds[name] = (shard, os.open(path, os.O_RDWR))
+            else:
+                self._begin(name, shard)
+        return self._fds[name][1]
+
+    def _close_fd(self, name: str) -> None:
+        if name in self._fds:
+            os.close(self._fds.pop(name)[1])
+
+    def _put(self, name: str, shard: int, i: int, rows: np.ndarray) -> None:
+        """Rows i.. of open shard `shard`: written in place into its file (locally), else to the
+        side array and the writer's copy."""
+        if not self.local:
+            self._open[name][i:i + len(rows)] = rows
+            self.array(name + OPEN)[i:i + len(rows)] = rows
+            return self._mark(name + OPEN, i, i + len(rows))
+        fd, path = self._fd(name, shard), self._open_file(name, shard)
+        data = np.ascontiguousarray(rows, dtype=self.array(name).dtype.newbyteorder("<"))
+        try:
+            write_all(fd, memoryview(data).cast("B"), i * self._row_bytes(name))
+        except OSError as exc:
+            raise os_error(exc, path, "appending to the open shard") from exc
+        self._dirty.setdefault(name + OPEN, set()).add(path)
 
     def _load(self, name: str, lo: int, hi: int) -> None:
         log = self.array(name)
@@ -200,15 +301,30 @@ class ZarrStore(Store):
         self._open[name][lo:hi] = self.array(name + OPEN)[lo:hi]
 
     def _flush(self, name: str, shard: int, lo: int, hi: int) -> None:
-        """Write rows lo..hi−1 of the open shard to the log (one object; zarr merges a partial one),
-        unless this writer already did; a reopened writer does it again (it may have been cut off)."""
-        if name in self._flushed:
+        """Make rows lo..hi−1 of the open shard part of the log, unless this writer already did; a
+        reopened writer does it again (it may have been cut off). Locally the open file, once the
+        log's other rows of that shard are copied in, is made durable and linked in place of the
+        shard (an atomic rename), so the log never holds half a shard; elsewhere zarr writes it
+        (merging a partial one)."""
+        if name in self._flushed or lo == hi:
             return
-        if name not in self._open:
-            self._load(name, lo, hi)
         R = self.shard_rows(name)
-        self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
-        self._mark(name, shard * R + lo, shard * R + hi)
+        if not self.local:
+            if name not in self._open:
+                self._load(name, lo, hi)
+            self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
+            self._mark(name, shard * R + lo, shard * R + hi)
+        else:
+            for a, b in ((0, lo), (hi, self._rows_in(name, shard))):  # a partial shard
+                if a < b:
+                    self._put(name, shard, a, np.asarray(self.array(name)[shard * R + a:shard * R + b]))
+            target = self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.fsync(self._fd(name, shard))  # the rows, before the link that publishes them
+            temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+            os.link(self._open_file(name, shard), temp)
+            os.replace(temp, target)
+            self._sync_dirs([target])  # durable before the record moves on from this shard
         self._flushed.add(name)
 
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -221,40 +337,58 @@ class ZarrStore(Store):
             out = super().read_rows(name, start, stop, out)
             shard, lo, hi = state
             a, b = max(start, shard * R + lo), min(stop, shard * R + hi)
-            if shard >= 0 and a < b:
-                out[a - start:b - start] = self.array(name + OPEN)[a - shard * R:b - shard * R]
+            try:
+                if shard >= 0 and a < b:
+                    out[a - start:b - start] = self._open_rows(name, shard, a - shard * R, b - shard * R)
+            except FileNotFoundError:
+                if self._state(name)[0] == shard:
+                    raise StoreError(f"the open shard of {name} on {self.describe()} is missing "
+                                     f"({self._open_file(name, shard)}): the log is damaged") from None
+                continue
             if self._state(name)[0] == shard:
                 return out
         raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
+
+    def _open_rows(self, name: str, shard: int, a: int, b: int) -> np.ndarray:
+        """Rows a..b−1 of open shard `shard`."""
+        if not self.local:
+            return self.array(name + OPEN)[a:b]
+        log = self.array(name)
+        rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
+                           offset=a * self._row_bytes(name))
+        return rows.reshape(b - a, log.shape[1])
 
     # ---- durability ---------------------------------------------------------------------
     def _mark(self, key: str, start: int, stop: int) -> None:
         """Remember the objects (chunks, or shards) rows start..stop−1 of array `key` live in."""
         if not self.local or stop <= start:
             return
-        grid = self.array(key).metadata.chunk_grid.chunk_shape  # shards, when the array is sharded
+        meta = self.array(key).metadata
+        grid = meta.chunk_grid.chunk_shape  # shards, when the array is sharded
         rest = (0,) * (len(grid) - 1)
-        self._dirty.setdefault(key, set()).update((i,) + rest for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
+        self._dirty.setdefault(key, set()).update(self.path / key / meta.encode_chunk_key((i,) + rest)
+                                                  for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
 
     def persist(self, name: str) -> None:
-        """fsync the objects written to `name` (a log: its side array and record too) since the last
+        """fsync the objects written to `name` (a log: its open shard and record too) since the last
         persist, then their directories, deepest first."""
+        files = set().union(*(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name)))
+        for file in files:
+            if file.exists():
+                _fsync_file(file)
+        self._sync_dirs(files)
+
+    def _sync_dirs(self, files: Iterable[Path]) -> None:
+        """fsync the directories `files` were renamed into, and any directory above them made since
+        the last time (once each), each entry before its parent's."""
         dirs: set[Path] = set()
-        for key in (name + OPEN, name + STATE, name):
-            coords = self._dirty.pop(key, set())
-            if not coords:
-                continue
-            meta = self.array(key).metadata
-            for c in coords:
-                file = self.path / key / meta.encode_chunk_key(c)
-                if file.exists():
-                    _fsync_file(file)
-                dirs.add(file.parent)  # zarr renamed the object into it
-                for d in file.parent.parents:  # and made any directory above it it lacked: once each
-                    if d in self._synced or not d.is_relative_to(self.path):
-                        break
-                    dirs.add(d)
-        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # each entry before its parent's
+        for file in files:
+            dirs.add(file.parent)
+            for d in file.parent.parents:
+                if d in self._synced or not d.is_relative_to(self.path):
+                    break
+                dirs.add(d)
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):
             if d.is_dir():
                 fsync_dir(d)
         self._synced.update(dirs)
@@ -315,6 +449,8 @@ class ZarrStore(Store):
     def close(self) -> None:
         for name in list(self._held):
             self.unlock(name)
+        for name in list(self._fds):
+            self._close_fd(name)
         self._open.clear()
         self._written.clear()
         super().close()
