@@ -39,8 +39,8 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
-from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, fsync_dir, os_error, prepare_dir, reserve, write_all
+from nvmlib.backends.base import ALIGN, Store, check_fits
+from nvmlib.backends.files import DirectIO, disk_free, fsync_dir, os_error, prepare_dir, reserve, write_all
 from nvmlib.errors import LockedError, StoreError
 
 LOG_SUFFIX = ".log"
@@ -90,6 +90,7 @@ class ZarrStore(Store):
     (`storage_options` go to fsspec: credentials, endpoint...)."""
 
     kind = "zarr"
+    row_align = ALIGN  # whole blocks: a local open shard's rows are written with O_DIRECT
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  storage_options: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
@@ -116,7 +117,8 @@ class ZarrStore(Store):
         self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
-        self._fds: dict[str, tuple[int, int]] = {}  # log -> (open shard, the writer's descriptor of its file)
+        self._fds: dict[str, tuple[int, int, DirectIO | None]] = {}  # log -> (open shard, the writer's descriptors of its file)
+        self._state_fds: dict[str, int] = {}  # log -> the writer's descriptor of its record
         self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
@@ -136,7 +138,8 @@ class ZarrStore(Store):
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
         self.group.create_array(name + OPEN, shape=(shard, cols), dtype=dtype, chunks=(1, cols),
                                 compressors=None, fill_value=0)
-        self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0)
+        self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0,
+                                compressors=None)  # 24 plain bytes, rewritten in place (see _set_state)
         self.group[name + STATE][:] = NO_SHARD
         self._mark(name + STATE, 0, 1)
         self.group.create_array(name, shape=(rows, cols), dtype=dtype, chunks=(inner, cols),
@@ -172,7 +175,7 @@ class ZarrStore(Store):
         return sum(Store.nbytes(self, n) for n in names + aux)
 
     def delete(self, name: str) -> None:
-        self._close_fd(name)
+        self._close_fd(name, record=True)
         for key in (name, name + OPEN, name + STATE):
             self._arrays.pop(key, None)
             self._dirty.pop(key, None)
@@ -230,7 +233,19 @@ class ZarrStore(Store):
         return min(R, self.array(name).shape[0] - shard * R)
 
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
-        self.array(name + STATE)[:] = (shard, lo, hi)
+        """Write the record; locally, where it is 24 plain bytes, in place with one pwrite (a
+        process dies before or after a system call, and a power loss tears no 512-byte sector)."""
+        record, state = np.array([shard, lo, hi], dtype="<i8"), self.array(name + STATE)
+        if self.local and [type(c) for c in state.metadata.codecs] == [BytesCodec]:
+            file = self.path / (name + STATE) / state.metadata.encode_chunk_key((0,))
+            if name not in self._state_fds:
+                self._state_fds[name] = os.open(file, os.O_WRONLY)
+            try:
+                write_all(self._state_fds[name], memoryview(record).cast("B"), 0)
+            except OSError as exc:
+                raise os_error(exc, file, "writing the open shard's record") from exc
+        else:
+            state[:] = record
         self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
 
@@ -253,7 +268,7 @@ class ZarrStore(Store):
         size = self._rows_in(name, shard) * self._row_bytes(name)
         size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fds[name] = (shard, fd)
+        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False))
         try:
             reserve(fd, 0, size + len(index), path)
             write_all(fd, memoryview(index), size)
@@ -264,21 +279,28 @@ class ZarrStore(Store):
     def _row_bytes(self, name: str) -> int:
         return self.array(name).shape[1] * self.array(name).dtype.itemsize
 
-    def _fd(self, name: str, shard: int) -> int:
-        """The writer's descriptor of open shard `shard`; a writer reopened mid-shard opens it again
-        (or starts it, when a crash came between its record and its file)."""
+    def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None]:
+        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`; a writer
+        reopened mid-shard opens it again (or starts it, when a crash came between its record and
+        its file)."""
         if self._fds.get(name, (None,))[0] != shard:
             self._close_fd(name)
             path = self._open_file(name, shard)
             if path.exists():
-                self._fds[name] = (shard, os.open(path, os.O_RDWR))
+                self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False))
             else:
                 self._begin(name, shard)
-        return self._fds[name][1]
+        return self._fds[name][1:]
 
-    def _close_fd(self, name: str) -> None:
+    def _close_fd(self, name: str, record: bool = False) -> None:
+        """Close the writer's descriptor of the open shard of log `name` (and of its record)."""
         if name in self._fds:
-            os.close(self._fds.pop(name)[1])
+            _, fd, direct = self._fds.pop(name)
+            os.close(fd)
+            if direct is not None:
+                direct.close()
+        if record and name in self._state_fds:
+            os.close(self._state_fds.pop(name))
 
     def _put(self, name: str, shard: int, i: int, rows: np.ndarray) -> None:
         """Rows i.. of open shard `shard`: written in place into its file (locally), else to the
@@ -287,10 +309,14 @@ class ZarrStore(Store):
             self._open[name][i:i + len(rows)] = rows
             self.array(name + OPEN)[i:i + len(rows)] = rows
             return self._mark(name + OPEN, i, i + len(rows))
-        fd, path = self._fd(name, shard), self._open_file(name, shard)
+        (fd, direct), path = self._fd(name, shard), self._open_file(name, shard)
         data = np.ascontiguousarray(rows, dtype=self.array(name).dtype.newbyteorder("<"))
+        offset = i * self._row_bytes(name)
         try:
-            write_all(fd, memoryview(data).cast("B"), i * self._row_bytes(name))
+            if direct is not None and DirectIO.fits(offset, data.nbytes):
+                direct.write(data, offset)  # the device's speed, no page cache to fill and flush
+            else:
+                write_all(fd, memoryview(data).cast("B"), offset)
         except OSError as exc:
             raise os_error(exc, path, "appending to the open shard") from exc
         self._dirty.setdefault(name + OPEN, set()).add(path)
@@ -320,7 +346,7 @@ class ZarrStore(Store):
                     self._put(name, shard, a, np.asarray(self.array(name)[shard * R + a:shard * R + b]))
             target = self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.fsync(self._fd(name, shard))  # the rows, before the link that publishes them
+            os.fsync(self._fd(name, shard)[0])  # the rows, before the link that publishes them
             temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
             os.link(self._open_file(name, shard), temp)
             os.replace(temp, target)
@@ -449,8 +475,8 @@ class ZarrStore(Store):
     def close(self) -> None:
         for name in list(self._held):
             self.unlock(name)
-        for name in list(self._fds):
-            self._close_fd(name)
+        for name in set(self._fds) | set(self._state_fds):
+            self._close_fd(name, record=True)
         self._open.clear()
         self._written.clear()
         super().close()
