@@ -48,6 +48,7 @@ OPEN, STATE = ".open", ".state"
 SHARD_BYTES = 128 << 20  # a shard: one object of at least ~100 MB, fetched whole by a reader
 INNER_BYTES = 1 << 20  # inner chunks of at least this (a few rows of a small model), at most one shard
 NO_SHARD = (-1, 0, 0)
+SECTOR = 512  # bytes a device writes whole
 EMPTY = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk that is not stored
 
 
@@ -118,7 +119,8 @@ class ZarrStore(Store):
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
         self._fds: dict[str, tuple[int, int, DirectIO | None]] = {}  # log -> (open shard, the writer's descriptors of its file)
-        self._state_fds: dict[str, int] = {}  # log -> the writer's descriptor of its record
+        self._small: dict[tuple[str, int], tuple[int, Path, tuple[int, ...], np.dtype]] = {}  # see _write_small
+        self._logs: dict[str, tuple[int, int, int] | None] = {}  # see _log
         self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
@@ -175,8 +177,10 @@ class ZarrStore(Store):
         return sum(Store.nbytes(self, n) for n in names + aux)
 
     def delete(self, name: str) -> None:
-        self._close_fd(name, record=True)
+        self._close_fd(name)
+        self._logs.pop(name, None)
         for key in (name, name + OPEN, name + STATE):
+            self._close_small(key)
             self._arrays.pop(key, None)
             self._dirty.pop(key, None)
             if key in self.group:
@@ -189,8 +193,8 @@ class ZarrStore(Store):
 
     def shard_rows(self, name: str) -> int:
         """Rows per shard of log `name` (1 for arrays that are not sharded logs)."""
-        shards = self.array(name).shards
-        return shards[0] if shards else 1
+        log = self._log(name)
+        return log[0] if log else 1
 
     # ---- the log: whole shards, the open one beside them ----------------------------------
     def _state(self, name: str) -> tuple[int, int, int]:
@@ -198,13 +202,15 @@ class ZarrStore(Store):
         return shard, lo, hi
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
-        if self.array(name).shards is None:
-            super().write_rows(name, start, rows)
-            return self._mark(name, start, start + len(rows))
+        if self._log(name) is None:
+            if not self._write_small(name, start, rows):
+                super().write_rows(name, start, rows)
+                self._mark(name, start, start + len(rows))
+            return
         self._check_writable()
-        if start < 0 or start + len(rows) > self.array(name).shape[0]:
+        if start < 0 or start + len(rows) > self._log(name)[1]:
             raise StoreError(f"rows {start}..{start + len(rows)} are outside {name!r} of "
-                             f"{self.array(name).shape[0]} rows")
+                             f"{self._log(name)[1]} rows")
         for i, row in enumerate(rows):
             self._append(name, start + i, row)
 
@@ -227,27 +233,50 @@ class ZarrStore(Store):
         if lo == 0 and hi == self._rows_in(name, shard):  # complete: it joins the log whole
             self._flush(name, shard, lo, hi)
 
+    def _log(self, name: str) -> tuple[int, int, int] | None:
+        """(rows per shard, rows, bytes per row) of sharded log `name`; None for other arrays."""
+        if name not in self._logs:
+            arr = self.array(name)
+            self._logs[name] = None if arr.shards is None else (
+                arr.shards[0], arr.shape[0], arr.shape[1] * arr.dtype.itemsize)
+        return self._logs[name]
+
     def _rows_in(self, name: str, shard: int) -> int:
         """Rows of the log in shard `shard` (the last shard may hold fewer)."""
-        R = self.shard_rows(name)
-        return min(R, self.array(name).shape[0] - shard * R)
+        R, rows, _ = self._log(name)
+        return min(R, rows - shard * R)
 
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
-        """Write the record; locally, where it is 24 plain bytes, in place with one pwrite (a
-        process dies before or after a system call, and a power loss tears no 512-byte sector)."""
-        record, state = np.array([shard, lo, hi], dtype="<i8"), self.array(name + STATE)
-        if self.local and [type(c) for c in state.metadata.codecs] == [BytesCodec]:
-            file = self.path / (name + STATE) / state.metadata.encode_chunk_key((0,))
-            if name not in self._state_fds:
-                self._state_fds[name] = os.open(file, os.O_WRONLY)
-            try:
-                write_all(self._state_fds[name], memoryview(record).cast("B"), 0)
-            except OSError as exc:
-                raise os_error(exc, file, "writing the open shard's record") from exc
-        else:
-            state[:] = record
-        self._mark(name + STATE, 0, 1)
+        record = np.array([shard, lo, hi], dtype="int64")
+        if not self._write_small(name + STATE, 0, record):
+            self.array(name + STATE)[:] = record
+            self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
+
+    def _write_small(self, key: str, start: int, rows: np.ndarray) -> bool:
+        """Rewrite one whole chunk of at most a sector (a count, a record) in place with one
+        pwrite, where it is stored plain in a local file that exists; False where zarr must write.
+        Atomic like zarr's rename: a process dies before or after a system call, and a power loss
+        tears no 512-byte sector; and far cheaper for what is rewritten on every update."""
+        if (key, start) not in self._small:
+            arr = self.array(key)
+            if not self.local or arr.shards is not None or rows.shape != arr.chunks or start % arr.chunks[0]:
+                return False
+            if rows.nbytes > SECTOR or [type(c) for c in arr.metadata.codecs] != [BytesCodec]:
+                return False
+            file = self.path / key / arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (rows.ndim - 1))
+            if not file.exists():  # never written (or zarr dropped it as all fill value)
+                return False
+            self._small[key, start] = (os.open(file, os.O_WRONLY), file, rows.shape, arr.dtype.newbyteorder("<"))
+        fd, file, shape, dtype = self._small[key, start]
+        if rows.shape != shape:
+            return False
+        try:
+            write_all(fd, memoryview(np.ascontiguousarray(rows, dtype=dtype)).cast("B"), 0)
+        except OSError as exc:
+            raise os_error(exc, file, "writing") from exc
+        self._dirty.setdefault(key, set()).add(file)
+        return True
 
     def _open_file(self, name: str, shard: int) -> Path:
         """A local log's open shard: a file in zarr's shard format inside the side array's directory."""
@@ -265,10 +294,10 @@ class ZarrStore(Store):
         for old in path.parent.glob("shard.*"):  # the previous open shard: in the log already, or dropped
             old.unlink()
         index = shard_index(self.array(name), self._rows_in(name, shard))
-        size = self._rows_in(name, shard) * self._row_bytes(name)
+        size = self._rows_in(name, shard) * self._log(name)[2]
         size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False))
+        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
         try:
             reserve(fd, 0, size + len(index), path)
             write_all(fd, memoryview(index), size)
@@ -276,31 +305,31 @@ class ZarrStore(Store):
             raise os_error(exc, path, "starting the open shard") from exc
         self._dirty.setdefault(name + OPEN, set()).add(path)
 
-    def _row_bytes(self, name: str) -> int:
-        return self.array(name).shape[1] * self.array(name).dtype.itemsize
-
-    def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None]:
-        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`; a writer
+    def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None, Path]:
+        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`, and its file; a writer
         reopened mid-shard opens it again (or starts it, when a crash came between its record and
         its file)."""
         if self._fds.get(name, (None,))[0] != shard:
             self._close_fd(name)
             path = self._open_file(name, shard)
             if path.exists():
-                self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False))
+                self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
             else:
                 self._begin(name, shard)
         return self._fds[name][1:]
 
-    def _close_fd(self, name: str, record: bool = False) -> None:
-        """Close the writer's descriptor of the open shard of log `name` (and of its record)."""
+    def _close_fd(self, name: str) -> None:
+        """Close the writer's descriptors of the open shard of log `name`."""
         if name in self._fds:
-            _, fd, direct = self._fds.pop(name)
+            _, fd, direct, _ = self._fds.pop(name)
             os.close(fd)
             if direct is not None:
                 direct.close()
-        if record and name in self._state_fds:
-            os.close(self._state_fds.pop(name))
+
+    def _close_small(self, key: str | None = None) -> None:
+        """Close the descriptors of array `key`'s small chunks (of every array: None)."""
+        for slot in [s for s in self._small if key is None or s[0] == key]:
+            os.close(self._small.pop(slot)[0])
 
     def _put(self, name: str, shard: int, i: int, rows: np.ndarray) -> None:
         """Rows i.. of open shard `shard`: written in place into its file (locally), else to the
@@ -309,9 +338,9 @@ class ZarrStore(Store):
             self._open[name][i:i + len(rows)] = rows
             self.array(name + OPEN)[i:i + len(rows)] = rows
             return self._mark(name + OPEN, i, i + len(rows))
-        (fd, direct), path = self._fd(name, shard), self._open_file(name, shard)
-        data = np.ascontiguousarray(rows, dtype=self.array(name).dtype.newbyteorder("<"))
-        offset = i * self._row_bytes(name)
+        fd, direct, path = self._fd(name, shard)
+        data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))  # rows have the log's dtype
+        offset = i * self._log(name)[2]
         try:
             if direct is not None and DirectIO.fits(offset, data.nbytes):
                 direct.write(data, offset)  # the device's speed, no page cache to fill and flush
@@ -381,7 +410,7 @@ class ZarrStore(Store):
             return self.array(name + OPEN)[a:b]
         log = self.array(name)
         rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
-                           offset=a * self._row_bytes(name))
+                           offset=a * self._log(name)[2])
         return rows.reshape(b - a, log.shape[1])
 
     # ---- durability ---------------------------------------------------------------------
@@ -475,8 +504,9 @@ class ZarrStore(Store):
     def close(self) -> None:
         for name in list(self._held):
             self.unlock(name)
-        for name in set(self._fds) | set(self._state_fds):
-            self._close_fd(name, record=True)
+        for name in list(self._fds):
+            self._close_fd(name)
+        self._close_small()
         self._open.clear()
         self._written.clear()
         super().close()
