@@ -204,6 +204,7 @@ class ZarrStore(Store):
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         if self._log(name) is None:
             if not self._write_small(name, start, rows):
+                self._close_small(name)  # zarr replaces (or drops) the chunk files
                 super().write_rows(name, start, rows)
                 self._mark(name, start, start + len(rows))
             return
@@ -249,6 +250,7 @@ class ZarrStore(Store):
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
         record = np.array([shard, lo, hi], dtype="int64")
         if not self._write_small(name + STATE, 0, record):
+            self._close_small(name + STATE)
             self.array(name + STATE)[:] = record
             self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
