@@ -201,10 +201,13 @@ def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Ten
 
 # ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
-    """A dask LocalCluster of `workers` processes of one thread each on 127.0.0.1, and its Client."""
+    """A dask LocalCluster of `workers` processes on 127.0.0.1 sharing this machine's CPUs (a
+    worker runs that many tasks at once, so one task's first read overlaps another's products),
+    and its Client."""
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                            dashboard_address=None)
     return cluster, Client(cluster)
 
