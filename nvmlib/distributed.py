@@ -29,11 +29,12 @@ from distributed.comm import get_address_host
 from torch import nn
 from nvmlib.progress import tqdm
 
+from nvmlib.backends.base import aligned_empty
 from nvmlib.backends.zarr import ZarrStore
 from nvmlib.errors import StoreError
 from nvmlib.swag import LOG, META, SWAGPosterior
 
-GROUP_BYTES = 512 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
+GROUP_BYTES = 1 << 30  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
 FAN_IN = 4  # partial results summed by one task of the tree
 
 
@@ -104,13 +105,21 @@ def _partial(url: str, storage_options: dict | None, meta: dict, count: int, run
     torch.set_num_threads(threads.get(get_worker().address, 1))
     post = SWAGPosterior.view(_open(url, storage_options), meta, count)
     acc = torch.zeros((z2.shape[1], len(mean)), dtype=torch.from_numpy(z2).dtype)
+    buffers = [aligned_empty((max(t1 - t0 for t0, t1 in runs), post.row_len), post.dtype)
+               for _ in range(min(2, len(runs)))]
+
+    def read(i: int) -> np.ndarray:  # into one of two buffers, reused; verified on the reading thread
+        t0, t1 = runs[i]  # one shard's rows: consecutive slots
+        rows = post.store.read_rows(LOG, t0 % post.slots, t0 % post.slots + t1 - t0, out=buffers[i % 2][:t1 - t0])
+        return post._checked(rows, t0)
+
     at = 0
     with ThreadPoolExecutor(1) as pool:  # the next shard is read while this one is multiplied
-        pending = pool.submit(post.iterates, *runs[0])
+        pending = pool.submit(read, 0)
         for i, (t0, t1) in enumerate(runs):
             rows = pending.result().astype(mean.dtype, copy=False)
             if i + 1 < len(runs):
-                pending = pool.submit(post.iterates, *runs[i + 1])
+                pending = pool.submit(read, i + 1)
             rows -= mean
             acc.addmm_(torch.from_numpy(z2[at:at + t1 - t0]).T, torch.from_numpy(rows))
             at += t1 - t0
