@@ -76,6 +76,9 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
             np.testing.assert_allclose(remote, SEEN.setdefault((name, seed), remote), rtol=1e-6, atol=1e-6)
     wrapped, unwrapped = rings["wrapped"], rings["unwrapped"]
     assert wrapped.n_collected > wrapped.slots and unwrapped.n_collected < unwrapped.capacity
+    # each task multiplies with the host's CPUs shared among the worker threads there (one each here)
+    threads = nvd.check_workers(wrapped, client)
+    assert threads == {w: max(1, len(os.sched_getaffinity(0)) // workers) for w in client.scheduler_info()["workers"]}
 
 
 def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_path, one_shard_per_task):

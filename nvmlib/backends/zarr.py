@@ -375,7 +375,9 @@ class ZarrStore(Store):
         else:
             for a, b in ((0, lo), (hi, self._rows_in(name, shard))):  # a partial shard
                 if a < b:
-                    self._put(name, shard, a, np.asarray(self.array(name)[shard * R + a:shard * R + b]))
+                    rows = aligned_empty((b - a, self.array(name).shape[1]), self.array(name).dtype)
+                    self._read_shard(name, shard, a, b, rows)
+                    self._put(name, shard, a, rows)
             target = self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.fsync(self._fd(name, shard)[0])  # the rows, before the link that publishes them
