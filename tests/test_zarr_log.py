@@ -117,3 +117,23 @@ def test_a_ring_rewrites_shards_and_jumps_back(tmp_path):
         writer.write_rows("x.log", i, data[i:i + 1])
     np.testing.assert_array_equal(open_store("zarr", path, readonly=True).read_rows("x.log", 0, ROWS), data)
     writer.close()
+
+
+def test_a_log_written_through_a_url_reads_and_goes_on_from_its_directory(tmp_path):
+    """A writer through a URL keeps the open rows in the side array (no writes in place); opened
+    by its directory path, the store reads them there, and a writer moves them into the open
+    shard's file and goes on (so does a store an older nvmlib wrote)."""
+    path, data = tmp_path / "p.zarr", rows(4)
+    remote = open_store("zarr", f"file://{path}", shard_bytes=SHARD)
+    remote.create("x.log", (ROWS, COLS), "float32")
+    for i in range(10):  # shards 0 and 1 complete, rows 8 and 9 open in the side array
+        remote.write_rows("x.log", i, data[i:i + 1])
+    remote.close()
+    assert not list((path / "x.log.open").glob("shard.*"))
+    np.testing.assert_array_equal(open_store("zarr", path, readonly=True).read_rows("x.log", 0, 10), data[:10])
+    local = open_store("zarr", path)
+    for i in range(10, ROWS):
+        local.write_rows("x.log", i, data[i:i + 1])
+    np.testing.assert_array_equal(open_store("zarr", path, readonly=True).read_rows("x.log", 0, ROWS), data)
+    np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")["x.log"][:], data)
+    local.close()

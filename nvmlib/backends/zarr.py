@@ -317,8 +317,11 @@ class ZarrStore(Store):
             path = self._open_file(name, shard)
             if path.exists():
                 self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
-            else:
+            else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
                 self._begin(name, shard)
+                _, lo, hi = self._written.get(name) or self._state(name)
+                if lo < hi:
+                    self._put(name, shard, lo, np.asarray(self.array(name + OPEN)[lo:hi]))
         return self._fds[name][1:]
 
     def _close_fd(self, name: str) -> None:
@@ -401,14 +404,8 @@ class ZarrStore(Store):
                 self._read_shard(name, shard, a - shard * R, b - shard * R, out[a - start:b - start])
             shard, lo, hi = state
             a, b = max(start, shard * R + lo), min(stop, shard * R + hi)
-            try:
-                if shard >= 0 and a < b:
-                    out[a - start:b - start] = self._open_rows(name, shard, a - shard * R, b - shard * R)
-            except FileNotFoundError:
-                if self._state(name)[0] == shard:
-                    raise StoreError(f"the open shard of {name} on {self.describe()} is missing "
-                                     f"({self._open_file(name, shard)}): the log is damaged") from None
-                continue
+            if shard >= 0 and a < b:
+                out[a - start:b - start] = self._open_rows(name, shard, a - shard * R, b - shard * R)
             if self._state(name)[0] == shard:
                 return out
         raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
@@ -446,13 +443,17 @@ class ZarrStore(Store):
             os.close(fd)
 
     def _open_rows(self, name: str, shard: int, a: int, b: int) -> np.ndarray:
-        """Rows a..b−1 of open shard `shard`."""
-        if not self.local:
-            return self.array(name + OPEN)[a:b]
+        """Rows a..b−1 of open shard `shard`: from its file, or else from the side array (where a
+        writer through a URL puts them, and an older nvmlib did)."""
         log = self.array(name)
-        rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
-                           offset=a * self._log(name)[2])
-        return rows.reshape(b - a, log.shape[1])
+        if self.local:
+            try:
+                rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
+                                   offset=a * self._log(name)[2])
+                return rows.reshape(b - a, log.shape[1])
+            except FileNotFoundError:  # the writer moved on meanwhile (read_rows reads again), or see above
+                pass
+        return self.array(name + OPEN)[a:b]
 
     # ---- durability ---------------------------------------------------------------------
     def _mark(self, key: str, start: int, stop: int) -> None:
