@@ -17,12 +17,14 @@ import copy
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from distributed import get_worker
+from distributed.comm import get_address_host
 from torch import nn
 from nvmlib.progress import tqdm
 
@@ -31,7 +33,7 @@ from nvmlib.errors import StoreError
 from nvmlib.log import spans
 from nvmlib.swag import LOG, META, SWAGPosterior
 
-GROUP_BYTES = 512 << 20  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
+GROUP_BYTES = 1 << 30  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
 FAN_IN = 4  # partial results summed by one task of the tree
 
 
@@ -39,18 +41,22 @@ def _open(url: str, storage_options: dict | None) -> ZarrStore:
     return ZarrStore(url, readonly=True, storage_options=storage_options)
 
 
-def _probe(url: str, storage_options: dict | None, meta: bytes) -> str | None:
-    """Run on each worker: None when it reads the posterior whose metadata is `meta`, else why not."""
+def _probe(url: str, storage_options: dict | None, meta: bytes) -> tuple[str | None, int]:
+    """Run on each worker: (None when it reads the posterior whose metadata is `meta`, else why
+    not; the CPUs this worker may run on)."""
+    cpus = len(os.sched_getaffinity(0))
     try:
         store = _open(url, storage_options)
         held = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
     except Exception as exc:  # anything a worker meets is reported to the client, by worker
-        return f"{type(exc).__name__}: {exc}"
-    return None if held == meta else "another posterior is stored at that path on this worker"
+        return f"{type(exc).__name__}: {exc}", cpus
+    return (None if held == meta else "another posterior is stored at that path on this worker"), cpus
 
 
-def check_workers(post: SWAGPosterior, client: Any) -> None:
-    """Refuse, before any compute, a posterior the client's workers cannot read where it lies."""
+def check_workers(post: SWAGPosterior, client: Any) -> dict[str, int]:
+    """Refuse, before any compute, a posterior the client's workers cannot read where it lies;
+    else the threads one task may use on each worker (its host's CPUs shared by the worker threads
+    there: dask starts workers with one BLAS thread each)."""
     store = post.store
     if not isinstance(store, ZarrStore):
         raise StoreError(f"the posterior is on the {store.describe()}; a dask cluster reads it where it "
@@ -61,13 +67,18 @@ def check_workers(post: SWAGPosterior, client: Any) -> None:
     if not answers:
         raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2)) and wait for "
                          "them (client.wait_for_workers(2))")
-    bad = {worker: why for worker, why in answers.items() if why}
+    bad = {worker: why for worker, (why, _) in answers.items() if why}
     if bad:
         worker, why = next(iter(bad.items()))
         raise StoreError(f"{len(bad)} of {len(answers)} dask workers cannot read the posterior at "
                          f"{store.url} (e.g. {worker}: {why}); nothing was computed. Put the posterior "
                          "where every worker sees it: a shared file system mounted at the same path on "
                          "every node, or an object store URL (s3://..., with storage_options)")
+    workers = client.scheduler_info()["workers"]
+    host_threads = Counter()
+    for address, info in workers.items():
+        host_threads[get_address_host(address)] += info["nthreads"]
+    return {address: max(1, cpus // host_threads[get_address_host(address)]) for address, (_, cpus) in answers.items()}
 
 
 def shard_groups(post: SWAGPosterior, K: int) -> list[list[tuple[int, int]]]:
@@ -91,21 +102,18 @@ def shard_groups(post: SWAGPosterior, K: int) -> list[list[tuple[int, int]]]:
 
 
 def _partial(url: str, storage_options: dict | None, meta: dict, count: int, runs: list[tuple[int, int]],
-             z2: np.ndarray, mean: np.ndarray) -> np.ndarray:
+             z2: np.ndarray, mean: np.ndarray, threads: dict[str, int]) -> np.ndarray:
     """Run on a worker: Σ over `runs` of z₂[run]ᵀ·(rows − θ̄), (S, n_params); z2 holds the runs' rows
-    of z₂ in order."""
+    of z₂ in order; `threads`: the threads a task may use, by worker."""
+    torch.set_num_threads(threads.get(get_worker().address, 1))
     post = SWAGPosterior.view(_open(url, storage_options), meta, count)
     acc = torch.zeros((z2.shape[1], len(mean)), dtype=torch.from_numpy(z2).dtype)
     at = 0
-    with ThreadPoolExecutor(1) as pool:  # the next shard is read while this one is multiplied
-        pending = pool.submit(post.iterates, *runs[0])
-        for i, (t0, t1) in enumerate(runs):
-            rows = pending.result().astype(mean.dtype, copy=False)
-            if i + 1 < len(runs):
-                pending = pool.submit(post.iterates, *runs[i + 1])
-            rows -= mean
-            acc.addmm_(torch.from_numpy(z2[at:at + t1 - t0]).T, torch.from_numpy(rows))
-            at += t1 - t0
+    for _, rows in post._stream(runs):  # the next shard is read (into a reused buffer) while this one is multiplied
+        rows = rows.astype(mean.dtype, copy=False)
+        rows -= mean
+        acc.addmm_(torch.from_numpy(z2[at:at + len(rows)]).T, torch.from_numpy(rows))
+        at += len(rows)
     return acc.numpy()
 
 
@@ -127,12 +135,13 @@ def _tree(client: Any, futures: list, combine: Callable) -> Any:
 def low_rank(post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray, client: Any) -> np.ndarray:
     """Σ_k z₂ₖ·(θ_k − θ̄) over the K kept rows, (S, n_params) (the local pass's D z₂ before its
     1/√(K−1)), computed by the client's workers."""
-    check_workers(post, client)
+    threads = check_workers(post, client)
     K, store = len(z2), post.store
     mean_future = client.scatter(mean, broadcast=True)
     first = post.n_collected - K
     tasks = [client.submit(_partial, store.url, store.storage_options, post.meta, post.n_collected, runs,
-                           np.concatenate([z2[t0 - first:t1 - first] for t0, t1 in runs]), mean_future, pure=False)
+                           np.concatenate([z2[t0 - first:t1 - first] for t0, t1 in runs]), mean_future, threads,
+                           pure=False)
              for runs in shard_groups(post, K)]
     return _tree(client, tasks, _add)
 
@@ -192,10 +201,13 @@ def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Ten
 
 # ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
-    """A dask LocalCluster of `workers` processes of one thread each on 127.0.0.1, and its Client."""
+    """A dask LocalCluster of `workers` processes on 127.0.0.1 sharing this machine's CPUs (a
+    worker runs that many tasks at once, so one task's first read overlaps another's products),
+    and its Client."""
     from dask.distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                            dashboard_address=None)
     return cluster, Client(cluster)
 
@@ -214,27 +226,30 @@ def drop_cache(store: ZarrStore) -> None:
 def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
             repeats: int = 1) -> pd.DataFrame:
     """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
-    each pass reading a cold log (after one warm-up call per cluster); columns mode, workers, seconds,
-    max_abs_diff (from the local draws)."""
+    interleaved (the local pass, then each cluster's, `repeats` times over) so that load from
+    elsewhere on a shared machine falls on all alike; each pass reads a cold log (after one warm-up
+    call per cluster). Columns: mode, workers, repeat, seconds, max_abs_diff (from the local draws)."""
     def timed(client: Any = None) -> tuple[float, np.ndarray]:
         drop_cache(post.store)
         start = time.perf_counter()
         out = post.sample(S, seed=seed, client=client)
         return time.perf_counter() - start, out
 
-    rows, local = [], None
-    for _ in tqdm(range(repeats), desc="single process", unit="pass"):
-        seconds, local = timed()
-        rows.append({"mode": "single process", "workers": 1, "seconds": seconds, "max_abs_diff": 0.0})
-    for workers in tqdm(worker_counts, desc="dask LocalCluster", unit="cluster"):
-        cluster, client = local_cluster(workers)
-        try:
-            post.sample(1, seed=seed, client=client)  # warm-up: imports on the workers
-            for _ in range(repeats):
+    rows, clusters = [], []
+    try:
+        for workers in worker_counts:
+            clusters.append(local_cluster(workers))
+            post.sample(1, seed=seed, client=clusters[-1][1])  # warm-up: imports on the workers
+        for repeat in tqdm(range(repeats), desc="sampling passes", unit="round"):
+            seconds, local = timed()
+            rows.append({"mode": "single process", "workers": 1, "repeat": repeat, "seconds": seconds,
+                         "max_abs_diff": 0.0})
+            for workers, (_, client) in zip(worker_counts, clusters):
                 seconds, out = timed(client)
-                rows.append({"mode": "dask", "workers": workers, "seconds": seconds,
+                rows.append({"mode": "dask", "workers": workers, "repeat": repeat, "seconds": seconds,
                              "max_abs_diff": float(np.abs(out - local).max())})
-        finally:
+    finally:
+        for cluster, client in clusters:
             client.close()
             cluster.close()
     return pd.DataFrame(rows)

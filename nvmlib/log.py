@@ -21,6 +21,7 @@ slot; "fails its checksum": damaged).
 """
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
@@ -37,6 +38,7 @@ CHUNK_BYTES = 128 << 20  # bytes read per step of a streamed pass
 REPLAY_ROWS = 64  # rows per read when a recovery replays the log
 
 Batch = tuple[int, np.ndarray, int, str]  # (first iterate, values, how many verify, why the next does not)
+Runs = list[tuple[int, int]]  # [t0, t1) ranges of iterates, read in this order
 
 
 def row_len_for(n_params: int, dtype: str, row_align: int) -> int:
@@ -104,18 +106,26 @@ class RawLog:
                 return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
         return len(rows), ""
 
-    def stream(self, start: int, stop: int, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
-        """Batches of iterates start..stop−1, each read while the previous one is used (the first
-        read starts at once); the stream ends with the batch where a row does not verify."""
+    def stream(self, runs: Runs, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+        """Batches of the iterates of `runs`, each read (into one of two reused buffers) while the
+        previous one is used (the first read starts at once); the stream ends with the batch where
+        a row does not verify."""
         step = max(1, step_bytes // (self.row_len * self.dtype.itemsize))
-        parts = spans(start, stop, self.slots, step)
-        firsts = np.cumsum([start] + [b - a for a, b in parts])
-        buffers = [aligned_empty((min(step, stop - start), self.row_len), self.dtype) for _ in range(min(2, len(parts)))]
+        parts, firsts = [], []  # slot ranges and their first iterates
+        for t, stop in runs:
+            for a, b in spans(t, stop, self.slots, step):
+                parts.append((a, b))
+                firsts.append(t)
+                t += b - a
+        if not parts:
+            return iter([])
+        buffers = [aligned_empty((max(b - a for a, b in parts), self.row_len), self.dtype)
+                   for _ in range(min(2, len(parts)))]
 
         def read(i: int) -> Batch:
             a, b = parts[i]
             rows = self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])
-            return (int(firsts[i]), rows[:, :self.n_params], *self._verify(rows, int(firsts[i])))
+            return (firsts[i], rows[:, :self.n_params], *self._verify(rows, firsts[i]))
 
         return _prefetched(read, len(parts))
 
@@ -204,7 +214,7 @@ class DeltaLog:
         index = self._index(0, self.slots)
         ends = [int(r[1]) + -(-int(r[2]) // BLOCK) for r in index if self._valid(r)]
         self._pos = max(ends, default=0)
-        for first, values, ok, _ in self.stream(t - 1, t):
+        for first, values, ok, _ in self.stream([(t - 1, t)]):
             if ok:
                 row = index[(t - 1) % self.slots]
                 self._prev[:] = values[-1]
@@ -247,7 +257,12 @@ class DeltaLog:
                 return i, f"{where} points outside the log: it is damaged"
         return len(index), ""
 
-    def stream(self, start: int, stop: int, step_bytes: int = CHUNK_BYTES // 4) -> Iterator[Batch]:
+    def stream(self, runs: Runs, step_bytes: int = CHUNK_BYTES // 4) -> Iterator[Batch]:
+        """Batches of the iterates of `runs`, one run after the other (the next run's reads start
+        when it is reached): see _run."""
+        return itertools.chain.from_iterable(self._run(t0, t1, step_bytes) for t0, t1 in runs)
+
+    def _run(self, start: int, stop: int, step_bytes: int) -> Iterator[Batch]:
         """Batches of iterates start..stop−1 decoded from the keyframe before `start`: each batch's
         records are read while the batch before is decoded, which happens while the one before that
         is used (smaller batches than raw rows', so the three stages overlap sooner); the stream

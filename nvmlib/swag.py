@@ -39,7 +39,7 @@ from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, padded
 from nvmlib.checksum import digest, identity_seed, new_identity
 from nvmlib.codec import check_codec
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
-from nvmlib.log import INDEX, LOG, REPLAY_ROWS, Batch, layout, log_bytes, log_class
+from nvmlib.log import INDEX, LOG, REPLAY_ROWS, Batch, Runs, layout, log_bytes, log_class
 
 FORMAT = 3
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
@@ -484,7 +484,7 @@ class SWAGPosterior:
         """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify; the
         count reached. A reader whose rows a running writer overwrote gets SnapshotError."""
         reached = start
-        for first, rows, ok, why in self.log.stream(start, stop, REPLAY_ROWS * self.n_params * self.dtype.itemsize):
+        for first, rows, ok, why in self.log.stream([(start, stop)], REPLAY_ROWS * self.n_params * self.dtype.itemsize):
             for i in range(ok):
                 if first + i == 0:
                     self._shift[:] = rows[0]
@@ -565,7 +565,7 @@ class SWAGPosterior:
             return z1
 
         with ThreadPoolExecutor(1) as pool:
-            chunks = self._stream(self._count - K, self._count) if K >= 2 and client is None else iter(())  # reads start now
+            chunks = self._stream([(self._count - K, self._count)]) if K >= 2 and client is None else iter(())  # reads start now
             pending = pool.submit(diagonal)
             if K >= 2:
                 z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
@@ -615,10 +615,11 @@ class SWAGPosterior:
         now = self._read_count()
         return now is None or now > self._count
 
-    def _stream(self, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first iterate, rows) batches of iterates start..stop−1, each read while the previous one is
-        used (the first read starts at once); SnapshotError/PosteriorError at a row that does not verify."""
-        return (self._checked(batch) for batch in self.log.stream(start, stop))
+    def _stream(self, runs: Runs) -> Iterator[tuple[int, np.ndarray]]:
+        """(first iterate, rows) batches of the iterates of `runs` ([t0, t1) ranges, in this order),
+        each read while the previous one is used (the first read starts at once);
+        SnapshotError/PosteriorError at a row that does not verify."""
+        return (self._checked(batch) for batch in self.log.stream(runs))
 
     def iterates(self, start: int, stop: int) -> np.ndarray:
         """Iterates θ_start … θ_stop−1, (stop − start, n_params) in the log's dtype; only the kept
@@ -629,7 +630,7 @@ class SWAGPosterior:
             raise ValueError(f"iterates {start}..{stop} are not all kept: this posterior keeps "
                              f"{first}..{self._count} (max_rank={self.max_rank})")
         out = np.empty((stop - start, self.n_params), self.dtype)
-        for t, rows in self._stream(start, stop):
+        for t, rows in self._stream([(start, stop)]):
             out[t - start:t - start + len(rows)] = rows
         return out
 

@@ -45,7 +45,8 @@ def _devdax(d: Path, **kw):
 # tier -> (opener, unit of a torn write (None: writes are atomic), row_align)
 TIERS = {
     "mmap": (lambda d, **kw: open_store("mmap", d / "mmap", **kw), 512, ALIGN),
-    "zarr": (lambda d, **kw: open_store("zarr", d / "posterior.zarr", **kw), None, 1),
+    # the zarr tier writes log rows (4 KiB) and small records in place: torn 512-byte sectors, as for files
+    "zarr": (lambda d, **kw: open_store("zarr", d / "posterior.zarr", **kw), 512, ALIGN),
 }
 if available_tiers().get("pmem") == "ok":
     TIERS["pmem"] = (lambda d, **kw: open_store("pmem", d / "pmem", **kw), 8, ALIGN)

@@ -39,12 +39,14 @@ def scaled(cluster, n: int):
 
 @pytest.fixture(scope="module")
 def rings(tmp_path_factory):
-    """A ring that has wrapped (31 updates into 13 kept rows) and one that has not (17 of 40)."""
+    """A ring that has wrapped (31 updates into 13 kept rows), one that has not (17 of 40), and a
+    compressed log that has wrapped (each task decodes its chunks from their keyframes)."""
     rng = np.random.default_rng(7)
     out = {}
-    for name, max_rank, updates in (("wrapped", 13, 31), ("unwrapped", 40, 17)):
+    for name, max_rank, updates, codec in (("wrapped", 13, 31, None), ("unwrapped", 40, 17, None),
+                                           ("compressed", 13, 31, "delta-zstd")):
         store = open_store("zarr", tmp_path_factory.mktemp(name) / "p.zarr", shard_bytes=SHARD)
-        post = SWAGPosterior.create(store, N, max_rank=max_rank, checkpoint_every=4)
+        post = SWAGPosterior.create(store, N, max_rank=max_rank, checkpoint_every=4, codec=codec)
         for theta in np.cumsum(rng.standard_normal((updates, N)), axis=0):
             post.update(theta)
         out[name] = post
@@ -76,6 +78,9 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
             np.testing.assert_allclose(remote, SEEN.setdefault((name, seed), remote), rtol=1e-6, atol=1e-6)
     wrapped, unwrapped = rings["wrapped"], rings["unwrapped"]
     assert wrapped.n_collected > wrapped.log.slots and unwrapped.n_collected < unwrapped.capacity
+    # each task multiplies with the host's CPUs shared among the worker threads there (one each here)
+    threads = nvd.check_workers(wrapped, client)
+    assert threads == {w: max(1, len(os.sched_getaffinity(0)) // workers) for w in client.scheduler_info()["workers"]}
 
 
 def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_path, one_shard_per_task):

@@ -3,13 +3,18 @@ the posterior log where it lies.
 
 Arrays named `*.log` are append logs, stored with zarr v3's sharding codec: rows are grouped into
 shards of about `shard_bytes` (inner chunk: one row, or a few rows of a small model), so a reader
-fetches one object per shard. zarr writes a shard as one object, index included, so the single
-writer only ever writes *whole* shards: the rows of the shard being filled (the open shard) go
-first to a side array `<name>.open` (one object per row) and a record `<name>.state`
-= [shard, lo, hi] says that rows lo..hi−1 of that shard are to be read from the side array. When the
-shard is complete it is written to the log in one piece; the side array is reused for the next
-shard only after that, and the record is rewritten before any of its rows are. So an interrupted
-write never makes the store unreadable, and every row written so far stays readable.
+fetches one object per shard. A shard is one object, its index included, so the single writer
+only ever puts *whole* shards into the log: the rows of the shard being filled (the open shard) go
+elsewhere first, and a record `<name>.state` = [shard, lo, hi] says that rows lo..hi−1 of that
+shard are to be read from there. In a local directory the open shard is a file
+`<name>.open/shard.<n>` already in zarr's shard format (uncompressed inner chunks in order, then
+their index and its crc32c, written when the file is made): each row is written once, in place,
+and the complete file is made durable and linked into the log under the shard's name (an atomic
+rename). Elsewhere (object stores cannot write in place) the open rows go to a side array
+`<name>.open`, one object per row, and zarr writes the complete shard. Either way the open shard is
+reused for the next shard only after it is in the log, and the record is rewritten before any of
+its rows are; so an interrupted write never makes the store unreadable, and every row written so
+far stays readable.
 
 zarr writes each object to a temporary file and renames it into place; in a local directory
 `persist` makes the objects written since the last persist and the directories above them
@@ -24,15 +29,19 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
-from nvmlib.backends.base import Store, check_fits
-from nvmlib.backends.files import disk_free, fsync_dir, prepare_dir
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
+from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, prepare_dir, read_all, reserve,
+                                  write_all)
 from nvmlib.errors import LockedError, StoreError
 
 LOG_SUFFIX = ".log"
@@ -40,6 +49,8 @@ OPEN, STATE = ".open", ".state"
 SHARD_BYTES = 128 << 20  # a shard: one object of at least ~100 MB, fetched whole by a reader
 INNER_BYTES = 1 << 20  # inner chunks of at least this (a few rows of a small model), at most one shard
 NO_SHARD = (-1, 0, 0)
+SECTOR = 512  # bytes a device writes whole
+EMPTY = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk that is not stored
 
 
 def log_layout(rows: int, row_bytes: int, shard_bytes: int = SHARD_BYTES) -> tuple[int, int]:
@@ -50,11 +61,38 @@ def log_layout(rows: int, row_bytes: int, shard_bytes: int = SHARD_BYTES) -> tup
     return shard, inner
 
 
+def shard_chunk_bytes(log: zarr.Array) -> int:
+    """Bytes of one inner chunk of the sharded array `log` (uncompressed)."""
+    return log.chunks[0] * log.shape[1] * log.dtype.itemsize
+
+
+def shard_index(log: zarr.Array, rows: int) -> bytes:
+    """The index zarr reads at the end of a shard of `log` whose first `rows` rows are stored as
+    whole uncompressed inner chunks, in order from offset 0: (offset, nbytes) uint64 pairs, then
+    their crc32c (zarr v3 sharding codec, index_location "end")."""
+    codec = log.metadata.codecs[0]
+    plain = (isinstance(codec, ShardingCodec) and codec.index_location.value == "end"
+             and [type(c) for c in codec.codecs] == [BytesCodec]
+             and [type(c) for c in codec.index_codecs] == [BytesCodec, Crc32cCodec]
+             and all(c.endian is None or c.endian.value == "little" for c in (codec.codecs[0], codec.index_codecs[0])))
+    if not plain:
+        raise StoreError(f"{log.name} was not made by nvmlib's zarr tier (its shards are {codec}); "
+                         "append to it with zarr itself, or create the posterior with nvmlib")
+    inner, size = log.chunks[0], shard_chunk_bytes(log)
+    index = np.full((log.shards[0] // inner, 1, 2), EMPTY, dtype="<u8")
+    stored = -(-rows // inner)
+    index[:stored, 0, 0] = np.arange(stored) * size
+    index[:stored, 0, 1] = size
+    raw = index.tobytes()
+    return raw + np.array([google_crc32c.value(raw)], dtype="<u4").tobytes()
+
+
 class ZarrStore(Store):
     """Arrays in a zarr v3 group; `url` may be a directory or e.g. "s3://bucket/posterior"
     (`storage_options` go to fsspec: credentials, endpoint...)."""
 
     kind = "zarr"
+    row_align = ALIGN  # whole blocks: a local open shard's rows are written with O_DIRECT
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  storage_options: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
@@ -81,7 +119,10 @@ class ZarrStore(Store):
         self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
-        self._dirty: dict[str, set[tuple[int, ...]]] = {}  # chunk (or shard) coordinates written since persist
+        self._fds: dict[str, tuple[int, int, DirectIO | None]] = {}  # log -> (open shard, the writer's descriptors of its file)
+        self._small: dict[tuple[str, int], tuple[int, Path, tuple[int, ...], np.dtype]] = {}  # see _write_small
+        self._logs: dict[str, tuple[int, int, int] | None] = {}  # see _log
+        self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
@@ -100,7 +141,8 @@ class ZarrStore(Store):
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
         self.group.create_array(name + OPEN, shape=(shard, cols), dtype=dtype, chunks=(1, cols),
                                 compressors=None, fill_value=0)
-        self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0)
+        self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0,
+                                compressors=None)  # 24 plain bytes, rewritten in place (see _set_state)
         self.group[name + STATE][:] = NO_SHARD
         self._mark(name + STATE, 0, 1)
         self.group.create_array(name, shape=(rows, cols), dtype=dtype, chunks=(inner, cols),
@@ -136,7 +178,10 @@ class ZarrStore(Store):
         return sum(Store.nbytes(self, n) for n in names + aux)
 
     def delete(self, name: str) -> None:
+        self._close_fd(name)
+        self._logs.pop(name, None)
         for key in (name, name + OPEN, name + STATE):
+            self._close_small(key)
             self._arrays.pop(key, None)
             self._dirty.pop(key, None)
             if key in self.group:
@@ -149,50 +194,167 @@ class ZarrStore(Store):
 
     def shard_rows(self, name: str) -> int:
         """Rows per shard of log `name` (1 for arrays that are not sharded logs)."""
-        shards = self.array(name).shards
-        return shards[0] if shards else 1
+        log = self._log(name)
+        return log[0] if log else 1
 
-    # ---- the log: whole shards, the open one through the side array ---------------------
+    # ---- the log: whole shards, the open one beside them ----------------------------------
     def _state(self, name: str) -> tuple[int, int, int]:
         shard, lo, hi = (int(v) for v in self.array(name + STATE)[:])
         return shard, lo, hi
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
-        if self.array(name).shards is None:
-            super().write_rows(name, start, rows)
-            return self._mark(name, start, start + len(rows))
+        if self._log(name) is None:
+            if not self._write_small(name, start, rows):
+                self._close_small(name)  # zarr replaces (or drops) the chunk files
+                super().write_rows(name, start, rows)
+                self._mark(name, start, start + len(rows))
+            return
         self._check_writable()
-        if start < 0 or start + len(rows) > self.array(name).shape[0]:
+        if start < 0 or start + len(rows) > self._log(name)[1]:
             raise StoreError(f"rows {start}..{start + len(rows)} are outside {name!r} of "
-                             f"{self.array(name).shape[0]} rows")
+                             f"{self._log(name)[1]} rows")
         for i, row in enumerate(rows):
             self._append(name, start + i, row)
 
     def _append(self, name: str, row_index: int, row: np.ndarray) -> None:
-        """Write one row of a sharded log: to the side array, and the shard when it is complete."""
-        log, R = self.array(name), self.shard_rows(name)
-        shard, i = divmod(row_index, R)
+        """Write one row of a sharded log: to the open shard, which joins the log when complete."""
+        shard, i = divmod(row_index, self.shard_rows(name))
         current, lo, hi = self._written.get(name) or self._state(name)
         if current != shard or not lo <= i <= hi:  # a new open shard (or a jump within one)
             if current >= 0:
                 self._flush(name, current, lo, hi)
-            self._set_state(name, shard, i, i)  # before the side array is overwritten
-            self._open.setdefault(name, np.empty((R, log.shape[1]), log.dtype))
+            self._set_state(name, shard, i, i)  # before the open rows are overwritten
+            self._begin(name, shard)
             lo, hi = i, i
-        elif name not in self._open:  # a writer reopened mid-shard: take the side rows back
+        elif not self.local and name not in self._open:  # a writer reopened mid-shard: take the side rows back
             self._load(name, lo, hi)
-        self._open[name][i] = row
-        self.array(name + OPEN)[i:i + 1] = row[None]
-        self._mark(name + OPEN, i, i + 1)
+        self._put(name, shard, i, row[None])
         self._flushed.discard(name)
-        self._set_state(name, shard, lo, max(hi, i + 1))
-        if lo == 0 and max(hi, i + 1) == min(R, log.shape[0] - shard * R):  # complete: write it whole
-            self._flush(name, shard, lo, max(hi, i + 1))
+        hi = max(hi, i + 1)
+        self._set_state(name, shard, lo, hi)
+        if lo == 0 and hi == self._rows_in(name, shard):  # complete: it joins the log whole
+            self._flush(name, shard, lo, hi)
+
+    def _log(self, name: str) -> tuple[int, int, int] | None:
+        """(rows per shard, rows, bytes per row) of sharded log `name`; None for other arrays."""
+        if name not in self._logs:
+            arr = self.array(name)
+            self._logs[name] = None if arr.shards is None else (
+                arr.shards[0], arr.shape[0], arr.shape[1] * arr.dtype.itemsize)
+        return self._logs[name]
+
+    def _rows_in(self, name: str, shard: int) -> int:
+        """Rows of the log in shard `shard` (the last shard may hold fewer)."""
+        R, rows, _ = self._log(name)
+        return min(R, rows - shard * R)
 
     def _set_state(self, name: str, shard: int, lo: int, hi: int) -> None:
-        self.array(name + STATE)[:] = (shard, lo, hi)
-        self._mark(name + STATE, 0, 1)
+        record = np.array([shard, lo, hi], dtype="int64")
+        if not self._write_small(name + STATE, 0, record):
+            self._close_small(name + STATE)
+            self.array(name + STATE)[:] = record
+            self._mark(name + STATE, 0, 1)
         self._written[name] = (shard, lo, hi)
+
+    def _write_small(self, key: str, start: int, rows: np.ndarray) -> bool:
+        """Rewrite one whole chunk of at most a sector (a count, a record) in place with one
+        pwrite, where it is stored plain in a local file that exists; False where zarr must write.
+        Atomic like zarr's rename: a process dies before or after a system call, and a power loss
+        tears no 512-byte sector; and far cheaper for what is rewritten on every update."""
+        if (key, start) not in self._small:
+            arr = self.array(key)
+            if not self.local or arr.shards is not None or rows.shape != arr.chunks or start % arr.chunks[0]:
+                return False
+            if rows.nbytes > SECTOR or [type(c) for c in arr.metadata.codecs] != [BytesCodec]:
+                return False
+            file = self.path / key / arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (rows.ndim - 1))
+            if not file.exists():  # never written (or zarr dropped it as all fill value)
+                return False
+            self._small[key, start] = (os.open(file, os.O_WRONLY), file, rows.shape, arr.dtype.newbyteorder("<"))
+        fd, file, shape, dtype = self._small[key, start]
+        if rows.shape != shape:
+            return False
+        try:
+            write_all(fd, memoryview(np.ascontiguousarray(rows, dtype=dtype)).cast("B"), 0)
+        except OSError as exc:
+            raise os_error(exc, file, "writing") from exc
+        self._dirty.setdefault(key, set()).add(file)
+        return True
+
+    def _open_file(self, name: str, shard: int) -> Path:
+        """A local log's open shard: a file in zarr's shard format inside the side array's directory."""
+        return self.path / (name + OPEN) / f"shard.{shard}"
+
+    def _begin(self, name: str, shard: int) -> None:
+        """Start open shard `shard` (its record already names it): locally a fresh file in the shard
+        format, its index written at once (the rows' places in it are fixed)."""
+        if not self.local:
+            log = self.array(name)
+            self._open[name] = np.empty((self.shard_rows(name), log.shape[1]), log.dtype)
+            return
+        self._close_fd(name)
+        path = self._open_file(name, shard)
+        for old in path.parent.glob("shard.*"):  # the previous open shard: in the log already, or dropped
+            old.unlink()
+        index = shard_index(self.array(name), self._rows_in(name, shard))
+        size = self._rows_in(name, shard) * self._log(name)[2]
+        size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
+        try:
+            reserve(fd, 0, size + len(index), path)
+            write_all(fd, memoryview(index), size)
+        except OSError as exc:
+            raise os_error(exc, path, "starting the open shard") from exc
+        self._dirty.setdefault(name + OPEN, set()).add(path)
+
+    def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None, Path]:
+        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`, and its file; a writer
+        reopened mid-shard opens it again (or starts it, when a crash came between its record and
+        its file)."""
+        if self._fds.get(name, (None,))[0] != shard:
+            self._close_fd(name)
+            path = self._open_file(name, shard)
+            if path.exists():
+                self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
+            else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
+                self._begin(name, shard)
+                _, lo, hi = self._written.get(name) or self._state(name)
+                if lo < hi:
+                    self._put(name, shard, lo, np.asarray(self.array(name + OPEN)[lo:hi]))
+        return self._fds[name][1:]
+
+    def _close_fd(self, name: str) -> None:
+        """Close the writer's descriptors of the open shard of log `name`."""
+        if name in self._fds:
+            _, fd, direct, _ = self._fds.pop(name)
+            os.close(fd)
+            if direct is not None:
+                direct.close()
+
+    def _close_small(self, key: str | None = None) -> None:
+        """Close the descriptors of array `key`'s small chunks (of every array: None)."""
+        for slot in [s for s in self._small if key is None or s[0] == key]:
+            os.close(self._small.pop(slot)[0])
+
+    def _put(self, name: str, shard: int, i: int, rows: np.ndarray) -> None:
+        """Rows i.. of open shard `shard`: written in place into its file (locally), else to the
+        side array and the writer's copy."""
+        if not self.local:
+            self._open[name][i:i + len(rows)] = rows
+            self.array(name + OPEN)[i:i + len(rows)] = rows
+            return self._mark(name + OPEN, i, i + len(rows))
+        fd, direct, path = self._fd(name, shard)
+        data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))  # rows have the log's dtype
+        offset = i * self._log(name)[2]
+        try:
+            if direct is not None and DirectIO.fits(offset, data.nbytes):
+                direct.write(data, offset)  # the device's speed, no page cache to fill and flush
+            else:
+                write_all(fd, memoryview(data).cast("B"), offset)
+        except OSError as exc:
+            raise os_error(exc, path, "appending to the open shard") from exc
+        self._dirty.setdefault(name + OPEN, set()).add(path)
 
     def _load(self, name: str, lo: int, hi: int) -> None:
         log = self.array(name)
@@ -200,61 +362,130 @@ class ZarrStore(Store):
         self._open[name][lo:hi] = self.array(name + OPEN)[lo:hi]
 
     def _flush(self, name: str, shard: int, lo: int, hi: int) -> None:
-        """Write rows lo..hi−1 of the open shard to the log (one object; zarr merges a partial one),
-        unless this writer already did; a reopened writer does it again (it may have been cut off)."""
-        if name in self._flushed:
+        """Make rows lo..hi−1 of the open shard part of the log, unless this writer already did; a
+        reopened writer does it again (it may have been cut off). Locally the open file, once the
+        log's other rows of that shard are copied in, is made durable and linked in place of the
+        shard (an atomic rename), so the log never holds half a shard; elsewhere zarr writes it
+        (merging a partial one)."""
+        if name in self._flushed or lo == hi:
             return
-        if name not in self._open:
-            self._load(name, lo, hi)
         R = self.shard_rows(name)
-        self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
-        self._mark(name, shard * R + lo, shard * R + hi)
+        if not self.local:
+            if name not in self._open:
+                self._load(name, lo, hi)
+            self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
+            self._mark(name, shard * R + lo, shard * R + hi)
+        else:
+            for a, b in ((0, lo), (hi, self._rows_in(name, shard))):  # a partial shard
+                if a < b:
+                    rows = aligned_empty((b - a, self.array(name).shape[1]), self.array(name).dtype)
+                    self._read_shard(name, shard, a, b, rows)
+                    self._put(name, shard, a, rows)
+            target = self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.fsync(self._fd(name, shard)[0])  # the rows, before the link that publishes them
+            temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+            os.link(self._open_file(name, shard), temp)
+            os.replace(temp, target)
+            self._sync_dirs([target])  # durable before the record moves on from this shard
         self._flushed.add(name)
 
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-        log = self.array(name)
-        if log.shards is None:
+        if self._log(name) is None:
             return super().read_rows(name, start, stop, out)
         R = self.shard_rows(name)
+        if out is None:
+            log = self.array(name)
+            out = aligned_empty((stop - start, log.shape[1]), log.dtype)
         for _ in range(100):  # the writer may move on to the next shard while we read: read again
             state = self._state(name)
-            out = super().read_rows(name, start, stop, out)
+            for shard in range(start // R, (stop - 1) // R + 1 if stop > start else 0):
+                a, b = max(start, shard * R), min(stop, (shard + 1) * R)
+                self._read_shard(name, shard, a - shard * R, b - shard * R, out[a - start:b - start])
             shard, lo, hi = state
             a, b = max(start, shard * R + lo), min(stop, shard * R + hi)
             if shard >= 0 and a < b:
-                out[a - start:b - start] = self.array(name + OPEN)[a - shard * R:b - shard * R]
+                out[a - start:b - start] = self._open_rows(name, shard, a - shard * R, b - shard * R)
             if self._state(name)[0] == shard:
                 return out
         raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
+
+    def _read_shard(self, name: str, shard: int, a: int, b: int, out: np.ndarray) -> None:
+        """Rows a..b−1 of shard `shard` of the log into `out`. A local shard in the layout this tier
+        writes (its index says so) is read at the rows' offsets with O_DIRECT, like the mmap tier's
+        log; any other through zarr."""
+        R, _, row_bytes = self._log(name)
+        log = self.array(name)
+        if not self.local:
+            out[...] = log[shard * R + a:shard * R + b]
+            return
+        file = self.path / name / log.metadata.encode_chunk_key((shard, 0))
+        index = shard_index(log, self._rows_in(name, shard))
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:  # never written: zarr's fill value
+            out[...] = 0
+            return
+        try:
+            size = os.fstat(fd).st_size
+            if size < len(index) or os.pread(fd, len(index), size - len(index)) != index:
+                out[...] = log[shard * R + a:shard * R + b]  # another layout: zarr reads it
+                return
+            direct = DirectIO.open(file, readonly=True) if DirectIO.fits(a * row_bytes, out.nbytes) else None
+            if direct is None:
+                read_all(fd, memoryview(out).cast("B"), a * row_bytes, file)
+            else:
+                try:
+                    direct.read(out, a * row_bytes)
+                finally:
+                    direct.close()
+        finally:
+            os.close(fd)
+
+    def _open_rows(self, name: str, shard: int, a: int, b: int) -> np.ndarray:
+        """Rows a..b−1 of open shard `shard`: from its file, or else from the side array (where a
+        writer through a URL puts them, and an older nvmlib did)."""
+        log = self.array(name)
+        if self.local:
+            try:
+                rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
+                                   offset=a * self._log(name)[2])
+                return rows.reshape(b - a, log.shape[1])
+            except FileNotFoundError:  # the writer moved on meanwhile (read_rows reads again), or see above
+                pass
+        return self.array(name + OPEN)[a:b]
 
     # ---- durability ---------------------------------------------------------------------
     def _mark(self, key: str, start: int, stop: int) -> None:
         """Remember the objects (chunks, or shards) rows start..stop−1 of array `key` live in."""
         if not self.local or stop <= start:
             return
-        grid = self.array(key).metadata.chunk_grid.chunk_shape  # shards, when the array is sharded
+        meta = self.array(key).metadata
+        grid = meta.chunk_grid.chunk_shape  # shards, when the array is sharded
         rest = (0,) * (len(grid) - 1)
-        self._dirty.setdefault(key, set()).update((i,) + rest for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
+        self._dirty.setdefault(key, set()).update(self.path / key / meta.encode_chunk_key((i,) + rest)
+                                                  for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
 
     def persist(self, name: str) -> None:
-        """fsync the objects written to `name` (a log: its side array and record too) since the last
+        """fsync the objects written to `name` (a log: its open shard and record too) since the last
         persist, then their directories, deepest first."""
+        files = set().union(*(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name)))
+        for file in files:
+            if file.exists():
+                _fsync_file(file)
+        self._sync_dirs(files)
+
+    def _sync_dirs(self, files: Iterable[Path]) -> None:
+        """fsync the directories `files` were renamed into, and any directory above them made since
+        the last time (once each), each entry before its parent's."""
         dirs: set[Path] = set()
-        for key in (name + OPEN, name + STATE, name):
-            coords = self._dirty.pop(key, set())
-            if not coords:
-                continue
-            meta = self.array(key).metadata
-            for c in coords:
-                file = self.path / key / meta.encode_chunk_key(c)
-                if file.exists():
-                    _fsync_file(file)
-                dirs.add(file.parent)  # zarr renamed the object into it
-                for d in file.parent.parents:  # and made any directory above it it lacked: once each
-                    if d in self._synced or not d.is_relative_to(self.path):
-                        break
-                    dirs.add(d)
-        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # each entry before its parent's
+        for file in files:
+            dirs.add(file.parent)
+            for d in file.parent.parents:
+                if d in self._synced or not d.is_relative_to(self.path):
+                    break
+                dirs.add(d)
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):
             if d.is_dir():
                 fsync_dir(d)
         self._synced.update(dirs)
@@ -315,6 +546,9 @@ class ZarrStore(Store):
     def close(self) -> None:
         for name in list(self._held):
             self.unlock(name)
+        for name in list(self._fds):
+            self._close_fd(name)
+        self._close_small()
         self._open.clear()
         self._written.clear()
         super().close()
