@@ -208,7 +208,7 @@ def local_cluster(workers: int) -> tuple[Any, Any]:
 
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                           dashboard_address=None)
+                           dashboard_address=":0")  # any free port: no warning when 8787 is taken
     return cluster, Client(cluster)
 
 

@@ -26,7 +26,7 @@ SHARD = 5 * N * 4  # 5 rows per shard
 def cluster():
     """One worker to start with; tests scale it up (starting clusters is what costs time here)."""
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None) as cl, distributed.Client(cl) as client:
+                                  dashboard_address=":0") as cl, distributed.Client(cl) as client:
         yield cl, client
 
 
