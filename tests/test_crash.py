@@ -97,7 +97,7 @@ def _trial(tier: str, tmp: Path, fresh: bool, rng: random.Random, codec: str = "
     return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
 
 
-@pytest.mark.parametrize("codec", ["", "delta-zstd"])
+@pytest.mark.parametrize("codec", ["", "delta-zstd"], ids=["raw", "delta"])
 def test_sigkill_while_collecting_loses_no_committed_update(persistent_tier, tmp_path, codec):
     tier, opener = persistent_tier
     rng, expected = random.Random(f"{tier}-{SEED}{codec}"), Expected()

@@ -112,7 +112,8 @@ def test_every_crash_state_recovers_exactly_or_is_refused(tier, codec, place):
     writer = opener(place)
     outcomes = {"opened": 0, "refused": 0, "torn": 0, "reopened by a writer": 0, "kept rows refused": 0}
     previous = None  # the state the store holds (None after a writer changed it)
-    for k, state in enumerate(crash_states(ops, STATES, seed=zlib.crc32(f"{tier}{codec}".encode()), tear=tear)):
+    states = STATES if codec is None else STATES // 2  # fewer for the compressed format: the suite's time
+    for k, state in enumerate(crash_states(ops, states, seed=zlib.crc32(f"{tier}{codec}".encode()), tear=tear)):
         must_have, whole, rows = committed(ops, state.point)
         materialise(state, writer, previous)
         previous = state
@@ -140,4 +141,4 @@ def test_every_crash_state_recovers_exactly_or_is_refused(tier, codec, place):
             outcomes["reopened by a writer"] += 1
     writer.close()
     print(tier, outcomes)
-    assert outcomes["opened"] > STATES // 2 and (tear is None or outcomes["torn"] > 0)
+    assert outcomes["opened"] > states // 2 and (tear is None or outcomes["torn"] > 0)
