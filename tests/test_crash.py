@@ -22,7 +22,7 @@ import pytest
 
 from nvmlib.swag import COMMIT, META, MOMENTS, SWAGPosterior
 
-N_PARAMS, CAPACITY, EVERY, SEED, TRIALS = 5000, 64, 8, 1234, 20
+N_PARAMS, CAPACITY, EVERY, SEED, TRIALS = 5000, 64, 8, 1234, 12
 TESTS = Path(__file__).resolve().parent
 
 
