@@ -52,12 +52,22 @@ def layout(n_params: int, capacity: int, dtype: str, row_align: int, codec: str 
     if codec is None:
         return {"codec": None, "row_len": row_len_for(n_params, dtype, row_align)}
     record = DeltaCodec.bound(np.dtype(dtype), n_params)
-    return {"codec": codec, "chunk": chunk, "record_blocks": -(-record // BLOCK)}
+    return {"codec": codec, "chunk": chunk, "record_blocks": blocks_of(record)}
 
 
 def log_bytes(meta: dict) -> int:
     """Bytes the log's arrays reserve on the tier."""
     return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in log_class(meta).arrays(meta).values())
+
+
+def blocks_of(nbytes: int) -> int:
+    """Blocks a record of `nbytes` bytes takes (it starts on a block)."""
+    return -(-int(nbytes) // BLOCK)
+
+
+def record_end(row: np.ndarray) -> int:
+    """The block after the record an index row points to."""
+    return int(row[1]) + blocks_of(row[2])
 
 
 def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]:
@@ -192,7 +202,7 @@ class DeltaLog:
         for part in parts:
             flat[at:at + len(part)] = np.frombuffer(part, np.uint8)
             at += len(part)
-        n_blocks = -(-at // BLOCK)
+        n_blocks = blocks_of(at)
         flat[at:n_blocks * BLOCK] = 0
         seed = row_seed(self.ident, t)
         head = [t, self._pos, at, key, digest(flat[:at], seed), digest(self.row.view(np.uint8), seed)]
@@ -212,13 +222,12 @@ class DeltaLog:
         if t == 0:
             return
         index = self._index(0, self.slots)
-        ends = [int(r[1]) + -(-int(r[2]) // BLOCK) for r in index if self._valid(r)]
-        self._pos = max(ends, default=0)
+        self._pos = max((record_end(r) for r in index if self._valid(r)), default=0)
         for first, values, ok, _ in self.stream([(t - 1, t)]):
             if ok:
                 row = index[(t - 1) % self.slots]
                 self._prev[:] = values[-1]
-                self._prev_t, self._key, self._pos = t - 1, int(row[3]), int(row[1]) + -(-int(row[2]) // BLOCK)
+                self._prev_t, self._key, self._pos = t - 1, int(row[3]), record_end(row)
 
     def discard(self, start: int, stop: int) -> bool:
         """Zero the index rows of iterates start..stop−1 still in the log (their records are then
@@ -287,7 +296,7 @@ class DeltaLog:
 
         def fetch(i: int) -> np.ndarray:  # on the I/O thread: a batch's records, while the one before is decoded
             rows = index[slice(*batches[i])]
-            a, b = int(rows[0, 1]), int(rows[-1, 1]) + -(-int(rows[-1, 2]) // BLOCK)
+            a, b = int(rows[0, 1]), record_end(rows[-1])
             return np.concatenate([self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)])
 
         io = ThreadPoolExecutor(1)
@@ -334,17 +343,17 @@ class DeltaLog:
         per = max(1, step_bytes // (self.n_params * self.dtype.itemsize))
         out, lo = [], 0
         for i in range(1, len(index) + 1):
-            if i == len(index) or i - lo >= per or index[i, 1] != index[i - 1, 1] + -(-index[i - 1, 2] // BLOCK):
+            if i == len(index) or i - lo >= per or index[i, 1] != record_end(index[i - 1]):
                 out.append((lo, i))
                 lo = i
-        return out if len(index) else []
+        return out
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """Bytes of the records that iterates start..stop−1 need (from the keyframe before `start`) and of the index."""
         index = self._index(start, stop)
         if len(index) and self._valid(index[0]) and index[0, 3] < start:
             index = np.concatenate([self._index(int(index[0, 3]), start), index])
-        return sum(-(-int(r[2]) // BLOCK) * BLOCK for r in index if self._valid(r)) + self.store.nbytes(INDEX)
+        return sum(blocks_of(r[2]) * BLOCK for r in index if self._valid(r)) + self.store.nbytes(INDEX)
 
     def persist(self) -> None:
         self.store.persist(LOG)
