@@ -118,11 +118,11 @@ def read_meta(store: Store) -> dict:
     return meta
 
 
-def _check_file_size_limit(store: Store, nbytes: int) -> None:
-    """Refuse, before anything is deleted, a log file larger than this process may write (ulimit -f)."""
+def _check_file_size_limit(store: Store, name: str, nbytes: int) -> None:
+    """Refuse, before anything is deleted, a file larger than this process may write (ulimit -f)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if store.path is not None and store.path.is_dir() and soft != resource.RLIM_INFINITY and nbytes + ALIGN > soft:
-        raise StoreError(f"the posterior's log needs a file of {(nbytes + ALIGN) / 1e9:.3f} GB but this process "
+        raise StoreError(f"the posterior's {name} needs a file of {(nbytes + ALIGN) / 1e9:.3f} GB but this process "
                          f"may write files of at most {soft / 1e9:.3f} GB (ulimit -f); raise the limit or keep "
                          "fewer iterates (smaller max_rank / -K). Nothing was changed")
 
@@ -219,13 +219,13 @@ class SWAGPosterior:
                     **layout(int(n_params), cap, dtype, store.row_align, codec, chunk_for(cap)),
                     "moments_len": moments_len, "dtype": dtype, "model": model,
                     "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))), "id": new_identity()}
-            arrays = log_class(meta).arrays(meta)
-            _check_file_size_limit(store, max(int(np.prod(shape)) * np.dtype(dt).itemsize
-                                              for shape, dt in arrays.values()))
+            arrays = {**log_class(meta).arrays(meta), COUNT: ((2,), "int64"), SHIFT: ((int(n_params),), "float64"),
+                      MOMENTS: ((2, 2, moments_len), "float64"), COMMIT: ((2, 6), "int64")}
+            for name, (shape, dt) in arrays.items():
+                _check_file_size_limit(store, name, int(np.prod(shape)) * np.dtype(dt).itemsize)
             for name in old:
                 store.delete(name)
-            for name, (shape, dt) in {**arrays, COUNT: ((2,), "int64"), SHIFT: ((int(n_params),), "float64"),
-                                      MOMENTS: ((2, 2, moments_len), "float64"), COMMIT: ((2, 6), "int64")}.items():
+            for name, (shape, dt) in arrays.items():
                 store.create(name, shape, dt)
             post = cls(store, meta, readonly=False)
             post._checkpoint(force=True)
@@ -352,9 +352,24 @@ class SWAGPosterior:
         self._accumulate(row)
         if self._count == 0 or self._count + 1 - self._ckpt_count >= self.checkpoint_every:
             self._settle()
-            self._checkpoint()
+            try:
+                self._checkpoint()
+            except BaseException:
+                self._uncount()
+                raise
             return True
         return False
+
+    def _uncount(self) -> None:
+        """Undo the last update after its checkpoint failed (a full disk): the live state, the count on
+        the tier and the row go back to the update before, so a retry records the iterate once."""
+        count = self._count - 1
+        for slot, record in enumerate(self.store.read_rows(COMMIT, 0, 2)):
+            if record[1] > count:  # written, though its persist failed: no record may outlive its update
+                self.store.write_rows(COMMIT, slot, np.zeros((1, 6), np.int64))
+        self._roll_back(count)
+        self._discard(count, count + 1)
+        self._write_count(count)
 
     def updates_to_checkpoint(self) -> int:
         """How many more updates until one writes a checkpoint (1: the next one does)."""
@@ -504,6 +519,23 @@ class SWAGPosterior:
         if self.log.discard(start, stop):
             self.log.persist()
 
+    def _roll_back(self, count: int) -> None:
+        """Make the live state the posterior after `count` (<= now) updates: the empty one, or a checkpoint
+        plus replay. Refused (PosteriorError) when the log no longer holds what that needs; the live
+        moments, shift and counters are then exactly as they were."""
+        saved = (self._moments.copy(), self._shift.copy(), self._count, self._seq, self._ckpt_count)
+        try:
+            if count == 0:
+                self._moments[:] = 0
+                self._shift[:] = 0
+                self._count = 0
+            else:
+                self._recover(count, exact=True)
+        except BaseException:
+            self._moments[:], self._shift[:] = saved[0], saved[1]
+            self._count, self._seq, self._ckpt_count = saved[2:]
+            raise
+
     def truncate(self, count: int) -> None:
         """Roll back to the first `count` updates (drops later ones), e.g. to resume training there.
 
@@ -519,12 +551,18 @@ class SWAGPosterior:
         if count == self._count:
             return
         old = self._count
-        if count == 0:
-            self._moments[:] = 0
-            self._shift[:] = 0
-            self._count = 0
-        else:
-            self._recover(int(count), exact=True)
+        try:
+            self._roll_back(int(count))
+        except PosteriorError:
+            first = self._count - self.rank
+            usable = [c[1] for c in self._checkpoints(old, []) if c[1] >= first]
+            can = f"0, or any count from {min(usable)} to {old}" if usable else "0"
+            raise PosteriorError(
+                f"cannot truncate to {count} updates: that state needs a checkpoint at or before {count} and "
+                f"every iterate after it, but the ring (max_rank={self.max_rank}) keeps only iterates "
+                f"{first}..{old - 1} and no checkpoint at or before {count} is among them (or a row after it fails its checksum). "
+                f"This posterior can "
+                f"be truncated to {can}. Nothing was changed") from None
         self._discard(int(count), old)
         self._write_count(int(count))
         self._checkpoint(force=True)
@@ -670,6 +708,6 @@ class SWAGPosterior:
         self._settle()
 
     def _check_nonempty(self) -> None:
-        self._settle()
+        self._check_open()
         if self._count == 0:
             raise PosteriorError("the posterior holds no iterates yet: call update(θ) first")

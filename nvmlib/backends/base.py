@@ -108,6 +108,11 @@ class Store(ABC):
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise LockedError(
+                    f"{name} on {self.describe()} already has a writer in this process (another posterior or "
+                    "SWAG object opened on the same path); close that one first, or open this one read-only "
+                    "(readonly=True)") from None
             raise LockedError(
                 f"{name} on {self.describe()} is being written by another process (pid {holder}); "
                 "wait for it to finish, stop it, or open the posterior read-only (readonly=True)") from None
@@ -145,21 +150,37 @@ class Store(ABC):
 
 
 def open_lock_file(path: Path) -> int:
-    """Open (creating) lock file `path` without following a link; refuse anything but a plain file
-    with one name (a planted symlink, hard link or device is never written through)."""
+    """Open (creating) lock file `path`: a plain file of its own, never a link (open_plain)."""
+    return open_plain(path, os.O_RDWR | os.O_CREAT)
+
+
+def open_plain(path: Path, flags: int) -> int:
+    """Open a file a tier owns without following a link; for writing (O_WRONLY/O_RDWR), refuse anything
+    but a plain file with one name, so that a planted symlink, hard link or device is never written through."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StoreError(f"the lock file {path} is a symbolic link; nvmlib never writes through one: "
-                             "remove it and retry") from None
-        raise StoreError(f"cannot open the lock file {path}: {exc.strerror}; check the directory's permissions") from exc
+            raise StoreError(f"{path} is a symbolic link; nvmlib never reads or writes a posterior's files through "
+                             "one: put the file itself there (cp --remove-destination TARGET LINK) or remove "
+                             "the link") from None
+        raise StoreError(f"cannot open {path}: {exc.strerror}; check that it exists and its permissions") from exc
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    if flags & (os.O_WRONLY | os.O_RDWR) and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
         os.close(fd)
-        raise StoreError(f"the lock file {path} is not a plain file of its own (a device, or a hard link to "
-                         "another file); nvmlib will not write to it: remove it and retry")
+        raise StoreError(f"{path} is not a plain file of its own (a device, or a hard link shared with another "
+                         "file); nvmlib will not write to it: replace it with a copy (cp) or remove it")
     return fd
+
+
+def refuse_links(root: Path) -> None:
+    """StoreError if any entry below directory `root` is a symbolic link (a writer would write through it)."""
+    for top, dirs, files in os.walk(root):
+        for entry in dirs + files:
+            if os.path.islink(os.path.join(top, entry)):
+                raise StoreError(f"{os.path.join(top, entry)} is a symbolic link inside the store {root}; nvmlib "
+                                 "never writes a posterior through one: replace it with what it points to, or "
+                                 "remove it")
 
 
 def private_dir() -> Path:

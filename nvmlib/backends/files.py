@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, aligned_empty
+from nvmlib.backends.base import ALIGN, aligned_empty, open_plain
 from nvmlib.errors import StoreError
 
 
@@ -41,18 +41,23 @@ def reserve(fd: int, offset: int, length: int, path: Path) -> None:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise StoreError(f"no space left on the device of {path} for {length / 1e9:.3f} GB; "
+            raise StoreError(f"no space left on the device of {path} for {length / 1e6:.3f} MB; "
                              "free space or choose another path") from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
             raise
 
 
-def os_error(exc: OSError, path: Path, doing: str) -> StoreError:
-    """Translate an OSError from the hot path into a StoreError that names the file and a fix."""
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"the disk of {path} filled up while {doing}; the posterior up to the last "
+def os_error(exc: OSError, path: Path | str, doing: str, nbytes: int | None = None) -> StoreError:
+    """Translate an OSError of a tier's write into a StoreError that names the file, the bytes it
+    needed and a fix."""
+    need = f" ({nbytes:,} bytes to write)" if nbytes is not None else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(f"the disk of {path} filled up while {doing}{need}; the posterior up to the last "
                           "completed update is intact: free space and resume")
-    return StoreError(f"{doing} {path} failed: {exc.strerror or exc}")
+    if exc.errno == errno.EFBIG:
+        return StoreError(f"{doing} {path}{need} would exceed this process's file size limit (ulimit -f); "
+                          "raise the limit and resume")
+    return StoreError(f"{doing} {path}{need} failed: {exc.strerror or exc}")
 
 
 def write_all(fd: int, buf: memoryview, offset: int) -> None:
@@ -165,11 +170,11 @@ class DirectIO:
     def open(cls, file: Path, readonly: bool) -> "DirectIO | None":
         """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs)."""
         try:
-            return cls(os.open(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT), file)
+            os.close(os.open(file, os.O_RDONLY | os.O_DIRECT | os.O_NOFOLLOW))
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 return None
-            raise
+        return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT), file)
 
     @staticmethod
     def fits(offset: int, nbytes: int) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, open_plain
 from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header, os_error, prepare_dir,
                                   read_all, write_all)
 from nvmlib.errors import StoreError
@@ -55,8 +55,10 @@ class MmapStore(Store):
             file = self._file(name)
             if not file.exists():
                 raise StoreError(f"{self.path} holds no array {name!r}")
+            fd = self._fd(name)  # a link or shared file is refused before anything is read through it
             offset, shape, dtype = npy_header(file)
-            self._maps[name] = np.memmap(file, dtype, "r" if self.readonly else "r+", offset, shape)
+            with open(fd, "rb" if self.readonly else "r+b", closefd=False) as f:
+                self._maps[name] = np.memmap(f, dtype, "r" if self.readonly else "r+", offset, shape)
         return self._maps[name]
 
     def names(self) -> list[str]:
@@ -78,7 +80,7 @@ class MmapStore(Store):
     def _fd(self, name: str) -> int:
         if name not in self._fds:
             flags = os.O_RDONLY if self.readonly else os.O_RDWR
-            self._fds[name] = os.open(self._file(name), flags)
+            self._fds[name] = open_plain(self._file(name), flags)
         return self._fds[name]
 
     def _direct_io(self, name: str, offset: int, nbytes: int) -> DirectIO | None:

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, private_dir
+from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, open_plain, private_dir
 from nvmlib.backends.files import create_npy, disk_free, fsync_dir, npy_header, prepare_dir
 from nvmlib.backends.libpmem import Mapping, lib
 from nvmlib.errors import StoreError
@@ -71,6 +71,7 @@ class FileLayout:
         file = self.file(name)
         if not file.exists():
             raise StoreError(f"{self.path} holds no array {name!r}")
+        os.close(open_plain(file, os.O_RDONLY if self.readonly else os.O_RDWR))  # never map through a link
         offset, shape, dtype = npy_header(file)
         return Mapping(file, readonly=self.readonly), Extent(offset, shape, dtype)
 

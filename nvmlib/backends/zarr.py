@@ -39,7 +39,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, open_plain, refuse_links
 from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, prepare_dir, read_all, reserve,
                                   write_all)
 from nvmlib.errors import LockedError, StoreError
@@ -114,6 +114,8 @@ class ZarrStore(Store):
         except ImportError as exc:
             raise StoreError(f"the zarr store {self.url} needs {exc.name!r}: pip install it "
                              "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from exc
+        if self.local and not readonly:
+            refuse_links(self.path)
         self._arrays: dict[str, zarr.Array] = {}
         self._open: dict[str, np.ndarray] = {}  # log -> the writer's copy of its open shard
         self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
@@ -203,6 +205,12 @@ class ZarrStore(Store):
         return shard, lo, hi
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
+        try:
+            self._write_rows(name, start, rows)
+        except OSError as exc:  # zarr's own writes (a full disk, a quota): in the tier's terms
+            raise os_error(exc, f"{self.url}/{name}", "writing", rows.nbytes) from exc
+
+    def _write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         if self._log(name) is None:
             if not self._write_small(name, start, rows):
                 self._close_small(name)  # zarr replaces (or drops) the chunk files
@@ -270,7 +278,7 @@ class ZarrStore(Store):
             file = self.path / key / arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (rows.ndim - 1))
             if not file.exists():  # never written (or zarr dropped it as all fill value)
                 return False
-            self._small[key, start] = (os.open(file, os.O_WRONLY), file, rows.shape, arr.dtype.newbyteorder("<"))
+            self._small[key, start] = (open_plain(file, os.O_WRONLY), file, rows.shape, arr.dtype.newbyteorder("<"))
         fd, file, shape, dtype = self._small[key, start]
         if rows.shape != shape:
             return False
@@ -299,13 +307,16 @@ class ZarrStore(Store):
         index = shard_index(self.array(name), self._rows_in(name, shard))
         size = self._rows_in(name, shard) * self._log(name)[2]
         size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
             reserve(fd, 0, size + len(index), path)
             write_all(fd, memoryview(index), size)
-        except OSError as exc:
-            raise os_error(exc, path, "starting the open shard") from exc
+        except (OSError, StoreError) as exc:  # a full disk: no half-made shard file is left to be read
+            os.close(fd)
+            path.unlink()
+            raise exc if isinstance(exc, StoreError) else os_error(exc, path, "starting the open shard",
+                                                                   size + len(index)) from exc
+        self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
         self._dirty.setdefault(name + OPEN, set()).add(path)
 
     def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None, Path]:
@@ -316,7 +327,7 @@ class ZarrStore(Store):
             self._close_fd(name)
             path = self._open_file(name, shard)
             if path.exists():
-                self._fds[name] = (shard, os.open(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
+                self._fds[name] = (shard, open_plain(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
             else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
                 self._begin(name, shard)
                 _, lo, hi = self._written.get(name) or self._state(name)
@@ -470,10 +481,14 @@ class ZarrStore(Store):
         """fsync the objects written to `name` (a log: its open shard and record too) since the last
         persist, then their directories, deepest first."""
         files = set().union(*(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name)))
-        for file in files:
-            if file.exists():
-                _fsync_file(file)
-        self._sync_dirs(files)
+        try:
+            for file in files:
+                if file.exists():
+                    _fsync_file(file)
+            self._sync_dirs(files)
+        except OSError as exc:
+            self._dirty.setdefault(name, set()).update(files)  # still to be made durable
+            raise os_error(exc, f"{self.url}/{name}", "flushing") from exc
 
     def _sync_dirs(self, files: Iterable[Path]) -> None:
         """fsync the directories `files` were renamed into, and any directory above them made since
