@@ -393,9 +393,11 @@ def _prefetched(read, n: int, io: ThreadPoolExecutor | None = None) -> Iterator[
                     pending = pool.submit(read, i + 1)
                 yield batch
         finally:
-            pool.shutdown()
+            # without waiting: the garbage collector may finalise an abandoned stream on any thread, its own
+            # reading thread included, where a join would deadlock
+            pool.shutdown(wait=False, cancel_futures=True)
             if io is not None:
-                io.shutdown()
+                io.shutdown(wait=False, cancel_futures=True)
 
     return batches()
 

@@ -28,8 +28,9 @@ from __future__ import annotations
 import json
 import math
 import resource
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer k
 META, COUNT, SHIFT, MOMENTS, COMMIT = "swag.meta", "swag.count", "swag.shift", "swag.moments", "swag.commit"
 NAMES = (META, LOG, INDEX, COUNT, SHIFT, MOMENTS, COMMIT)
 FLOAT_DTYPES = ("float16", "float32", "float64")
+T = TypeVar("T")
 MAX_CHUNK = 32  # iterates per chunk of a compressed log (a keyframe, then deltas), at most
 PARALLEL_MIN = 1 << 16  # parameters from which the moments are added on two threads
 
@@ -297,6 +299,26 @@ class SWAGPosterior:
         if not self.readonly:  # rows the crash left beyond the recovered count (e.g. the one in flight)
             self._discard(self._count, max(self._read_count() or 0, self._count) + 2)
 
+    def refresh(self) -> None:
+        """A reader: move to the newest snapshot the writer has made durable (n_collected, mean,
+        variance and kept rows all of it); unchanged if that fails. A writer: nothing to do."""
+        self._check_open()
+        if self.readonly:
+            with self._unchanged_on_error():
+                self._open_snapshot()
+
+    def _reading(self, read: Callable[[], T]) -> T:
+        """`read()`; for a reader whose rows a running writer overwrote meanwhile, again on a newer
+        snapshot (refresh), up to SNAPSHOT_TRIES times, so that a reader never has to catch and reopen."""
+        for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
+            try:
+                return read()
+            except SnapshotError:
+                if attempt + 1 >= SNAPSHOT_TRIES or not self.readonly:
+                    raise
+                self.refresh()
+        raise AssertionError("unreachable")
+
     # ---- properties ---------------------------------------------------------------------
     @property
     def n_collected(self) -> int:
@@ -523,14 +545,20 @@ class SWAGPosterior:
         """Make the live state the posterior after `count` (<= now) updates: the empty one, or a checkpoint
         plus replay. Refused (PosteriorError) when the log no longer holds what that needs; the live
         moments, shift and counters are then exactly as they were."""
-        saved = (self._moments.copy(), self._shift.copy(), self._count, self._seq, self._ckpt_count)
-        try:
+        with self._unchanged_on_error():
             if count == 0:
                 self._moments[:] = 0
                 self._shift[:] = 0
                 self._count = 0
             else:
                 self._recover(count, exact=True)
+
+    @contextmanager
+    def _unchanged_on_error(self) -> Iterator[None]:
+        """Restore the live moments, shift and counters if the block raises (a refused call changes nothing)."""
+        saved = (self._moments.copy(), self._shift.copy(), self._count, self._seq, self._ckpt_count)
+        try:
+            yield
         except BaseException:
             self._moments[:], self._shift[:] = saved[0], saved[1]
             self._count, self._seq, self._ckpt_count = saved[2:]
@@ -583,11 +611,16 @@ class SWAGPosterior:
     def sample(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
 
-        D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk while the next chunk is read.
         With fewer than 2 kept rows only the diagonal part is used. client: a
         dask.distributed.Client whose workers compute D z₂ where the (zarr) log lies
-        (nvmlib.distributed); the same array as without one, to float32 rounding.
-        """
+        (nvmlib.distributed); the same array as without one, to float32 rounding. A reader overtaken
+        by a running writer draws again from a newer snapshot (refresh): the draws belong to the
+        snapshot that n_collected, mean() and variance() show once this returns."""
+        return self._reading(lambda: self._draw(S, scale, seed, client))
+
+    def _draw(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
+        """sample() on the snapshot held: D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk
+        while the next chunk is read."""
         self._check_nonempty()
         if S < 1:
             raise ValueError(f"S must be >= 1, not {S}")
@@ -673,9 +706,10 @@ class SWAGPosterior:
         return out
 
     def kept_rows(self) -> np.ndarray:
-        """The K kept iterates, oldest first: the raw Θ behind D."""
+        """The K kept iterates, oldest first: the raw Θ behind D. A reader overtaken by a running writer
+        reads them again from a newer snapshot (refresh): they are those of n_collected once this returns."""
         self._check_nonempty()
-        return self.iterates(self._count - self.rank, self._count)
+        return self._reading(lambda: self.iterates(self._count - self.rank, self._count))
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
