@@ -413,8 +413,11 @@ class SWAGPosterior:
             if self._count == 0:
                 self.store.write_rows(SHIFT, 0, self._shift)
                 self.store.persist(SHIFT)
-        except BaseException:
+        except BaseException as exc:
             self._recover(self._count, exact=True)  # checkpoint + replay of the rows before it
+            if isinstance(exc, StoreError):  # the row was written behind the update() call that gave it
+                raise StoreError(f"{exc}. Iterate {self._count}, given to the last update() call, was not "
+                                 f"recorded: n_collected stays {self._count}; record it again") from exc
             raise
         self._count += 1
         self._write_count(self._count)

@@ -154,9 +154,10 @@ def open_lock_file(path: Path) -> int:
     return open_plain(path, os.O_RDWR | os.O_CREAT)
 
 
-def open_plain(path: Path, flags: int) -> int:
+def open_plain(path: Path, flags: int, one_name: bool = True) -> int:
     """Open a file a tier owns without following a link; for writing (O_WRONLY/O_RDWR), refuse anything
-    but a plain file with one name, so that a planted symlink, hard link or device is never written through."""
+    but a plain file with one name (one_name=False: names the tier gave it itself are allowed), so that a
+    planted symlink, hard link or device is never written through."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -166,7 +167,7 @@ def open_plain(path: Path, flags: int) -> int:
                              "the link") from None
         raise StoreError(f"cannot open {path}: {exc.strerror}; check that it exists and its permissions") from exc
     st = os.fstat(fd)
-    if flags & (os.O_WRONLY | os.O_RDWR) and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1):
+    if flags & (os.O_WRONLY | os.O_RDWR) and (not stat.S_ISREG(st.st_mode) or one_name and st.st_nlink != 1):
         os.close(fd)
         raise StoreError(f"{path} is not a plain file of its own (a device, or a hard link shared with another "
                          "file); nvmlib will not write to it: replace it with a copy (cp) or remove it")

@@ -167,14 +167,15 @@ class DirectIO:
         self._staging = aligned_empty((0,), np.uint8)
 
     @classmethod
-    def open(cls, file: Path, readonly: bool) -> "DirectIO | None":
-        """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs)."""
+    def open(cls, file: Path, readonly: bool, one_name: bool = True) -> "DirectIO | None":
+        """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs);
+        one_name as in open_plain."""
         try:
             os.close(os.open(file, os.O_RDONLY | os.O_DIRECT | os.O_NOFOLLOW))
         except OSError as exc:
             if exc.errno == errno.EINVAL:
                 return None
-        return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT), file)
+        return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT, one_name), file)
 
     @staticmethod
     def fits(offset: int, nbytes: int) -> bool:

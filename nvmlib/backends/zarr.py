@@ -327,7 +327,9 @@ class ZarrStore(Store):
             self._close_fd(name)
             path = self._open_file(name, shard)
             if path.exists():
-                self._fds[name] = (shard, open_plain(path, os.O_RDWR), DirectIO.open(path, readonly=False), path)
+                # a complete open shard is also linked into the log, by this tier (see _flush)
+                self._fds[name] = (shard, open_plain(path, os.O_RDWR, one_name=False),
+                                   DirectIO.open(path, readonly=False, one_name=False), path)
             else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
                 self._begin(name, shard)
                 _, lo, hi = self._written.get(name) or self._state(name)
