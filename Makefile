@@ -10,14 +10,14 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.nvmlib-installed
 
-.PHONY: setup test reproduce lab bench probe clean
+.PHONY: setup test reproduce lab bench probe docs clean
 
 setup: $(READY)
 
 $(READY): pyproject.toml scripts/system-deps.sh
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[notebooks,zarr,test]"
+	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[notebooks,zarr,test,docs]"
 	touch $@
 
 test: $(READY)
@@ -36,8 +36,12 @@ bench: $(READY)
 	$(BIN)/python benchmarks/bench_swag.py $(BENCH_DIR)
 	$(BIN)/python benchmarks/bench_pmem.py $(BENCH_DIR)
 
+# the documentation site, offline, into site/ (open site/index.html)
+docs: $(READY)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 probe: $(READY)
 	$(BIN)/nvmlib probe $(PROBE_PATH)
 
 clean:
-	rm -rf $(VENV) results/*.ipynb results/scratch .pytest_cache
+	rm -rf $(VENV) results/*.ipynb results/scratch .pytest_cache site

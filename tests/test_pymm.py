@@ -4,7 +4,7 @@ its process-wide POSIX lock and aborts, mapstore's volatility, readers and resum
 
 The Store contract (tests/test_tiers.py, test_swag.py) and the crash tests (test_crash.py) run on
 the pymm tier too wherever IBM PyMM imports (conftest.TIER_OPENERS). Tests that need PyMM skip,
-with the reason, where it does not import; README.md's "PyMM" section says how to build it.
+with the reason, where it does not import; the "PyMM" section of docs/tiers.md says how to build it.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def test_a_posterior_too_big_for_the_shelf_is_refused_with_the_size_needed():
 
 def test_missing_pymm_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "pymm", None)  # makes `import pymm` fail, installed or not
-    with pytest.raises(TierUnavailable, match="IBM PyMM.*github.com/IBM/pymm, commit a506739.*README"):
+    with pytest.raises(TierUnavailable, match="IBM PyMM.*github.com/IBM/pymm, commit a506739.*docs/tiers.md"):
         open_store("pymm", "/tmp/unused", size_mb=8)
 
 
