@@ -16,7 +16,7 @@ from torch import nn
 
 from nvmlib.data import MNIST_MEAN, MNIST_STD, Split
 from nvmlib.models import get_flat, set_flat
-from nvmlib.swag import SWAGPosterior
+from nvmlib.swag import SWAGPosterior, check_sampling
 
 ANGLES = tuple(range(0, 181, 15))
 METHODS = ("SGD", "SWA", "SWAG")
@@ -138,6 +138,7 @@ def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split
     client: a dask.distributed.Client: the SWAG draws are sampled and their predictions made on its
     workers (nvmlib.distributed); the same metrics as without one.
     """
+    samples, scale = check_sampling(samples, scale)
     device = next(model.parameters()).device
     angles = list(angles)
     sets = {k: v.to(device) for k, v in inputs(test, ood, angles).items()}

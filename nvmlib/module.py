@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -67,14 +66,6 @@ def _parameters(model: nn.Module) -> list[torch.Tensor]:
         raise ConfigError("the model's parameters are on several devices; move the model to one device "
                           "(model.to(device)) before wrapping it in SWAG")
     return params
-
-
-def _check_sampling(S: int, scale: float) -> None:
-    if not isinstance(S, (int, np.integer)) or isinstance(S, bool) or S < 1:
-        raise ValueError(f"S={S!r}: the number of sampled models must be an integer >= 1")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale={scale!r}: the covariance scale must be a finite number >= 0 "
-                         "(0.5 in Maddox et al.)")
 
 
 def _forward_error(x: torch.Tensor, exc: RuntimeError) -> ValueError:
@@ -193,7 +184,6 @@ class SWAG:
 
     def sample(self, S: int, scale: float = 0.5, seed: int | None = None) -> np.ndarray:
         """S parameter vectors (S, n_params) float32 from one streamed pass over the log."""
-        _check_sampling(S, scale)
         return self.posterior.sample(S, scale=scale, seed=seed)
 
     def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
@@ -221,7 +211,6 @@ class SWAG:
             from nvmlib.distributed import swag_predict
 
             self._check_bn(bn_loader, update_bn)
-            _check_sampling(S, scale)
             on_zarr = self.store.kind == "zarr"
             thetas = self.posterior.sample(S, scale=scale, seed=seed, client=client if on_zarr else None)
             return swag_predict(client, self._working_model(), thetas, gather(loader),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import resource
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -80,6 +81,17 @@ def chunk_for(capacity: int) -> int:
     """Iterates per chunk of a compressed log keeping `capacity`: long chunks store fewer keyframes,
     short ones keep (and decode) fewer iterates beyond the kept ones; a quarter of them, 2 to MAX_CHUNK."""
     return int(min(MAX_CHUNK, max(2, capacity // 4)))
+
+
+def check_sampling(S: Any, scale: Any) -> tuple[int, float]:
+    """(S, scale) as int and float (numpy scalars welcome), or an InputError naming the bad one:
+    every layer that draws from a posterior checks its arguments here."""
+    if isinstance(S, bool) or not isinstance(S, numbers.Integral) or S < 1:
+        raise InputError(f"S={S!r}: the number of draws must be an integer >= 1 (e.g. 30)")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale < 0:
+        raise InputError(f"scale={scale!r}: the covariance scale must be a finite number >= 0 "
+                         "(0.5 in Maddox et al.)")
+    return int(S), float(scale)
 
 
 def _encode_meta(meta: dict) -> np.ndarray:
@@ -619,14 +631,13 @@ class SWAGPosterior:
         (nvmlib.distributed); the same array as without one, to float32 rounding. A reader overtaken
         by a running writer draws again from a newer snapshot (refresh): the draws belong to the
         snapshot that n_collected, mean() and variance() show once this returns."""
+        S, scale = check_sampling(S, scale)
         return self._reading(lambda: self._draw(S, scale, seed, client))
 
     def _draw(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
         """sample() on the snapshot held: D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk
         while the next chunk is read."""
         self._check_nonempty()
-        if S < 1:
-            raise ValueError(f"S must be >= 1, not {S}")
         work = np.float64 if self.dtype == np.float64 else np.float32  # the log's precision
         mean = self.mean().astype(work)
         sigma = np.sqrt(self.variance()).astype(work)

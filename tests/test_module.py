@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from nvmlib import MultiSWAG, SWAG, open_store
 from nvmlib.backends.base import Store
 from nvmlib.any_model import Protocol, convnet, headline, run
-from nvmlib.errors import ConfigError, PosteriorError
+from nvmlib.data import Split
+from nvmlib.errors import ConfigError, InputError, PosteriorError
+from nvmlib.evaluate import evaluate
 
 N = 96  # inputs in the test batch
 
@@ -252,3 +254,55 @@ def test_swag_and_multiswag_beat_sgd_at_small_scale():
         assert table.loc[method, "ece"] < table.loc["SGD", "ece"], table
     assert (out["cost"].collects == 3 * 3).all()  # 16 minibatches an epoch: 3 collects × 3 epochs
     json.dumps(out["metrics"].to_dict(orient="records"))  # the notebook's record is JSON-ready
+
+
+# ---- (S, scale): one check, the same message at every layer --------------------------------------
+def _split(x: torch.Tensor) -> Split:
+    images = (x[:, 0].clamp(-3, 3) * 40 + 128).to(torch.uint8).numpy()
+    return Split("mnist", "test", images, np.arange(len(images)) % 10, "generated", True)
+
+
+def _callers(swag: SWAG, model: nn.Module, x: torch.Tensor, multi: MultiSWAG) -> dict:
+    return {
+        "SWAGPosterior.sample": lambda S, scale: swag.posterior.sample(S, scale=scale, seed=0),
+        "SWAG.sample": lambda S, scale: swag.sample(S, scale, seed=0),
+        "SWAG.sample_models": lambda S, scale: list(swag.sample_models(S, x, scale, seed=0)),
+        "SWAG.predict": lambda S, scale: swag.predict(x, S, x, scale, seed=0),
+        "MultiSWAG.predict": lambda S, scale: multi.predict(x, S, x, scale, seed=0),
+        "evaluate": lambda S, scale: evaluate(model, swag.posterior, _split(x), samples=S, scale=scale, angles=(0,)),
+    }
+
+
+BAD_SAMPLING = [  # (S, scale, how the message starts)
+    (2, float("nan"), "scale=nan:"), (2, -1.0, "scale=-1.0:"), (2, float("inf"), "scale=inf:"),
+    (2, True, "scale=True:"), (2, np.bool_(True), "scale=np.True_:"), (2, "0.5", "scale='0.5':"),
+    (0, 0.5, "S=0:"), (True, 0.5, "S=True:"), (2.0, 0.5, "S=2.0:")]
+
+
+def test_bad_sampling_arguments_get_one_message_at_every_layer(trained):
+    swag, model, _, x = trained
+    multi = MultiSWAG([swag])
+    before = _state(swag)
+    for S, scale, named in BAD_SAMPLING:
+        messages = set()
+        for call in _callers(swag, model, x, multi).values():
+            with pytest.raises(InputError) as info:
+                call(S, scale)
+            messages.add(str(info.value))
+        assert len(messages) == 1 and messages.pop().startswith(named), messages
+    after = _state(swag)
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+
+
+def test_numpy_scalars_are_accepted_at_every_layer(trained):
+    swag, model, _, x = trained
+    multi = MultiSWAG([swag])
+    for name, call in _callers(swag, model, x, multi).items():
+        a, b = call(np.int64(2), np.float32(0.5)), call(2, 0.5)
+        if name == "evaluate":
+            assert a.samples == 2 and type(a.samples) is int and type(a.scale) is float
+            json.dumps(a.to_dict())
+            a, b = a.metrics, b.metrics
+        elif name == "SWAG.sample_models":
+            a, b = ([nn.utils.parameters_to_vector(m.parameters()).detach().numpy() for m in ms] for ms in (a, b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
