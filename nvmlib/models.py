@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nvmlib.errors import ConfigError
+from nvmlib.staging import unflatten_into
 
 
 def model_2conv2fc() -> nn.Module:
@@ -72,10 +73,6 @@ def get_flat(model: nn.Module) -> torch.Tensor:
 
 
 def set_flat(model: nn.Module, theta: np.ndarray | torch.Tensor) -> None:
-    """Load a flat parameter vector (numpy or torch, any device) into the model in place."""
-    first = next(model.parameters())
-    vec = torch.as_tensor(theta).to(device=first.device, dtype=first.dtype)
-    if vec.shape != (n_params(model),):
-        raise ValueError(f"θ has shape {tuple(vec.shape)} but the model has {n_params(model)} parameters")
-    with torch.no_grad():
-        nn.utils.vector_to_parameters(vec, model.parameters())
+    """Load a flat parameter vector (numpy or torch, any device) into the model in place, each
+    parameter in its own dtype."""
+    unflatten_into(theta, model.parameters())

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn as _update_bn
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
 from nvmlib.errors import ConfigError, PosteriorError
-from nvmlib.staging import make_stager
+from nvmlib.staging import host_dtype, make_stager, unflatten_into
 from nvmlib.swag import SWAGPosterior
 
 Loader = Iterable[Any] | torch.Tensor  # a DataLoader yielding (x, y) or x, or a tensor of inputs
@@ -80,13 +80,17 @@ class SWAG:
     store=<Store>); SWAG.open(model, tier, path) reopens one. After each optimizer step call
     collect(). max_rank=None keeps every iterate: pass capacity=<number of collects> then.
     codec="delta-zstd" (or "delta-lz4") stores compressed XOR-deltas of consecutive iterates.
+    dtype: how iterates are stored; by default the widest parameter dtype, which holds every
+    parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
+    Drawn models keep each parameter's own dtype.
     """
 
     def __init__(self, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
                  max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
-                 dtype: str = "float32", checkpoint_every: int = 100, name: str | None = None,
+                 dtype: str | None = None, checkpoint_every: int = 100, name: str | None = None,
                  overwrite: bool = False, codec: str | None = None, **store_options: Any) -> None:
         params = _parameters(model)
+        dtype = dtype or str(host_dtype(params)).removeprefix("torch.")
         own = store is None
         store = open_store(tier, path, **store_options) if own else store
         try:
@@ -252,18 +256,15 @@ def check_bn(model: nn.Module, bn_loader: Loader | None, update_bn: bool) -> Non
 
 
 def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool = True) -> nn.Module:
-    """`model` with parameters `theta`, in eval mode, its BatchNorm statistics recomputed on bn_loader
-    (torch.optim.swa_utils.update_bn) when it has BatchNorm and update_bn is set."""
-    first = next(model.parameters())
-    with torch.no_grad():
-        nn.utils.vector_to_parameters(torch.from_numpy(np.ascontiguousarray(theta)).to(first.device, first.dtype),
-                                      model.parameters())
+    """`model` with parameters `theta` (each in its own dtype), in eval mode, its BatchNorm statistics
+    recomputed on bn_loader (torch.optim.swa_utils.update_bn) when it has BatchNorm and update_bn is set."""
+    unflatten_into(theta, model.parameters())
     if update_bn and has_batchnorm(model):
         check_bn(model, bn_loader, update_bn)
         last: list[torch.Tensor] = []
 
         def inputs() -> Iterator[torch.Tensor]:
-            for x in batches(bn_loader, first.device):
+            for x in batches(bn_loader, next(model.parameters()).device):
                 last[:] = [x]
                 yield x
 

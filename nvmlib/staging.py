@@ -9,6 +9,7 @@ reused only after the writer is done with it, so training runs ahead by up to `d
 """
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 from typing import Callable, Sequence
@@ -16,21 +17,40 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from nvmlib.errors import InputError
+
 
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def host_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    """The parameters' dtype when numpy has it, else float32 (bfloat16 and float8 widen exactly)."""
-    dtype = params[0].dtype
+    """The widest of the parameters' dtypes, which holds each of them exactly (float16 + float32:
+    float32), when numpy has it, else float32 (bfloat16 and float8 widen exactly)."""
+    dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
     return dtype if dtype in NUMPY_FLOATS else torch.float32
 
 
 def flatten_into(params: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The parameters, concatenated into `out` (one copy, no allocation)."""
+    """The parameters, concatenated into `out` (one copy, no allocation), each cast to out's dtype."""
     with torch.no_grad():
         torch.cat([p.detach().reshape(-1) for p in params], out=out)
     return out
+
+
+def unflatten_into(theta: np.ndarray | torch.Tensor, params: Sequence[torch.Tensor]) -> None:
+    """Copy the flat vector `theta` into `params` in place, each slice cast to its parameter's
+    own dtype and device (the inverse of flatten_into)."""
+    params = list(params)
+    vec = torch.from_numpy(np.ascontiguousarray(theta)) if isinstance(theta, np.ndarray) else theta
+    n = sum(p.numel() for p in params)
+    if tuple(vec.shape) != (n,):
+        raise InputError(f"θ has shape {tuple(vec.shape)} but the model has {n} parameters: "
+                         "pass a flat vector of this model's posterior")
+    vec, at = vec.to(params[0].device), 0  # one transfer to a GPU model
+    with torch.no_grad():
+        for p in params:
+            p.copy_(vec[at:at + p.numel()].view_as(p))
+            at += p.numel()
 
 
 class HostStager:

@@ -256,6 +256,39 @@ def test_swag_and_multiswag_beat_sgd_at_small_scale():
     json.dumps(out["metrics"].to_dict(orient="records"))  # the notebook's record is JSON-ready
 
 
+# ---- mixed precision: each parameter in its own dtype -------------------------------------------
+class Mixed(nn.Module):
+    """A layer in `low` feeding a layer in `high`; forward casts between them, as such models do."""
+
+    def __init__(self, low: torch.dtype, high: torch.dtype) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5).to(low), nn.Linear(5, 3).to(high)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x.to(self.a.weight.dtype)).to(self.b.weight.dtype))
+
+
+@pytest.mark.parametrize("low, high", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_mixed_precision_model_keeps_each_parameter_dtype(low, high):
+    torch.manual_seed(0)
+    model = Mixed(low, high)
+    exact = [p.detach().clone() for p in model.parameters()]
+    with SWAG(model, max_rank=4) as swag:
+        swag.collect()
+        assert swag.posterior.dtype == np.dtype(str(high).removeprefix("torch."))  # the widest parameter dtype
+        widened = torch.cat([p.reshape(-1).to(high) for p in exact]).numpy()
+        np.testing.assert_array_equal(swag.posterior.kept_rows()[0], widened)  # nothing rounded to `low`
+        mean = swag.mean_model()
+        for p, q in zip(mean.parameters(), exact):
+            assert p.dtype == q.dtype and torch.equal(p, q)  # bit-exact mean of one iterate
+        for drawn in swag.sample_models(2, seed=0):
+            assert [p.dtype for p in drawn.parameters()] == [q.dtype for q in exact]
+        x = torch.randn(7, 6)
+        assert swag.predict(x, S=2).shape == (7, 3)
+        with pytest.raises(ValueError, match="loader"):  # a genuine loader problem still names the loader
+            swag.predict(torch.randn(7, 4), S=2)
+
+
 # ---- (S, scale): one check, the same message at every layer --------------------------------------
 def _split(x: torch.Tensor) -> Split:
     images = (x[:, 0].clamp(-3, 3) * 40 + 128).to(torch.uint8).numpy()
