@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch.optim.swa_utils import update_bn as _update_bn
 
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
-from nvmlib.errors import ConfigError, PosteriorError
+from nvmlib.errors import ConfigError, InputError, PosteriorError
 from nvmlib.staging import host_dtype, make_stager, unflatten_into
 from nvmlib.swag import SWAGPosterior
 
@@ -28,18 +29,30 @@ Loader = Iterable[Any] | torch.Tensor  # a DataLoader yielding (x, y) or x, or a
 TENSOR_BATCH = 512  # rows of a tensor "loader" per forward pass
 
 
-def batches(loader: Loader, device: torch.device) -> Iterator[torch.Tensor]:
-    """The inputs of each batch of `loader`, on `device`."""
-    if isinstance(loader, torch.Tensor):
-        for i in range(0, len(loader), TENSOR_BATCH):
-            yield loader[i:i + TENSOR_BATCH].to(device)
-        return
+def batches(loader: Loader, device: torch.device, name: str = "the loader") -> Iterator[torch.Tensor]:
+    """The inputs of each batch of `loader`, on `device`; an InputError naming it (`name`) when a
+    pass over it yields no batch, the first or a later one."""
+    if isinstance(loader, torch.Tensor):  # views, no copy
+        loader = [loader[i:i + TENSOR_BATCH] for i in range(0, len(loader), TENSOR_BATCH)]
+    empty = True
     for item in loader:
         x = item[0] if isinstance(item, (list, tuple)) else item
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"the loader yielded a {type(x).__name__}, not a tensor: pass a DataLoader "
+            raise TypeError(f"{name} yielded a {type(x).__name__}, not a tensor: pass a DataLoader "
                             "yielding (x, y) or x, or a tensor of inputs")
+        empty = False
         yield x.to(device)
+    if empty:
+        raise InputError(f"{name} yielded no batches: pass a non-empty DataLoader, list or tensor of inputs "
+                         "that yields its batches each time it is iterated (once per model)")
+
+
+def check_reiterable(loader: Loader, name: str) -> None:
+    """Refuse a one-shot iterator (a generator, iter(loader)) where each drawn model reads `loader` again."""
+    if isinstance(loader, Iterator):
+        raise InputError(f"{name} is a one-shot iterator ({type(loader).__name__}): it is read once per model, "
+                         "so every model after the first would see nothing; pass a DataLoader or a "
+                         "list/tensor, which can be iterated once per model")
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -134,7 +147,7 @@ class SWAG:
         self._post = post
         self._stager = None if post.readonly else make_stager(params, post.update)
         self._until_checkpoint: int | None = None
-        self._work: nn.Module | None = None  # the copy sampled models are loaded into
+        self._work: nn.Module | None = None  # the copy predict loads each drawn model into
 
     # ---- collecting ---------------------------------------------------------------------
     def collect(self) -> bool:
@@ -169,16 +182,20 @@ class SWAG:
         self._until_checkpoint = None
 
     # ---- sampling and predicting --------------------------------------------------------
-    def _working_model(self) -> nn.Module:
-        if self._work is None:
-            self._work = copy.deepcopy(self.model)
-        return self._work
+    def _copy(self) -> nn.Module:
+        """A copy of the wrapped model, without its gradients, to load drawn parameters into."""
+        model = copy.deepcopy(self.model)
+        for p in model.parameters():
+            p.grad = None
+        return model
 
     def _load(self, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool) -> nn.Module:
-        """The working model with parameters `theta` and, if it has BatchNorm, fresh statistics;
+        """predict's working copy with parameters `theta` and, if it has BatchNorm, fresh statistics;
         a failed refresh drops the working copy (update_bn leaves its momenta unset then)."""
+        if self._work is None:
+            self._work = self._copy()
         try:
-            return load(self._working_model(), theta, bn_loader, update_bn)
+            return load(self._work, theta, bn_loader, update_bn)
         except BaseException:
             self._work = None
             raise
@@ -192,17 +209,17 @@ class SWAG:
 
     def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
                       update_bn: bool = True) -> Iterator[nn.Module]:
-        """S models drawn from one pass over the log, each in eval mode with BatchNorm statistics
-        recomputed on bn_loader. The same module object is reloaded for each draw: deepcopy one
-        to keep it past the next iteration. The wrapped model itself is never changed."""
+        """S distinct models drawn from one pass over the log, each a new copy of the wrapped model
+        (which is never changed) in eval mode, its BatchNorm statistics recomputed on bn_loader:
+        list() of them holds S models' memory."""
         self._check_bn(bn_loader, update_bn)
         thetas = self.sample(S, scale, seed)  # the pass over the log happens here, at the call
-        return (self._load(theta, bn_loader, update_bn) for theta in thetas)
+        return (load(self._copy(), theta, bn_loader, update_bn) for theta in thetas)
 
     def mean_model(self, bn_loader: Loader | None = None, update_bn: bool = True) -> nn.Module:
-        """The SWA solution θ̄ as a model (BatchNorm statistics recomputed on bn_loader)."""
+        """The SWA solution θ̄ as a new model (BatchNorm statistics recomputed on bn_loader)."""
         self._check_bn(bn_loader, update_bn)
-        return self._load(self.posterior.mean(), bn_loader, update_bn)
+        return load(self._copy(), self.posterior.mean(), bn_loader, update_bn)
 
     def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
                 seed: int | None = 0, update_bn: bool = True, client: Any = None) -> np.ndarray:
@@ -211,20 +228,16 @@ class SWAG:
         client: a dask.distributed Client; the S models' BatchNorm refreshes and predictions then run
         on its workers (the loaders are gathered into tensors and sent once), and a posterior on the
         zarr tier is also sampled there. The result equals the local one to float rounding."""
+        self._check_bn(bn_loader, update_bn)
+        check_reiterable(loader, "loader")
+        on_zarr = client is not None and self.store.kind == "zarr"
+        thetas = self.posterior.sample(S, scale=scale, seed=seed, client=client if on_zarr else None)
         if client is not None:
             from nvmlib.distributed import swag_predict
 
-            self._check_bn(bn_loader, update_bn)
-            on_zarr = self.store.kind == "zarr"
-            thetas = self.posterior.sample(S, scale=scale, seed=seed, client=client if on_zarr else None)
-            return swag_predict(client, self._working_model(), thetas, gather(loader),
-                                gather(bn_loader) if update_bn and bn_loader is not None else None)
-        total: np.ndarray | None = None
-        for model in self.sample_models(S, bn_loader, scale, seed, update_bn):
-            p = probabilities(model, loader)
-            total = p if total is None else total + p
-        assert total is not None
-        return total / S
+            return swag_predict(client, self.model, thetas, gather(loader),
+                                gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None else None)
+        return sum(probabilities(self._load(theta, bn_loader, update_bn), loader) for theta in thetas) / len(thetas)
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
@@ -248,11 +261,15 @@ class SWAG:
 
 
 def check_bn(model: nn.Module, bn_loader: Loader | None, update_bn: bool) -> None:
-    """Refuse to draw models with BatchNorm and no data to recompute its statistics on."""
-    if update_bn and bn_loader is None and has_batchnorm(model):
+    """Refuse to draw models with BatchNorm and no data to recompute its statistics on, or data
+    that can be read only once."""
+    if not (update_bn and has_batchnorm(model)):
+        return
+    if bn_loader is None:
         raise ConfigError("the model has BatchNorm layers, whose statistics belong to other weights: pass "
                           "bn_loader=<training data> to recompute them for each sampled model, or "
                           "update_bn=False to keep the stale statistics knowingly")
+    check_reiterable(bn_loader, "bn_loader")
 
 
 def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool = True) -> nn.Module:
@@ -264,7 +281,7 @@ def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_b
         last: list[torch.Tensor] = []
 
         def inputs() -> Iterator[torch.Tensor]:
-            for x in batches(bn_loader, next(model.parameters()).device):
+            for x in batches(bn_loader, next(model.parameters()).device, "bn_loader"):
                 last[:] = [x]
                 yield x
 
@@ -279,12 +296,9 @@ def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_b
     return model
 
 
-def gather(loader: Loader) -> torch.Tensor:
+def gather(loader: Loader, name: str = "the loader") -> torch.Tensor:
     """Every input of `loader` as one CPU tensor (to send to a cluster's workers once)."""
-    parts = list(batches(loader, torch.device("cpu")))
-    if not parts:
-        raise ValueError("the loader yielded no batches: pass a non-empty loader")
-    return torch.cat(parts)
+    return torch.cat(list(batches(loader, torch.device("cpu"), name)))
 
 
 @torch.no_grad()
@@ -298,8 +312,6 @@ def probabilities(model: nn.Module, loader: Loader) -> np.ndarray:
         except RuntimeError as exc:
             raise _forward_error(x, exc) from exc
         out.append(torch.softmax(logits.double(), dim=1).cpu())
-    if not out:
-        raise ValueError("the loader yielded no batches: pass a non-empty loader")
     return torch.cat(out).numpy()
 
 

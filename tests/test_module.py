@@ -289,6 +289,71 @@ def test_mixed_precision_model_keeps_each_parameter_dtype(low, high):
             swag.predict(torch.randn(7, 4), S=2)
 
 
+# ---- bn_loader: empty, one-shot, or empty on a later pass ---------------------------------------
+class Once:
+    """An iterable that yields its batches on the first pass only (a stream that ran dry)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.passes = x, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter([self.x] if self.passes == 1 else [])
+
+
+def _bn_state(model: nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for b in model.buffers()]
+
+
+BAD_BN_LOADERS = [  # (make one from the inputs x, what the refusal says)
+    (lambda x: [], "bn_loader yielded no batches"),
+    (lambda x: x[:0], "bn_loader yielded no batches"),
+    (lambda x: DataLoader(TensorDataset(x[:0]), batch_size=8), "bn_loader yielded no batches"),
+    (lambda x: (b for b in [x]), "bn_loader is a one-shot iterator"),
+    (lambda x: iter(DataLoader(TensorDataset(x), batch_size=32)), "bn_loader is a one-shot iterator"),
+    (lambda x: Once(x), "bn_loader yielded no batches"),  # the first model's pass works, the second's is empty
+]
+
+
+def test_bad_bn_loader_is_refused_and_changes_nothing(trained):
+    swag, model, _, x = trained
+    before, buffers = _state(swag), _bn_state(model)
+    for bad, match in BAD_BN_LOADERS:
+        with pytest.raises(InputError, match=match):
+            swag.predict(x, S=3, bn_loader=bad(x), seed=0)
+        with pytest.raises(InputError, match=match):
+            list(swag.sample_models(3, bn_loader=bad(x), seed=0))
+    with pytest.raises(InputError, match="bn_loader yielded no batches"):
+        swag.mean_model(bn_loader=[])
+    after = _state(swag)
+    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert all(torch.equal(a, b) for a, b in zip(buffers, _bn_state(model)))
+    assert swag.predict(x, S=2, bn_loader=x, seed=0).shape == (N, 10)  # still usable afterwards
+
+
+def test_one_shot_loader_is_refused(trained):
+    swag, _, _, x = trained
+    with pytest.raises(InputError, match="loader is a one-shot iterator.*DataLoader or a list/tensor"):
+        swag.predict((b for b in [x]), S=2, bn_loader=x)
+
+
+# ---- sample_models gives distinct models ---------------------------------------------------------
+def test_sample_models_gives_distinct_models(trained):
+    swag, model, _, x = trained
+    drawn = list(swag.sample_models(3, bn_loader=x, seed=4))
+    thetas = swag.sample(3, seed=4)
+    assert len({id(m) for m in drawn}) == 3 and all(m is not model for m in drawn)
+    vectors = [nn.utils.parameters_to_vector(m.parameters()).detach().numpy() for m in drawn]
+    for v, theta in zip(vectors, thetas):
+        np.testing.assert_array_equal(v, theta)
+    assert not np.array_equal(vectors[0], vectors[1]) and not np.array_equal(vectors[1], vectors[2])
+    assert not torch.equal(drawn[0][1].running_mean, drawn[1][1].running_mean)  # each its own BatchNorm statistics
+    mean = swag.mean_model(bn_loader=x)
+    kept = nn.utils.parameters_to_vector(mean.parameters()).detach().clone()
+    swag.predict(x, S=2, bn_loader=x, seed=0)  # predict's working copy is not the mean model
+    assert torch.equal(nn.utils.parameters_to_vector(mean.parameters()).detach(), kept)
+
+
 # ---- (S, scale): one check, the same message at every layer --------------------------------------
 def _split(x: torch.Tensor) -> Split:
     images = (x[:, 0].clamp(-3, 3) * 40 + 128).to(torch.uint8).numpy()
