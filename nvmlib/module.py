@@ -22,7 +22,8 @@ from torch.optim.swa_utils import update_bn as _update_bn
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
 from nvmlib.errors import ConfigError, PosteriorError
-from nvmlib.sharded import ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world, write_layout
+from nvmlib.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
+                            write_layout)
 from nvmlib.staging import make_stager
 from nvmlib.swag import SWAGPosterior
 
@@ -122,7 +123,8 @@ class SWAG:
                  **store_options: Any) -> None:
         model, params, where, layout = _place(model, path, distributed, write=True)
         if params is None:
-            return self._setup(model, [], None, False, None)
+            self._setup(model, [], None, False, None)
+            return
         if layout is not None and store is not None:
             raise ConfigError("a sharded model's ranks each open their own store: pass tier and path, not store=")
         own = store is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
 
 from nvmlib.backends import open_store
 from nvmlib.errors import ConfigError, PosteriorError
@@ -43,6 +43,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_dtensor(p: torch.Tensor) -> bool:
+    """Whether `p` is a DTensor (a sharded parameter); torch.distributed.tensor is not imported for
+    this (2 s): no tensor is a DTensor before something else imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
 def distribution(model: nn.Module, mode: str = "auto") -> str:
     """How `model`'s parameters are spread over the processes: "sharded" (DTensor parameters,
     FSDP2), "replicated" (a DDP wrapper, or any model in a torch.distributed run of several
@@ -51,7 +58,7 @@ def distribution(model: nn.Module, mode: str = "auto") -> str:
         raise ConfigError(f"distributed={mode!r} is not one of {', '.join(MODES)}")
     if mode != "auto":
         return mode
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    if any(is_dtensor(p) for p in model.parameters()):
         return "sharded"
     if isinstance(model, nn.parallel.DistributedDataParallel) or world()[1] > 1:
         return "replicated"
@@ -67,12 +74,13 @@ def local_shards(model: nn.Module) -> tuple[list[torch.Tensor], list[dict[str, A
     """This rank's part of every parameter (a view that the optimizer updates in place) and the
     layout: per parameter its name, global shape, and the dim-0 rows [offset, offset + rows) held
     here. A plain (replicated) parameter is held whole by rank 0 and by no other rank."""
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     rank, _ = world()
     tensors, layout = [], []
     for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             if p.device_mesh.ndim != 1 or p.placements[0] != Shard(0):
                 raise ConfigError(f"parameter {name!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; "
                                   "nvmlib records shards on dim 0 of a 1-D mesh (fully_shard's default): "
