@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed_worker.py OUT
 
 Runs, in this order: plain DistributedDataParallel with nvmlib.SWAG, FSDP2 (fully_shard) with
-nvmlib.SWAG, and a Lightning strategy="ddp" fit with the callback; each rank writes what it saw
-to OUT/<run>-rank<r>.npz (rank 0 also the reference parameter vectors, float64).
+nvmlib.SWAG, and Lightning fits with the callback under strategy="ddp" and under
+ModelParallelStrategy (fully_shard); each rank writes what it saw to OUT/<run>-rank<r>.npz, with
+the full parameter vector after every optimizer step (float64) as the reference.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import lightning.pytorch as pl
 import torch.distributed as dist
 from torch import nn
 
@@ -76,47 +78,67 @@ def run_fsdp(out: Path, rank: int) -> None:
     swag.close()
 
 
-def run_lightning(out: Path, rank: int) -> None:
-    import lightning.pytorch as pl
+class Tiny(pl.LightningModule):
+    """make_model() recording its full parameter vector after every optimizer step; `shard`: FSDP2
+    (fully_shard on the strategy's data-parallel mesh) in configure_model."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.shard = shard
+        self.ref: list[np.ndarray] = []
+
+    def configure_model(self) -> None:
+        if self.shard:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for module in (self.net[0], self.net[2], self.net):
+                fully_shard(module, mesh=mesh)
+
+    def training_step(self, b, i):
+        return nn.functional.cross_entropy(self.net(b[0]), b[1])
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ref.append(flat(self))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def run_lightning(out: Path, rank: int, shard: bool = False) -> None:
+    """strategy="ddp", or (shard) ModelParallelStrategy with fully_shard."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, TensorDataset
 
     from nvmlib.lightning import SWAGCallback
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = make_model()
-            self.ref: list[np.ndarray] = []
-
-        def training_step(self, b, i):
-            return nn.functional.cross_entropy(self.net(b[0]), b[1])
-
-        def optimizer_step(self, *args, **kwargs) -> None:
-            super().optimizer_step(*args, **kwargs)
-            self.ref.append(flat(self))
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 5, generator=g)
     loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)  # 3 steps per rank and epoch
-    model = Tiny()
-    cb = SWAGCallback("mmap", out / "lightning", max_rank=20, start_epoch=1, every_n_steps=2)
-    pl.Trainer(max_epochs=3, strategy="ddp", accelerator="cpu", devices=2, callbacks=[cb], logger=False,
+    model = Tiny(shard)
+    name = "lightning-fsdp" if shard else "lightning"
+    cb = SWAGCallback("mmap", out / name, max_rank=20, start_epoch=1, every_n_steps=2)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if shard else "ddp"
+    pl.Trainer(max_epochs=3, strategy=strategy, accelerator="cpu", devices=2, callbacks=[cb], logger=False,
                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(model, loader)
     result = {"n_collected": cb.swag.n_collected, "records": cb.swag.records, "ref": np.array(model.ref)}
-    if cb.swag.records:
+    if cb.swag.records and not shard:
         result["mean"] = cb.swag.posterior.mean()
     cb.swag.close()
-    np.savez(out / f"lightning-rank{rank}.npz", **result)
+    np.savez(out / f"{name}-rank{rank}.npz", **result)
+
+
+def run_lightning_fsdp(out: Path, rank: int) -> None:
+    run_lightning(out, rank, shard=True)
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    for run in (run_ddp, run_fsdp, run_lightning):
+    for run in (run_ddp, run_fsdp, run_lightning, run_lightning_fsdp):
         run(out, rank)
         dist.barrier()
 

@@ -1,6 +1,7 @@
 """nvmlib under torch.distributed: real gloo processes on loopback (torchrun, 2 CPU ranks) running
-plain DDP with nvmlib.SWAG, FSDP2 (fully_shard) with nvmlib.SWAG, and Lightning strategy="ddp"
-(tests/distributed_worker.py); the results are checked here, in one process."""
+plain DDP with nvmlib.SWAG, FSDP2 (fully_shard) with nvmlib.SWAG, and Lightning under
+strategy="ddp" and ModelParallelStrategy (fully_shard) (tests/distributed_worker.py); the
+results are checked here, in one process."""
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ from nvmlib.sharded import ShardedPosterior, rank_dir  # noqa: E402
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from distributed_worker import STEPS, make_model  # noqa: E402
+from distributed_worker import STEPS, Tiny, make_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,19 @@ def test_lightning_ddp_collects_by_the_rule(runs):
     ref = np.array([v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1])
     assert int(r0["n_collected"]) == int(r1["n_collected"]) == len(ref) == 3
     np.testing.assert_allclose(r0["mean"], ref.mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_fsdp_rank_logs_open_as_the_full_posterior(runs):
+    r0, r1 = result(runs, "lightning-fsdp", 0), result(runs, "lightning-fsdp", 1)
+    assert r0["records"] and r1["records"]  # each rank records its shards
+    np.testing.assert_array_equal(r0["ref"], r1["ref"])
+    per_epoch = 24 // 4 // 2
+    ref = np.array([v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1])
+    assert int(r0["n_collected"]) == int(r1["n_collected"]) == len(ref) == 3
+    with SWAG.open(Tiny(shard=False), "mmap", runs / "lightning-fsdp", readonly=True) as swag:  # its names
+        assert swag.n_collected == 3
+        np.testing.assert_allclose(swag.posterior.mean(), ref.mean(0), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(swag.posterior.kept_rows(), ref.astype(np.float32))
 
 
 @pytest.fixture
