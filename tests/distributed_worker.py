@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from nvmlib import SWAG
+from nvmlib.errors import PosteriorError
 
 STEPS = 6
 
@@ -60,6 +61,11 @@ def run_ddp(out: Path, rank: int) -> None:
     result = {"n_collected": swag.n_collected, "records": swag.records, "ref": np.array(ref)}
     if swag.records:
         result["mean"] = swag.posterior.mean()
+    else:
+        try:
+            swag.posterior
+        except PosteriorError as exc:
+            result["error"] = str(exc)
     swag.close()
     np.savez(out / f"ddp-rank{rank}.npz", **result)
 

@@ -19,7 +19,7 @@ from torch import nn
 pytest.importorskip("lightning")
 
 from nvmlib import SWAG, SWAGPosterior, open_store  # noqa: E402
-from nvmlib.errors import PosteriorError  # noqa: E402
+from nvmlib.errors import ConfigError, PosteriorError  # noqa: E402
 from nvmlib.sharded import ShardedPosterior, rank_dir  # noqa: E402
 
 HERE = Path(__file__).parent
@@ -45,6 +45,8 @@ def result(runs: Path, run: str, rank: int) -> dict[str, np.ndarray]:
 def test_ddp_rank_zero_writes_the_replicated_parameters(runs):
     r0, r1 = result(runs, "ddp", 0), result(runs, "ddp", 1)
     assert r0["records"] and not r1["records"]
+    error = str(r1["error"])
+    assert "rank 1 records nothing" in error and "SWAG.open(model, tier, path, readonly=True)" in error
     assert int(r0["n_collected"]) == int(r1["n_collected"]) == STEPS
     np.testing.assert_array_equal(r0["ref"], r1["ref"])  # replicated: the same iterates on both ranks
     np.testing.assert_allclose(r0["mean"], r0["ref"].mean(0), rtol=1e-6, atol=1e-7)
@@ -143,3 +145,9 @@ def test_a_sharded_directory_is_refused_for_writing_or_incomplete(runs, tmp_path
     with pytest.raises(PosteriorError, match="holds 66 parameters, not 69"):
         SWAG.open(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 1, bias=False)),
                   "mmap", runs / "fsdp", readonly=True)
+
+
+def test_an_unknown_distributed_mode_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="distributed='ranks' is not one of auto, local, replicated, sharded"):
+        SWAG(make_model(), "mmap", tmp_path / "post", distributed="ranks")
+    assert not (tmp_path / "post").exists()

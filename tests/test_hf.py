@@ -10,7 +10,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from nvmlib.errors import ConfigError, InputError  # noqa: E402
+from nvmlib import SWAG  # noqa: E402
+from nvmlib.errors import ConfigError, InputError, PosteriorError  # noqa: E402
 from nvmlib.hf import SWAGCallback  # noqa: E402
 
 N, BATCH = 24, 4  # 6 batches per epoch
@@ -115,3 +116,11 @@ def test_resume_without_the_restored_count_is_refused(tmp_path):
 def test_every_n_steps_below_one_is_refused():
     with pytest.raises(InputError, match="every_n_steps=0"):
         SWAGCallback("mmap", "/nonexistent", every_n_steps=0)
+
+
+def test_a_posterior_of_another_model_is_refused_before_training(tmp_path):
+    SWAG(nn.Linear(3, 2), "mmap", tmp_path / "post", max_rank=20).close()
+    rec = Recorder()
+    with pytest.raises(PosteriorError, match="already holds a posterior"):
+        fit(tmp_path / "out", 1, rec, SWAGCallback("mmap", tmp_path / "post", max_rank=20))
+    assert rec.vectors == []  # no optimizer step ran
