@@ -14,10 +14,10 @@ READY  := $(VENV)/.nvmlib-installed
 
 setup: $(READY)
 
-$(READY): pyproject.toml scripts/system-deps.sh
+$(READY): pyproject.toml constraints.txt scripts/system-deps.sh
 	bash scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)" -e ".[notebooks,zarr,test,docs]"
+	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)" -e ".[notebooks,zarr,lightning,hf,test,docs]"
 	touch $@
 
 test: $(READY)

@@ -152,6 +152,60 @@ def run(protocol: Protocol, tier: str = "dram", root: str | Path | None = None) 
     return {"metrics": pd.DataFrame(rows), "reliability": reliability, "cost": cost}
 
 
+def lightning_run(protocol: Protocol, tier: str = "dram", root: str | Path | None = None) -> dict[str, Any]:
+    """Run 0's network and schedule trained by PyTorch Lightning, its SWAG collected by the one
+    line nvmlib.lightning.SWAGCallback(...): SWAG's test metrics, iterates collected, seconds."""
+    import logging
+    import warnings
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nvmlib.lightning import SWAGCallback
+
+    class Classifier(pl.LightningModule):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=protocol.lr, momentum=protocol.momentum,
+                                   weight_decay=protocol.weight_decay)
+
+    x, y = load(protocol.dataset, "train", limit=protocol.limit).tensors()
+    tx, ty = load(protocol.dataset, "test", limit=protocol.test_limit).tensors()
+    torch.manual_seed(protocol.seed * 1000)
+    module = Classifier(convnet(protocol.width))
+    loader = DataLoader(TensorDataset(x, y), batch_size=protocol.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(protocol.seed))
+    cb = SWAGCallback(tier, None if root is None else Path(root) / "lightning", max_rank=protocol.max_rank,
+                      start_epoch=protocol.epochs, every_n_steps=protocol.collect_every, overwrite=True)
+    t = time.perf_counter()
+    quiet = logging.getLogger("lightning.pytorch")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # its "GPU available: False" and tips lines
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="lightning")
+            pl.Trainer(max_epochs=protocol.epochs + protocol.swag_epochs, callbacks=[cb], accelerator="cpu",
+                       devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       enable_checkpointing=False).fit(module, loader)
+    finally:
+        quiet.setLevel(level)
+    seconds = time.perf_counter() - t
+    try:
+        probs = cb.swag.predict(tx, protocol.samples, x[:protocol.bn_examples], protocol.scale, protocol.seed)
+        return {"collected": cb.swag.n_collected, "fit_s": seconds, **metrics(probs, ty.numpy())}
+    finally:
+        cb.swag.close()
+
+
 def headline(table: pd.DataFrame) -> pd.DataFrame:
     """One row per method: run 0 for SGD, SWA and SWAG, all runs for MultiSWAG."""
     rows = table[(table.run == "0") | (table.method == "MultiSWAG")]

@@ -22,6 +22,8 @@ from torch.optim.swa_utils import update_bn as _update_bn
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
 from nvmlib.errors import ConfigError, InputError, PosteriorError
+from nvmlib.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
+                            write_layout)
 from nvmlib.staging import host_dtype, make_stager, unflatten_into
 from nvmlib.swag import SWAGPosterior
 
@@ -81,6 +83,25 @@ def _parameters(model: nn.Module) -> list[torch.Tensor]:
     return params
 
 
+def _place(model: nn.Module, path: str | Path | None, distributed: str, write: bool
+           ) -> tuple[nn.Module, list[torch.Tensor] | None, str | Path | None, list[dict] | None]:
+    """The module to record (unwrapped from DDP), the tensors this process records (None: another
+    rank records these replicated parameters), where, and the shard layout of a sharded model."""
+    model = unwrap(model)
+    mode = distribution(model, distributed)
+    rank, size = world()
+    if mode == "replicated" and rank != 0 and write:
+        return model, None, path, None
+    params = _parameters(model)
+    if mode != "sharded":
+        return model, params, path, None
+    if path is None:
+        raise ConfigError("the model's parameters are sharded (FSDP): each rank records its shards under one "
+                          "directory, so pass a path (a tier with files: mmap, pmem, zarr)")
+    tensors, layout = local_shards(model)
+    return model, tensors, rank_dir(path, rank, size), layout
+
+
 def _forward_error(x: torch.Tensor, exc: RuntimeError) -> ValueError:
     return ValueError(f"the model cannot take a batch of shape {tuple(x.shape)} ({x.dtype}) from the loader: "
                       f"{str(exc).splitlines()[0]}; pass a loader yielding inputs shaped as in training")
@@ -96,20 +117,32 @@ class SWAG:
     dtype: how iterates are stored; by default the widest parameter dtype, which holds every
     parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
     Drawn models keep each parameter's own dtype.
+
+    Under torch.distributed (distributed="auto", nvmlib.sharded): a DDP model (wrapper unwrapped)
+    is recorded by global rank 0 alone, the other ranks only count their collects; a sharded one
+    (FSDP2) by every rank, its shards into `path/rank-{r}-of-{n}/`. "local": each process its own.
     """
 
     def __init__(self, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
                  max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
                  dtype: str | None = None, checkpoint_every: int = 100, name: str | None = None,
-                 overwrite: bool = False, codec: str | None = None, **store_options: Any) -> None:
-        params = _parameters(model)
+                 overwrite: bool = False, codec: str | None = None, distributed: str = "auto",
+                 **store_options: Any) -> None:
+        model, params, where, layout = _place(model, path, distributed, write=True)
+        if params is None:
+            self._setup(model, [], None, False, None)
+            return
+        if layout is not None and store is not None:
+            raise ConfigError("a sharded model's ranks each open their own store: pass tier and path, not store=")
         dtype = dtype or str(host_dtype(params)).removeprefix("torch.")
         own = store is None
-        store = open_store(tier, path, **store_options) if own else store
+        store = open_store(tier, where, **store_options) if own else store
         try:
             post = SWAGPosterior.create(store, sum(p.numel() for p in params), max_rank, dtype, checkpoint_every,
                                         capacity=capacity, model=f"{name or type(model).__name__}#{fingerprint(model)}",
                                         overwrite=overwrite, codec=codec)
+            if layout is not None:
+                write_layout(path, layout)
         except BaseException:
             if own:
                 store.close()
@@ -118,34 +151,48 @@ class SWAG:
 
     @classmethod
     def open(cls, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
-             store: Store | None = None, readonly: bool = False, **store_options: Any) -> "SWAG":
-        """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture."""
-        params = _parameters(model)
-        own = store is None
-        store = open_store(tier, path, readonly=readonly, **store_options) if own else store
+             store: Store | None = None, readonly: bool = False, distributed: str = "auto",
+             **store_options: Any) -> "SWAG":
+        """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture.
+        The directory of a sharded run opens, read-only, as the posterior of the full model."""
+        model, params, where, _ = _place(model, path, distributed, write=not readonly)
+        self = cls.__new__(cls)
+        if params is None:
+            self._setup(model, [], None, False, None)
+            return self
+        n_params = sum(p.numel() for p in params)
+        sharded = store is None and where == path and is_sharded(path)  # the ranks' posteriors, in one process
+        if sharded and not readonly:
+            raise PosteriorError(f"{path} holds the per-rank posteriors of a sharded run: open it with readonly=True "
+                                 "to sample it in one process, or for writing from each rank of that run")
+        own = store is None and not sharded
+        store = open_store(tier, where, readonly=readonly, **store_options) if own else store
         try:
-            post = SWAGPosterior.open(store, n_params=sum(p.numel() for p in params), readonly=readonly)
+            post: SWAGPosterior | ShardedPosterior = (
+                ShardedPosterior.open(tier, path, n_params, **store_options) if sharded
+                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly))
             stored = post.meta.get("model") or ""
             if "#" in stored and stored.rsplit("#", 1)[1] != fingerprint(model):
                 post.close()
-                raise PosteriorError(f"the posterior on {store.describe()} was made for another architecture "
+                raise PosteriorError(f"the posterior on {post.store.describe()} was made for another architecture "
                                      f"({stored.rsplit('#', 1)[0]}, same parameter count, other layer shapes) "
                                      f"than this {type(model).__name__}; open it with the model it was made for")
         except BaseException:
             if own:
                 store.close()
             raise
-        self = cls.__new__(cls)
-        self._setup(model, params, store, own, post)
+        self._setup(model, params, post.store, own, post)
         return self
 
-    def _setup(self, model: nn.Module, params: list[torch.Tensor], store: Store, own: bool,
-               post: SWAGPosterior) -> None:
+    def _setup(self, model: nn.Module, params: list[torch.Tensor], store: Store | None, own: bool,
+               post: SWAGPosterior | ShardedPosterior | None) -> None:
+        """post None: a replica rank, which records nothing and counts its collects in _idle."""
         self.model = model
         self.store = store
         self._own_store = own
         self._post = post
-        self._stager = None if post.readonly else make_stager(params, post.update)
+        self._idle = 0
+        self._stager = None if post is None or post.readonly else make_stager(params, post.update)
         self._until_checkpoint: int | None = None
         self._work: nn.Module | None = None  # the copy predict loads each drawn model into
 
@@ -154,6 +201,9 @@ class SWAG:
         """Record the model's parameters now as one iterate; True when this wrote a checkpoint
         (everything collected so far is durable). On a GPU the copy is asynchronous, except for
         an update that checkpoints, which waits so that its True means what it says."""
+        if self._post is None:  # a replica: global rank 0 records these parameters
+            self._idle += 1
+            return False
         if self._stager is None:
             raise PosteriorError("this SWAG was opened read-only; open it with readonly=False to collect")
         if self._until_checkpoint is None:
@@ -167,18 +217,36 @@ class SWAG:
     @property
     def posterior(self) -> SWAGPosterior:
         """The SWAGPosterior underneath, with every collected iterate recorded."""
+        if self._post is None:
+            raise PosteriorError(f"rank {world()[0]} records nothing: the parameters are replicated (DDP), so global "
+                                 "rank 0 writes the posterior; use it there, or open it after training with "
+                                 "SWAG.open(model, tier, path, readonly=True)")
         if self._stager is not None:
             self._stager.drain()
         return self._post
 
     @property
+    def records(self) -> bool:
+        """Whether this process records iterates (False on a replica rank of a DDP run)."""
+        return self._post is not None
+
+    @property
     def n_collected(self) -> int:
-        """Iterates collected so far."""
-        return self.posterior.n_collected
+        """Iterates collected so far (on a replica rank: its collects, which rank 0 recorded)."""
+        return self._idle if self._post is None else self.posterior.n_collected
 
     def flush(self) -> None:
         """Checkpoint now: everything collected so far becomes durable."""
-        self.posterior.flush()
+        if self._post is not None:
+            self.posterior.flush()
+        self._until_checkpoint = None
+
+    def truncate(self, count: int) -> None:
+        """Roll back to the first `count` iterates, e.g. to resume training from a checkpoint taken then."""
+        if self._post is None:
+            self._idle = count
+            return
+        self.posterior.truncate(count)
         self._until_checkpoint = None
 
     # ---- sampling and predicting --------------------------------------------------------
@@ -242,6 +310,8 @@ class SWAG:
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
         """Record what is in flight, checkpoint, and close the store if SWAG opened it."""
+        if self._post is None:
+            return
         try:
             if self._stager is not None:
                 self._stager.close()

@@ -129,12 +129,13 @@ def sampling(p: Mapping[str, Any]) -> Needs:
 
 
 def any_model(p: Mapping[str, Any]) -> Needs:
-    """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG (tier: the
-    notebook's mmap unless the preset says)."""
+    """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG, then one more
+    (the Lightning run) (tier: the notebook's mmap unless the preset says)."""
     from nvmlib.any_model import convnet
 
     n = sum(t.numel() for t in convnet(p["width"]).parameters())
-    posts = on_tier(p.get("tier", "mmap"), p.get("posterior_path"), p["runs"] * posterior_bytes(n, p["max_rank"]))
+    posts = on_tier(p.get("tier", "mmap"), p.get("posterior_path"),
+                    (p["runs"] + 1) * posterior_bytes(n, p["max_rank"]))
     return one_after_another([posts + Needs(memory=data_bytes(p)), probe(p)])
 
 

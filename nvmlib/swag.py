@@ -141,6 +141,35 @@ def _check_file_size_limit(store: Store, name: str, nbytes: int) -> None:
                          "fewer iterates (smaller max_rank / -K). Nothing was changed")
 
 
+def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.ndarray, K: int, work: type,
+         low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor]) -> np.ndarray:
+    """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n) float32: z₁ (S, n) and z₂ (K, S) come from
+    `seed` alone, so posteriors of the same iterates (one log, or the shards of one run) draw the same
+    models; low_rank(z2, θ̄) gives Σ_k z₂ₖ (θ_k − θ̄) and runs while σ⊙z₁ is drawn on a thread."""
+    S, scale = check_sampling(S, scale)
+    mean = mean.astype(work)
+    sigma = np.sqrt(variance).astype(work)
+    seed_z1, seed_z2 = np.random.SeedSequence(seed).spawn(2)
+
+    def diagonal() -> np.ndarray:
+        z1 = np.random.default_rng(seed_z1).standard_normal((S, len(mean)), dtype=work)
+        z1 *= sigma
+        return z1
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(diagonal)
+        if K >= 2:
+            z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
+            acc = low_rank(z2, mean)
+            acc /= math.sqrt(K - 1)
+        out = pending.result()
+    if K >= 2:
+        out += acc.numpy()
+    out *= math.sqrt(scale)
+    out += mean
+    return out.astype(np.float32, copy=False)
+
+
 class SWAGPosterior:
     """SWAG: N(θ̄, scale·(Σ_diag + D Dᵀ/(K−1))) from iterates kept on a memory tier."""
 
@@ -638,39 +667,32 @@ class SWAGPosterior:
         """sample() on the snapshot held: D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk
         while the next chunk is read."""
         self._check_nonempty()
-        work = np.float64 if self.dtype == np.float64 else np.float32  # the log's precision
-        mean = self.mean().astype(work)
-        sigma = np.sqrt(self.variance()).astype(work)
+        if client is None:
+            return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank)
+
+        def on_cluster(z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+            from nvmlib.distributed import low_rank
+            return torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
+
+        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, on_cluster)
+
+    @property
+    def work_dtype(self) -> type:
+        """The precision samples are computed in: the log's (float64 for a float64 log, else float32)."""
+        return np.float64 if self.dtype == np.float64 else np.float32
+
+    def low_rank(self, z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+        """Σ_k z₂ₖ (θ_k − θ̄) over the K kept rows, (S, n_params) in z2's dtype, from one streamed
+        pass over the log (z2: (K, S); mean: θ̄ in that dtype)."""
+        self._check_nonempty()
         K = self.rank
-        seed_z1, seed_z2 = np.random.SeedSequence(seed).spawn(2)
-
-        def diagonal() -> np.ndarray:  # σ⊙z₁, drawn on a thread while the log streams past
-            z1 = np.random.default_rng(seed_z1).standard_normal((S, self.n_params), dtype=work)
-            z1 *= sigma
-            return z1
-
-        with ThreadPoolExecutor(1) as pool:
-            chunks = self._stream([(self._count - K, self._count)]) if K >= 2 and client is None else iter(())  # reads start now
-            pending = pool.submit(diagonal)
-            if K >= 2:
-                z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
-                if client is not None:
-                    from nvmlib.distributed import low_rank
-                    acc = torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
-                else:
-                    acc = torch.zeros((S, self.n_params), dtype=z2.dtype)
-                for t, rows in chunks:
-                    rows = rows.astype(work, copy=False)
-                    rows -= mean
-                    start = t - (self._count - K)
-                    acc.addmm_(z2[start:start + len(rows)].T, torch.from_numpy(rows))  # acc += z2ᵀ·rows
-                acc /= math.sqrt(K - 1)
-            out = pending.result()
-        if K >= 2:
-            out += acc.numpy()
-        out *= math.sqrt(scale)
-        out += mean
-        return out.astype(np.float32, copy=False)
+        acc = torch.zeros((z2.shape[1], self.n_params), dtype=z2.dtype)
+        for t, rows in self._stream([(self._count - K, self._count)]):
+            rows = rows.astype(mean.dtype, copy=False)
+            rows -= mean
+            start = t - (self._count - K)
+            acc.addmm_(z2[start:start + len(rows)].T, torch.from_numpy(rows))  # acc += z2ᵀ·rows
+        return acc
 
     @classmethod
     def view(cls, store: Store, meta: dict, count: int) -> "SWAGPosterior":
