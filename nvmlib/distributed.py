@@ -201,14 +201,14 @@ def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Ten
 
 # ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
-    """A dask LocalCluster of `workers` processes on 127.0.0.1 sharing this machine's CPUs (a
-    worker runs that many tasks at once, so one task's first read overlaps another's products),
-    and its Client."""
+    """A dask LocalCluster of `workers` processes sharing this machine's CPUs (a worker runs that
+    many tasks at once, so one task's first read overlaps another's products), and its Client.
+    Scheduler, workers and the dashboard (which has no authentication) listen on 127.0.0.1 only."""
     from dask.distributed import Client, LocalCluster
 
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                           dashboard_address=":0")  # any free port: no warning when 8787 is taken
+                           dashboard_address="127.0.0.1:0")  # any free port: no warning when 8787 is taken
     return cluster, Client(cluster)
 
 

@@ -26,7 +26,7 @@ SHARD = 5 * N * 4  # 5 rows per shard
 def cluster():
     """One worker to start with; tests scale it up (starting clusters is what costs time here)."""
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=":0") as cl, distributed.Client(cl) as client:
+                                  dashboard_address="127.0.0.1:0") as cl, distributed.Client(cl) as client:
         yield cl, client
 
 
@@ -130,6 +130,22 @@ def test_a_posterior_off_the_zarr_tier_is_refused(cluster, tmp_path):
     with pytest.raises(StoreError, match="only on the zarr tier"):
         post.sample(2, client=client)
     post.close()
+
+
+def test_local_cluster_listens_on_loopback_only():
+    """Scheduler, workers and the dashboard (no authentication) accept no connection from another host."""
+    psutil = pytest.importorskip("psutil")
+    cluster, client = nvd.local_cluster(1)
+    try:
+        me = psutil.Process()
+        listening = [c.laddr for p in (me, *me.children(recursive=True))
+                     for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        dashboard = int(cluster.dashboard_link.split(":")[2].split("/")[0])
+        assert dashboard in {a.port for a in listening}
+        assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
+    finally:
+        client.close()
+        cluster.close()
 
 
 def test_a_url_that_does_not_exist_is_a_clear_error(tmp_path):
