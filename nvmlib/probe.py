@@ -54,47 +54,57 @@ def sequential_bandwidth(path: str | Path, nbytes: int = DEFAULT_BYTES) -> dict[
     path = Path(path)
     if not path.is_dir():
         raise StoreError(f"{path} is not a directory; bandwidth is measured with a temporary file in one")
-    block = min(BLOCK, max(mmap.PAGESIZE, nbytes))
-    buf = mmap.mmap(-1, block)  # page aligned, as O_DIRECT needs
-    buf.write(os.urandom(block))
-    fd, name = tempfile.mkstemp(dir=path, prefix=".nvmlib-probe-")
-    os.close(fd)
     try:
-        fd = _open(name, os.O_WRONLY)
-        direct = fd is not None
-        fd = fd if direct else os.open(name, os.O_WRONLY)
-        t0 = time.perf_counter()
-        for _ in range(nbytes // block):
-            os.write(fd, buf)
-        os.fdatasync(fd)
-        write_s = time.perf_counter() - t0
+        return _measure(path, nbytes)
+    except OSError as exc:
+        raise StoreError(f"cannot measure {path}: a temporary file of {nbytes >> 20} MiB cannot be created, "
+                         f"written and read there ({exc.strerror or exc}); pass a directory you can write "
+                         "to with that much free space, or --size-mb 0 to skip the measurement") from None
+
+
+def _measure(path: Path, nbytes: int) -> dict[str, Any]:
+    """sequential_bandwidth's measurement; OSError when the file cannot be created, written or read."""
+    block = min(BLOCK, max(mmap.PAGESIZE, nbytes))
+    with mmap.mmap(-1, block) as buf:  # page aligned, as O_DIRECT needs
+        buf.write(os.urandom(block))
+        fd, name = tempfile.mkstemp(dir=path, prefix=".nvmlib-probe-")
         os.close(fd)
-        if direct:
-            fd = _open(name, os.O_RDONLY)
-        else:
-            fd = os.open(name, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        while os.readv(fd, [buf]) > 0:
-            pass
-        read_s = time.perf_counter() - t0
-        os.close(fd)
-    finally:
-        os.unlink(name)
-        buf.close()
+        try:
+            fd, direct = _open(name, os.O_WRONLY)
+            try:
+                t0 = time.perf_counter()
+                for _ in range(nbytes // block):
+                    os.write(fd, buf)
+                os.fdatasync(fd)
+                write_s = time.perf_counter() - t0
+            finally:
+                os.close(fd)
+            fd, _ = _open(name, os.O_RDONLY)
+            try:
+                t0 = time.perf_counter()
+                while os.readv(fd, [buf]) > 0:
+                    pass
+                read_s = time.perf_counter() - t0
+            finally:
+                os.close(fd)
+        finally:
+            os.unlink(name)
     done = nbytes // block * block
     return {"bytes": done, "direct": direct,
             "write_MBps": done / 1e6 / write_s, "read_MBps": done / 1e6 / read_s}
 
 
-def _open(name: str, flags: int) -> int | None:
-    """An O_DIRECT descriptor, or None where the file system refuses O_DIRECT."""
+def _open(name: str, flags: int) -> tuple[int, bool]:
+    """(descriptor, True) opened with O_DIRECT, or (descriptor, False) where the file system refuses
+    O_DIRECT, the file then dropped from the page cache so that reads come from the device."""
     try:
-        return os.open(name, flags | os.O_DIRECT)
+        return os.open(name, flags | os.O_DIRECT), True
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return None
-        raise
+        if exc.errno != errno.EINVAL:
+            raise
+    fd = os.open(name, flags)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return fd, False
 
 
 def _path_report(path: Path, nbytes: int) -> dict[str, Any]:

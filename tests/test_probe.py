@@ -1,6 +1,8 @@
 """nvmlib probe: a real probe of a temporary directory (small file), and its report."""
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from nvmlib import probe as probe_mod
@@ -38,3 +40,23 @@ def test_cli_wiring(tmp_path, capsys):
     assert main(["probe", str(tmp_path), "--size-mb", "4"]) == 0
     out = capsys.readouterr().out
     assert "memory tiers:" in out and "MB/s" in out
+
+
+def test_a_directory_where_nothing_can_be_created_is_a_store_error():
+    with pytest.raises(StoreError, match=r"cannot measure /proc: .*--size-mb 0 to skip"):
+        probe_mod.sequential_bandwidth("/proc", 1 << 20)
+
+
+def test_a_full_disk_is_a_store_error_and_leaves_nothing_behind(tmp_path):
+    """A 4 MiB tmpfs (mounting needs root) cannot hold the 16 MiB probe file."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with pytest.raises(StoreError, match="No space left on device"):
+            probe_mod.sequential_bandwidth(small, 16 << 20)
+        assert list(small.iterdir()) == [], "the temporary file is removed"
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
