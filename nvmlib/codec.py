@@ -9,7 +9,7 @@ and compressed the same way. A plane that does not shrink is stored as is, so an
 never larger than DeltaCodec.bound.
 
 Encoded row: int64 [n_frames, length of each frame (negative: stored raw)], then the frames.
-Threads: every core, or NVMLIB_CODEC_THREADS.
+Threads: every core, or NVMLIB_CODEC_THREADS (a whole number >= 1).
 """
 from __future__ import annotations
 
@@ -62,12 +62,25 @@ def _ungroup(planes: np.ndarray, prev: np.ndarray, delta: bool, out: np.ndarray)
 
 
 def check_codec(codec: str | None) -> None:
-    """Refuse a codec name this version does not know, or one whose compressor is not installed."""
+    """Refuse a codec name this version does not know, one whose compressor is not installed, or a
+    bad NVMLIB_CODEC_THREADS."""
     if codec is None:
         return
     if codec not in CODECS:
         raise InputError(f"codec {codec!r} is not one of None (raw rows), {', '.join(CODECS)}")
     _compressors(codec)
+    codec_threads()
+
+
+def codec_threads() -> int:
+    """Threads a codec encodes and decodes on: NVMLIB_CODEC_THREADS (a whole number >= 1), else every core."""
+    text = os.environ.get("NVMLIB_CODEC_THREADS", "").strip()
+    if not text:
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise InputError(f"NVMLIB_CODEC_THREADS={text!r}: set it to a whole number of threads >= 1 "
+                         "(e.g. NVMLIB_CODEC_THREADS=4), or unset it to use every core")
+    return int(text)
 
 
 def _compressors(codec: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]:
@@ -104,8 +117,7 @@ class DeltaCodec:
         self.segments = [(a, min(a + step, n)) for a in range(0, n, step)]
         self.n_frames = len(self.segments) * self.width
         self._compress, self._decompress = _compressors(codec)
-        threads = threads or int(os.environ.get("NVMLIB_CODEC_THREADS") or 0) or os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="nvmlib-codec")
+        self._pool = ThreadPoolExecutor(threads or codec_threads(), thread_name_prefix="nvmlib-codec")
 
     @staticmethod
     def bound(dtype: np.dtype, n: int) -> int:

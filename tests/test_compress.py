@@ -120,3 +120,16 @@ def test_unknown_codec_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="codec 'gzip' is not one of"):
         SWAGPosterior.create(store, N, max_rank=K, codec="gzip")
     assert store.names() == []
+
+
+@pytest.mark.parametrize("threads", ["abc", "-2", "0", "1.5"])
+def test_a_bad_thread_count_is_refused_before_anything_is_written(tmp_path, monkeypatch, threads):
+    monkeypatch.setenv("NVMLIB_CODEC_THREADS", threads)
+    store = TIER_OPENERS["mmap"](tmp_path)
+    with pytest.raises(InputError, match=f"NVMLIB_CODEC_THREADS='{threads}': set it to a whole number"):
+        SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd")
+    assert store.names() == []
+    monkeypatch.setenv("NVMLIB_CODEC_THREADS", "2")
+    post = SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd")
+    assert post.log.codec._pool._max_workers == 2
+    post.close()
