@@ -15,6 +15,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,6 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
     """Execute the notebooks at `scale`; returns seconds per notebook. Raises ResourceError at once when
     this machine cannot hold the run, and on the first notebook that fails (papermill's
     PapermillExecutionError; the executed copy shows where)."""
-    import papermill as pm
-
     notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
     plan, needs = plan_run(scale, results_dir, figures_dir, only, seed)
     check_fits(scale, needs, results_dir, figures_dir, only)
@@ -167,10 +166,8 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
     for name in bar:
         bar.set_postfix_str(name)
         t = time.perf_counter()
-        with text_bars():  # the kernels' bars: text, whose last line the executed copy keeps
-            pm.execute_notebook(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb",
-                                parameters=plan[name], kernel_name=kernel_name, cwd=str(notebooks_dir),
-                                progress_bar=False, coalesce_streams=True)
+        execute(notebooks_dir / f"{name}.ipynb", results_dir / f"{name}.ipynb", plan[name], kernel_name,
+                notebooks_dir)
         seconds[name] = time.perf_counter() - t
         peaks[name] = peak_rss_bytes()
         bar.write(f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, {results_dir / name}.ipynb")
@@ -184,6 +181,21 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
                "figures": sorted(p.name for p in figures_dir.glob("*.png"))}
     (results_dir / "reproduce.json").write_text(json.dumps(summary, indent=2) + "\n")
     return seconds
+
+
+def execute(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str, cwd: Path) -> None:
+    """Run `notebook` with `parameters` through papermill into `output`, in `cwd`. The kernel talks to
+    papermill over Unix sockets in a private directory (jupyter_client's ipc transport), not over
+    unencrypted TCP on localhost (which any local user can read, and about which ipykernel warns on
+    the terminal once per notebook)."""
+    import papermill as pm
+    from traitlets.config import Config
+
+    with tempfile.TemporaryDirectory(prefix="nvmlib-kernel-") as sockets, text_bars():
+        # text_bars: the kernels' bars are text, whose last line the executed copy keeps
+        config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}})
+        pm.execute_notebook(notebook, output, parameters=parameters, kernel_name=kernel_name, cwd=str(cwd),
+                            progress_bar=False, coalesce_streams=True, config=config)
 
 
 def ratio_markdown(record: dict[str, Any]) -> str:

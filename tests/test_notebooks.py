@@ -59,6 +59,26 @@ def test_kernel_must_run_this_python() -> None:
         reproduce.check_kernel("no-such-kernel-nvmlib")
 
 
+def test_the_kernel_talks_over_private_unix_sockets_and_warns_nothing_on_the_terminal(tmp_path, capfd) -> None:
+    """ipykernel warns on the terminal, once per notebook, when it runs over TCP without encryption:
+    reproduce's kernels use the ipc transport instead, and a cell's own warnings still reach the notebook."""
+    book = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                             "language": "python"}})
+    book.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+                  nbformat.v4.new_code_cell("import json, sys, warnings\n"
+                                            "from ipykernel import get_connection_file\n"
+                                            "print(json.load(open(get_connection_file()))['transport'], 2 * x)\n"
+                                            "warnings.warn('a warning of the cell')")]
+    nbformat.write(book, tmp_path / "tiny.ipynb")
+    reproduce.execute(tmp_path / "tiny.ipynb", tmp_path / "out.ipynb", {"x": 21}, "python3", tmp_path)
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "WARNING" not in err, err
+    outputs = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[-1].outputs
+    assert [o.text for o in outputs if o.name == "stdout"] == ["ipc 42\n"]
+    assert any("a warning of the cell" in o.text for o in outputs if o.name == "stderr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ipynb", "tiny.ipynb"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module, as a user runs it:
