@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import sys
 import time
@@ -28,9 +29,10 @@ from nvmlib.progress import tqdm
 
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
-from nvmlib.backends.files import write_atomically
+from nvmlib.backends.files import not_a_directory, write_atomically
+from nvmlib.codec import check_codec
 from nvmlib.data import Split, load
-from nvmlib.errors import ConfigError, StoreError
+from nvmlib.errors import ConfigError, PosteriorError, StoreError
 from nvmlib.models import MODELS, make_model, n_params
 from nvmlib.module import SWAG
 from nvmlib.swag import SWAGPosterior
@@ -40,6 +42,10 @@ STATE_FILE = "train_state.pt"
 # settings that must not change between an interrupted run and its --resume
 RESUME_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "record_every", "swag_start", "max_rank",
                "seed", "limit", "dtype", "data_path", "codec")
+STATE_KEYS = ("format", "config", "epoch", "batch", "updates", "finished", "model", "optimizer", "torch_rng")
+# what torch.load and load_state_dict raise on bytes that are not a train state (empty, truncated, garbage;
+# torch's zip reader also raises OSError EINVAL)
+NOT_A_STATE = (RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError, OSError)
 
 
 @dataclass
@@ -198,7 +204,7 @@ def _check_config(config: TrainConfig) -> None:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     for name, value, low in (("epochs (-e)", config.epochs, 1), ("batch size (-b)", config.batch_size, 1),
                              ("record every (-r)", config.record_every, 1),
-                             ("checkpoint_every", config.checkpoint_every, 1)):
+                             ("checkpoint_every", config.checkpoint_every, 1), ("seed", config.seed, 0)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, not {value}")
     if not config.lr > 0 or config.momentum < 0:
@@ -209,6 +215,7 @@ def _check_config(config: TrainConfig) -> None:
                           f"not {config.swag_start}")
     if config.max_rank is not None and config.max_rank < 2:
         raise ConfigError(f"posterior size (-K) must be at least 2 iterates, not {config.max_rank}")
+    check_codec(config.codec)
 
 
 def _records(config: TrainConfig, n_batches: int, epoch: int, batch: int) -> bool:
@@ -234,24 +241,24 @@ def resolve_device(gpu: int) -> torch.device:
     return torch.device("cuda", gpu)
 
 
-def check_writable(file: Path) -> None:
-    """Fail now, not after training, when a results file cannot be written."""
+def check_writable(file: Path, flag: str = "--results_filepath") -> None:
+    """Fail now, not after the work, when `file` (given with `flag`) cannot be written; creates its
+    directory."""
     if file.is_dir():
-        raise ConfigError(f"results path {file} is a directory; give a file name such as {file / 'run.csv'}")
-    blocked = next((d for d in (file.parent, *file.parent.parents) if d.exists() and not d.is_dir()), None)
+        raise ConfigError(f"{flag} {file} is a directory; give a file name such as {file / 'run.csv'}")
+    blocked = not_a_directory(file.parent)
     if blocked is not None:
-        raise ConfigError(f"cannot write the results file {file}: {blocked} is a file, not a directory; "
-                          "choose a writable --results_filepath")
+        raise ConfigError(f"cannot write {file}: {blocked} is a file, not a directory; choose a writable {flag}")
+    probe = file.parent / f".{file.name}.probe"
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        with open(file.parent / f".{file.name}.probe", "w"):
+        with open(probe, "w"):
             pass
-        (file.parent / f".{file.name}.probe").unlink()
+        probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write the results file {file}: {exc.strerror or exc}; "
-                          "choose a writable --results_filepath") from exc
+        raise ConfigError(f"cannot write {file}: {exc.strerror or exc}; choose a writable {flag}") from exc
     if file.exists() and not os.access(file, os.W_OK):
-        raise ConfigError(f"the results file {file} is not writable; fix its permissions or choose another")
+        raise ConfigError(f"{file} is not writable; fix its permissions or choose another {flag}")
 
 
 def open_tier(config: TrainConfig) -> Store:
@@ -315,14 +322,40 @@ def _save_state(path: Path | None, config: TrainConfig, model: nn.Module, optimi
 
 
 def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A train state written by train (ConfigError when there is none)."""
+    """A train state written by train: ConfigError when there is none or another version wrote it,
+    PosteriorError when it is damaged (empty, truncated, not a train state)."""
     if not path.is_file():
         raise ConfigError(f"no train state at {path}: this run cannot be resumed or reopened; "
                           "check the path, or start it again without --resume")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if state.get("format") != STATE_FORMAT:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except NOT_A_STATE as exc:
+        raise _damaged(path, f"torch.load cannot read its {path.stat().st_size} bytes ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise _damaged(path, "not a train state")
+    if state["format"] != STATE_FORMAT:
         raise ConfigError(f"{path} was written by another nvmlib version; start the run again")
+    if not set(STATE_KEYS) <= state.keys() or not set(RESUME_KEYS) <= set(state["config"]):
+        raise _damaged(path, "it lacks entries a train state has")
     return state
+
+
+def _damaged(path: Path, why: str) -> PosteriorError:
+    return PosteriorError(f"the train state {path} is damaged: {why}; put back a copy of it, or train "
+                          "the run again from the start (nvmlib train ... --overwrite)")
+
+
+def _restore(path: Path, state: dict[str, Any], model: nn.Module,
+             optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Load the state's model (and optimizer and RNG) into `model` (and `optimizer`); PosteriorError
+    when they do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+    except NOT_A_STATE as exc:
+        raise _damaged(path, f"its parameters do not fit {state['config']['model']} ({type(exc).__name__})") from None
 
 
 def _resume(store: Store, config: TrainConfig, state_path: Path | None, model: nn.Module,
@@ -336,15 +369,13 @@ def _resume(store: Store, config: TrainConfig, state_path: Path | None, model: n
                if state["config"][k] != getattr(config, k)]
     if changed:
         raise ConfigError(f"--resume needs the settings of the interrupted run; changed: {'; '.join(changed)}")
+    _restore(state_path, state, model, optimizer)
     swag = SWAG.open(model, store=store)
     try:
         swag.posterior.truncate(state["updates"])
     except BaseException:
         swag.close()
         raise
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"].cpu())
     return swag, (state["epoch"], state["batch"], state["updates"])
 
 
@@ -362,7 +393,7 @@ def reopen(backend: str, path: str | Path, device: torch.device | str = "cpu", r
                               "to find its train state")
         state = load_state(where, device)
         model = make_model(state["config"]["model"]).to(device)
-        model.load_state_dict(state["model"])
+        _restore(where, state, model)
         post = SWAG.open(model, store=store, readonly=readonly).posterior
     except BaseException:
         store.close()

@@ -20,6 +20,10 @@ def prepare_dir(path: Path, readonly: bool) -> Path:
         if not path.is_dir():
             raise StoreError(f"{path} is not a directory holding a posterior; check the path")
         return path
+    blocked = not_a_directory(path)
+    if blocked is not None:
+        raise StoreError(f"cannot create the store directory {path}: {blocked} is a file, not a directory; "
+                         "choose another path")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -29,6 +33,12 @@ def prepare_dir(path: Path, readonly: bool) -> Path:
         raise StoreError(f"the store directory {path} is not writable; fix its permissions "
                          "or choose another path")
     return path
+
+
+def not_a_directory(path: Path) -> Path | None:
+    """The first of `path` and its parents that exists and is not a directory (so no directory can
+    be made there), or None."""
+    return next((d for d in (path, *path.parents) if d.exists() and not d.is_dir()), None)
 
 
 def disk_free(path: Path) -> int:
