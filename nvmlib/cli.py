@@ -15,8 +15,9 @@ from nvmlib.codec import CODECS
 from nvmlib.swag import FLOAT_DTYPES
 
 
-def _number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to pass."""
+def number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to pass
+    (the subcommands' modules use it too)."""
     def parse(text: str) -> float:
         try:
             value = kind(text)
@@ -27,6 +28,9 @@ def _number(kind: type, low: float, what: str, strict: bool = False) -> Callable
             raise argparse.ArgumentTypeError(f"{text} is out of range; pass {what}")
         return value
     return parse
+
+
+SEED = number(int, 0, "a seed >= 0 (e.g. --seed 0)")  # the type of every subcommand's --seed
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:
@@ -56,9 +60,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     _tier_args(p)
     p.add_argument("-e", dest="epochs", type=int, default=1, help="epochs (default 1)")
     p.add_argument("-b", dest="batch_size", type=int, default=100, help="batch size (default 100)")
-    p.add_argument("-n", dest="lr", type=_number(float, 0, "a learning rate > 0 (e.g. 1e-4)", strict=True),
+    p.add_argument("-n", dest="lr", type=number(float, 0, "a learning rate > 0 (e.g. 1e-4)", strict=True),
                    default=1e-4, help="learning rate (default 1e-4)")
-    p.add_argument("-m", dest="momentum", type=_number(float, 0, "a momentum >= 0 (e.g. 0.9)"), default=0.0,
+    p.add_argument("-m", dest="momentum", type=number(float, 0, "a momentum >= 0 (e.g. 0.9)"), default=0.0,
                    help="momentum (default 0)")
     p.add_argument("-r", dest="record_every", type=int, default=1, help="record every r-th minibatch (1)")
     p.add_argument("-K", dest="max_rank", type=int, help="posterior size: iterates kept (default: all)")
@@ -66,7 +70,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-back", dest="shelf_backend", help="PyMM shelf backend: hstore-cc or mapstore")
     p.add_argument("--results_filepath", help="timing CSV to write (a .json record goes beside it)")
     p.add_argument("--limit", type=int, help="use only the first N training examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--swag_start", type=int, default=0, help="epochs of SGD before recording (default 0)")
     p.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES, help="precision of the stored iterates")
     p.add_argument("--codec", choices=CODECS, help="store iterates as compressed XOR-deltas (default: raw rows)")
@@ -97,11 +101,11 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a trained run's posterior (a persistent tier) on MNIST, "
                                    "rotated MNIST and Fashion-MNIST (OOD).")
     _tier_args(p)
-    p.add_argument("-S", dest="samples", type=_number(int, 1, "at least 1 sample (e.g. -S 30)"), default=30,
+    p.add_argument("-S", dest="samples", type=number(int, 1, "at least 1 sample (e.g. -S 30)"), default=30,
                    help="posterior samples (default 30)")
-    p.add_argument("--scale", type=_number(float, 0, "a covariance scale >= 0 (0.5 is SWAG's)"), default=0.5,
+    p.add_argument("--scale", type=number(float, 0, "a covariance scale >= 0 (0.5 is SWAG's)"), default=0.5,
                    help="SWAG covariance scale (default 0.5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--angles", type=float, nargs="*", default=None, help="rotations in degrees (0 15 ... 180)")
     p.add_argument("--fashion_path", help="directory of Fashion-MNIST idx files (default: Debian's); "
                    "without them the OOD part is skipped")

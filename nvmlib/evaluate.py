@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from nvmlib.data import MNIST_MEAN, MNIST_STD, Split
+from nvmlib.errors import InputError
 from nvmlib.models import get_flat, set_flat
 from nvmlib.swag import SWAGPosterior, check_sampling
 
@@ -93,6 +94,9 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 # ---- the evaluation ---------------------------------------------------------------------------
 def rotate(split: Split, angle: float) -> torch.Tensor:
     """The split's images rotated by `angle` degrees (black fill), scaled like MNIST."""
+    if not math.isfinite(angle):
+        raise InputError(f"the rotation angle {angle} is not a finite number of degrees; pass angles such "
+                         "as 0 45 90 (--angles)")
     x = torch.from_numpy(split.images).float().unsqueeze(1) / 255.0
     a = math.radians(angle)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])

@@ -108,16 +108,19 @@ def _open(name: str, flags: int) -> tuple[int, bool]:
 
 
 def _path_report(path: Path, nbytes: int) -> dict[str, Any]:
-    report: dict[str, Any] = {"path": str(path), "exists": path.exists()}
+    """What `path` (a directory or a devdax device) is; StoreError for anything else."""
     if not path.exists():
-        return report
+        raise StoreError(f"{path} does not exist; pass a directory or a devdax device to examine")
     device = stat.S_ISCHR(path.stat().st_mode)
-    report["kind"] = "devdax device" if device else "directory" if path.is_dir() else "file"
+    if not device and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a directory or a devdax device; pass the directory it is "
+                         f"in ({path.parent}) to examine that")
+    report: dict[str, Any] = {"path": str(path), "kind": "devdax device" if device else "directory"}
     if not device:
         report["free_bytes"] = disk_free(path)
     try:
         from nvmlib.backends.libpmem import Mapping, is_pmem_dir
-        report["is_pmem"] = Mapping(path).is_pmem if device else is_pmem_dir(path) if path.is_dir() else None
+        report["is_pmem"] = Mapping(path).is_pmem if device else is_pmem_dir(path)
     except StoreError as exc:
         report["is_pmem"] = None
         report["is_pmem_error"] = str(exc)
@@ -146,9 +149,6 @@ def format_probe(result: dict[str, Any]) -> str:
         for d in result["devdax_devices"]) or "none"))
     p = result.get("path")
     if p:
-        if not p["exists"]:
-            lines.append(f"{p['path']}: does not exist")
-            return "\n".join(lines)
         lines.append(f"{p['path']}: {p['kind']}")
         if "free_bytes" in p:
             lines.append(f"  free: {p['free_bytes'] / 1e9:.1f} GB")
@@ -164,9 +164,12 @@ def format_probe(result: dict[str, Any]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `probe [PATH] [--size-mb N]` to the nvmlib command line."""
+    from nvmlib.cli import number
+
     parser = subparsers.add_parser("probe", help="which memory tiers this machine offers, and how fast PATH is")
     parser.add_argument("path", nargs="?", help="a directory (or devdax device) to examine and measure")
-    parser.add_argument("--size-mb", type=int, default=DEFAULT_BYTES >> 20,
+    parser.add_argument("--size-mb", type=number(int, 0, "a size in MiB >= 0 (0: do not measure)"),
+                        default=DEFAULT_BYTES >> 20,
                         help="size of the temporary file that measures bandwidth (0: do not measure)")
     parser.set_defaults(run=run)
     return parser

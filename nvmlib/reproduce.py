@@ -23,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nvmlib import resources
-from nvmlib.errors import ConfigError, NvmlibError, ResourceError
+from nvmlib.errors import ConfigError, NotebookError, NvmlibError, ResourceError
 from nvmlib.progress import text_bars
 
 NOTEBOOKS = ("collect", "tier_runtime", "posterior_quality", "sampling", "any_model", "cluster")
@@ -151,13 +151,21 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
               figures_dir: str | Path = "figures", only: list[str] | None = None, kernel_name: str = "python3",
               seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Execute the notebooks at `scale`; returns seconds per notebook. Raises ResourceError at once when
-    this machine cannot hold the run, and on the first notebook that fails (papermill's
-    PapermillExecutionError; the executed copy shows where)."""
+    this machine cannot hold the run, ConfigError when a notebook, the kernel or a writable results or
+    figures directory is missing, and NotebookError on the first notebook that fails (the executed
+    copy shows where)."""
+    from nvmlib.train import check_writable
+
     notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
     plan, needs = plan_run(scale, results_dir, figures_dir, only, seed)
-    check_fits(scale, needs, results_dir, figures_dir, only)
     check_kernel(kernel_name)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    missing = [f"{name}.ipynb" for name in plan if not (notebooks_dir / f"{name}.ipynb").is_file()]
+    if missing:
+        raise ConfigError(f"{notebooks_dir} has no {', '.join(missing)}: pass --notebooks-dir with the "
+                          "repository's notebooks/ directory")
+    check_writable(results_dir / "reproduce.json", "--results-dir")  # creates the directories
+    check_writable(figures_dir / f"{next(iter(plan))}.png", "--figures-dir")
+    check_fits(scale, needs, results_dir, figures_dir, only)
     seconds: dict[str, float] = {}
     peaks: dict[str, int] = {}
     bar = tqdm(plan, desc=f"reproduce ({scale})", unit="notebook", disable=not progress)
@@ -184,7 +192,8 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
 
 
 def execute(notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str, cwd: Path) -> None:
-    """Run `notebook` with `parameters` through papermill into `output`, in `cwd`. The kernel talks to
+    """Run `notebook` with `parameters` through papermill into `output`, in `cwd` (NotebookError when a
+    cell fails). The kernel talks to
     papermill over Unix sockets in a private directory (jupyter_client's ipc transport), not over
     unencrypted TCP on localhost (which any local user can read, and about which ipykernel warns on
     the terminal once per notebook)."""
@@ -194,8 +203,13 @@ def execute(notebook: Path, output: Path, parameters: dict[str, Any], kernel_nam
     with tempfile.TemporaryDirectory(prefix="nvmlib-kernel-") as sockets, text_bars():
         # text_bars: the kernels' bars are text, whose last line the executed copy keeps
         config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}})
-        pm.execute_notebook(notebook, output, parameters=parameters, kernel_name=kernel_name, cwd=str(cwd),
-                            progress_bar=False, coalesce_streams=True, config=config)
+        try:
+            pm.execute_notebook(notebook, output, parameters=parameters, kernel_name=kernel_name, cwd=str(cwd),
+                                progress_bar=False, coalesce_streams=True, config=config)
+        except pm.PapermillExecutionError as exc:
+            why = (exc.evalue.strip().splitlines() or [""])[0]
+            raise NotebookError(f"the notebook {notebook} failed in cell {exc.exec_count}: {exc.ename}: {why}; "
+                                f"see the executed copy {output}") from None
 
 
 def ratio_markdown(record: dict[str, Any]) -> str:
@@ -214,6 +228,8 @@ def ratio_markdown(record: dict[str, Any]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `reproduce` on the CLI's subparsers (it sets `run`, as nvmlib.cli expects)."""
+    from nvmlib.cli import SEED
+
     p = subparsers.add_parser("reproduce", help="regenerate the paper's figures from the notebooks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=list(SCALES), default="default",
@@ -226,7 +242,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--figures-dir", default="figures")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name (must run this Python)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--check", action="store_true",
                    help="only say what the run needs (memory, disk) and whether this machine has it")
     p.set_defaults(run=run)
@@ -235,21 +251,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, script_start: float | None = None) -> int:
     """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start: nvmlib.cli's
     calling convention, unused)."""
-    import papermill as pm
-
     if args.check:
         results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
         needs = plan_run(args.scale, results_dir, figures_dir, args.only, args.seed)[1]
         check_fits(args.scale, needs, results_dir, figures_dir, args.only)
         print(f"the {args.scale} preset {needs.summary()}: this machine has it")
         return 0
-    try:
-        seconds = reproduce(args.scale, args.notebooks_dir, args.results_dir, args.figures_dir, args.only,
-                            args.kernel, args.seed)
-    except pm.PapermillExecutionError as exc:
-        print(f"a notebook failed: {exc.ename}: {exc.evalue}\nsee the executed copy under {args.results_dir}/",
-              file=sys.stderr)
-        return 1
+    seconds = reproduce(args.scale, args.notebooks_dir, args.results_dir, args.figures_dir, args.only,
+                        args.kernel, args.seed)
     print(f"done in {sum(seconds.values()) / 60:.1f} min; figures in {args.figures_dir}/")
     return 0
 
