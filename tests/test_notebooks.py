@@ -3,6 +3,7 @@ the notebooks in git carry no outputs and exactly one `parameters` cell."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,5 +155,7 @@ def test_a_failing_notebook_fails_the_run_and_keeps_its_executed_copy(tmp_path: 
     nbformat.write(book, tmp_path / "notebooks" / "collect.ipynb")
     status = reproduce.main(["--scale", "smoke", "--notebook", "collect", "--notebooks-dir", str(tmp_path / "notebooks"),
                              "--results-dir", str(tmp_path / "results"), "--figures-dir", str(tmp_path / "figures")])
-    assert status == 1 and "RuntimeError: boom" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert status == 2 and re.fullmatch(r"nvmlib: error: the notebook .*collect.ipynb failed in cell \d+: "
+                                        r"RuntimeError: boom; see the executed copy .*collect.ipynb", err[-1])
     assert (tmp_path / "results" / "collect.ipynb").exists()
