@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from bench_swag import dd_bandwidth  # this directory is on sys.path when a script here runs
 from nvmlib import SWAGPosterior, open_store
-from nvmlib.distributed import scaling
+from nvmlib.dask import scaling
 from nvmlib.swag import LOG
 
 N_PARAMS = 795_010  # model_2fc

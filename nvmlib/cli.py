@@ -3,34 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from nvmlib import probe, reproduce
+from nvmlib.arguments import SEED, number
 from nvmlib.errors import ConfigError, DataError, NvmlibError
 from nvmlib.codec import CODECS
 from nvmlib.swag import FLOAT_DTYPES
-
-
-def number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to pass
-    (the subcommands' modules use it too)."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}; "
-                                             f"pass {what}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"{text} is out of range; pass {what}")
-        return value
-    return parse
-
-
-SEED = number(int, 0, "a seed >= 0 (e.g. --seed 0)")  # the type of every subcommand's --seed
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:
@@ -139,16 +121,16 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
             raise
         print(f"nvmlib: note: no OOD evaluation: {exc}", file=sys.stderr)
         ood = None
-    client = _client(args.scheduler) if args.scheduler else None
+    executor = _executor(args.scheduler) if args.scheduler else None
     post, model, store = reopen(backend, path, device, results_filepath=args.train_results)
     try:
         result = evaluate(model, post, test, ood, args.samples, args.scale, args.seed,
-                          ANGLES if args.angles is None else args.angles, client=client)
+                          ANGLES if args.angles is None else args.angles, executor=executor)
     finally:
         post.close()
         store.close()
-        if client is not None:
-            client.close()
+        if executor is not None:
+            executor.client.close()
     print(result.table().to_string(float_format="%.4f"))
     if ood is not None:
         print(result.ood.to_string(index=False, float_format="%.4f"))
@@ -157,17 +139,13 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     return 0
 
 
-def _client(address: str):
-    """A dask.distributed.Client connected to the scheduler at `address`, or a ConfigError."""
+def _executor(address: str):
+    """A nvmlib.dask.DaskExecutor of the scheduler at `address`, or a ConfigError."""
     try:
-        from dask.distributed import Client
+        from nvmlib.dask import connect
     except ModuleNotFoundError as exc:
         raise ConfigError(f"--scheduler needs {exc.name!r}: pip install 'nvmlib[zarr]'") from exc
-    try:
-        return Client(address, timeout=10)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise ConfigError(f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
-                          "dask-jobqueue, SSHCluster) and pass its address") from exc
+    return connect(address)
 
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], object], ...] = (

@@ -135,24 +135,23 @@ def inputs(test: Split, ood: Split | None, angles: Iterable[float]) -> dict[str,
 
 def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split | None = None,
              samples: int = 30, scale: float = 0.5, seed: int = 0,
-             angles: Iterable[float] = ANGLES, client: Any = None) -> Evaluation:
+             angles: Iterable[float] = ANGLES, executor: Any = None) -> Evaluation:
     """SGD (the model's current parameters), SWA (posterior mean) and SWAG (BMA over `samples`
     draws) on `test`, on `test` rotated by each angle, and OOD AUROC against `ood`.
 
-    client: a dask.distributed.Client: the SWAG draws are sampled and their predictions made on its
-    workers (nvmlib.distributed); the same metrics as without one.
+    executor: nvmlib.dask.DaskExecutor(client): the SWAG draws are sampled and their predictions made
+    on its workers; the same metrics as without one.
     """
     samples, scale = check_sampling(samples, scale)
     device = next(model.parameters()).device
     angles = list(angles)
     sets = {k: v.to(device) for k, v in inputs(test, ood, angles).items()}
     thetas = {"SGD": [get_flat(model).cpu().numpy()], "SWA": [posterior.mean()],
-              "SWAG": posterior.sample(samples, scale=scale, seed=seed, client=client)}
+              "SWAG": posterior.sample(samples, scale=scale, seed=seed, executor=executor)}
     rows, ood_rows = [], []
     for method in METHODS:
-        if client is not None and method == "SWAG":
-            from nvmlib import distributed
-            probs = distributed.bma_predict(client, model, thetas[method], (test, ood, angles))
+        if executor is not None and method == "SWAG":
+            probs = executor.bma_predict(model, thetas[method], (test, ood, angles))
         else:
             probs = bma_predict(model, thetas[method], sets)
         for name, p in probs.items():

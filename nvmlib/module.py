@@ -290,21 +290,21 @@ class SWAG:
         return load(self._copy(), self.posterior.mean(), bn_loader, update_bn)
 
     def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int | None = 0, update_bn: bool = True, client: Any = None) -> np.ndarray:
+                seed: int | None = 0, update_bn: bool = True, executor: Any = None) -> np.ndarray:
         """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models.
 
-        client: a dask.distributed Client; the S models' BatchNorm refreshes and predictions then run
-        on its workers (the loaders are gathered into tensors and sent once), and a posterior on the
-        zarr tier is also sampled there. The result equals the local one to float rounding."""
+        executor: nvmlib.dask.DaskExecutor(client); the S models' BatchNorm refreshes and predictions
+        then run on its workers (the loaders are gathered into tensors and sent once), and a posterior
+        on a tier the workers can open (Store.shared: zarr) is also sampled there. The result equals
+        the local one to float rounding."""
         self._check_bn(bn_loader, update_bn)
         check_reiterable(loader, "loader")
-        on_zarr = client is not None and self.store.kind == "zarr"
-        thetas = self.posterior.sample(S, scale=scale, seed=seed, client=client if on_zarr else None)
-        if client is not None:
-            from nvmlib.distributed import swag_predict
-
-            return swag_predict(client, self.model, thetas, gather(loader),
-                                gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None else None)
+        shared = executor if executor is not None and self.store.shared else None
+        thetas = self.posterior.sample(S, scale=scale, seed=seed, executor=shared)
+        if executor is not None:
+            return executor.swag_predict(self.model, thetas, gather(loader),
+                                         gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None
+                                         else None)
         return sum(probabilities(self._load(theta, bn_loader, update_bn), loader) for theta in thetas) / len(thetas)
 
     # ---- closing ------------------------------------------------------------------------

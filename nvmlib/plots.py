@@ -246,7 +246,7 @@ def collection_cost(cost: pd.DataFrame) -> plt.Figure:
 
 def cluster_scaling(table: pd.DataFrame) -> plt.Figure:
     """Seconds of one sampling pass against dask workers, beside the single-process pass;
-    `table` as nvmlib.distributed.scaling returns it."""
+    `table` as nvmlib.dask.scaling returns it."""
     _style()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     dask = table[table["mode"] == "dask"]

@@ -164,7 +164,7 @@ def format_probe(result: dict[str, Any]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `probe [PATH] [--size-mb N]` to the nvmlib command line."""
-    from nvmlib.cli import number
+    from nvmlib.arguments import number
 
     parser = subparsers.add_parser("probe", help="which memory tiers this machine offers, and how fast PATH is")
     parser.add_argument("path", nargs="?", help="a directory (or devdax device) to examine and measure")

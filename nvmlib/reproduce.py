@@ -228,7 +228,7 @@ def ratio_markdown(record: dict[str, Any]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `reproduce` on the CLI's subparsers (it sets `run`, as nvmlib.cli expects)."""
-    from nvmlib.cli import SEED
+    from nvmlib.arguments import SEED
 
     p = subparsers.add_parser("reproduce", help="regenerate the paper's figures from the notebooks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -212,10 +212,10 @@ class ShardedPosterior:
         parts = [post.low_rank(z2, self._local(mean, r)).numpy() for r, post in enumerate(self.posts)]
         return torch.from_numpy(self._full(parts))
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None) -> np.ndarray:
         """S full parameter vectors, equal to those of one posterior of the same iterates and seed."""
-        if client is not None:
-            raise ConfigError("a sharded posterior is sampled in this process: pass client=None")
+        if executor is not None:
+            raise ConfigError("a sharded posterior is sampled in this process: pass executor=None")
         return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank)
 
     def close(self) -> None:

@@ -652,29 +652,25 @@ class SWAGPosterior:
         m = self._s1 / self._count
         return np.maximum(self._s2 / self._count - m * m, 0.0)
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None) -> np.ndarray:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
 
-        With fewer than 2 kept rows only the diagonal part is used. client: a
-        dask.distributed.Client whose workers compute D z₂ where the (zarr) log lies
-        (nvmlib.distributed); the same array as without one, to float32 rounding. A reader overtaken
+        With fewer than 2 kept rows only the diagonal part is used. executor: an object whose
+        low_rank(posterior, z2, mean) computes D z₂ elsewhere (nvmlib.dask.DaskExecutor: where the zarr
+        log lies); the same array as without one, to float32 rounding. A reader overtaken
         by a running writer draws again from a newer snapshot (refresh): the draws belong to the
         snapshot that n_collected, mean() and variance() show once this returns."""
         S, scale = check_sampling(S, scale)
-        return self._reading(lambda: self._draw(S, scale, seed, client))
+        return self._reading(lambda: self._draw(S, scale, seed, executor))
 
-    def _draw(self, S: int, scale: float = 0.5, seed: int | None = None, client: Any = None) -> np.ndarray:
+    def _draw(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None) -> np.ndarray:
         """sample() on the snapshot held: D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk
         while the next chunk is read."""
         self._check_nonempty()
-        if client is None:
+        if executor is None:
             return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank)
-
-        def on_cluster(z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
-            from nvmlib.distributed import low_rank
-            return torch.from_numpy(low_rank(self, z2.numpy(), mean, client))
-
-        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, on_cluster)
+        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype,
+                    lambda z2, mean: torch.from_numpy(executor.low_rank(self, z2.numpy(), mean)))
 
     @property
     def work_dtype(self) -> type:
@@ -697,7 +693,7 @@ class SWAGPosterior:
     @classmethod
     def view(cls, store: Store, meta: dict, count: int) -> "SWAGPosterior":
         """A read-only view of the log as it stood after `count` updates, without moments or
-        recovery: for a process that only reads kept rows (a dask worker, nvmlib.distributed)."""
+        recovery: for a process that only reads kept rows (a dask worker, nvmlib.dask)."""
         post = cls(store, meta, readonly=True)
         post._count = count
         return post

@@ -1,5 +1,4 @@
 """MNIST and Fashion-MNIST load offline, verified against pinned shapes and sha256."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from nvmlib import reproduce, resources
 from nvmlib.models import make_model, n_params

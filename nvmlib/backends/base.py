@@ -26,6 +26,7 @@ class Store(ABC):
 
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
+    shared: ClassVar[bool] = False  # other machines can open it by its URL (a dask worker reads the log there)
     row_align: ClassVar[int] = 1  # bytes a row of the posterior log is padded to (O_DIRECT tiers: ALIGN)
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:

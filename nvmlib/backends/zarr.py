@@ -92,6 +92,7 @@ class ZarrStore(Store):
     (`storage_options` go to fsspec: credentials, endpoint...)."""
 
     kind = "zarr"
+    shared = True  # a dask worker opens it by its URL
     row_align = ALIGN  # whole blocks: a local open shard's rows are written with O_DIRECT
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
@@ -548,6 +549,10 @@ class ZarrStore(Store):
         held = zarr.core.sync.sync(store.get(key, prototype=proto))
         if held is None or held.to_bytes() != me:
             holder = held.to_bytes().decode(errors="replace") if held is not None else "unknown"
+            if f'"host": {json.dumps(socket.gethostname())}, "pid": {os.getpid()},' in holder:
+                raise LockedError(f"{name} on {self.describe()} already has a writer in this process (another "
+                                  "posterior or SWAG object opened on the same URL); close that one first, or open "
+                                  "this one read-only (readonly=True)")
             raise LockedError(
                 f"{name} on {self.describe()} is being written by another process ({holder}); wait for "
                 "it to finish, open the posterior read-only (readonly=True), or, if that writer died, "

@@ -1,4 +1,6 @@
-"""A SWAG posterior's sampling and evaluation on a dask cluster, next to its zarr log.
+"""A SWAG posterior's sampling and evaluation on a dask cluster, next to its zarr log: the only module
+that imports dask. Pass `DaskExecutor(client)` as `executor=` to SWAGPosterior.sample, SWAG.predict and
+nvmlib.evaluate.evaluate; nothing below this module imports it.
 
 Sampling: D z₂ = Σ_shards z₂[rows]ᵀ·(rows − θ̄). Each task reads whole shards of the log where
 they lie (the store's URL, opened on the worker) and accumulates their partial products; the
@@ -29,7 +31,7 @@ from torch import nn
 from nvmlib.progress import tqdm
 
 from nvmlib.backends.zarr import ZarrStore
-from nvmlib.errors import StoreError
+from nvmlib.errors import ConfigError, StoreError
 from nvmlib.log import spans
 from nvmlib.swag import LOG, META, SWAGPosterior
 
@@ -199,6 +201,35 @@ def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Ten
     return _tree(client, tasks, _add) / len(thetas)
 
 
+class DaskExecutor:
+    """What the layers below ask a cluster for (executor=): D z₂ of a posterior where its log lies, and
+    the BMA of sampled models, each spread over the client's workers."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def low_rank(self, post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        return low_rank(post, z2, mean, self.client)
+
+    def swag_predict(self, model: nn.Module, thetas: np.ndarray, x: torch.Tensor,
+                     bn: torch.Tensor | None) -> np.ndarray:
+        return swag_predict(self.client, model, thetas, x, bn)
+
+    def bma_predict(self, model: nn.Module, thetas: np.ndarray, data: Sequence) -> dict[str, np.ndarray]:
+        return bma_predict(self.client, model, thetas, data)
+
+
+def connect(address: str) -> DaskExecutor:
+    """The executor of a client connected to the dask scheduler at `address`, or a ConfigError."""
+    from dask.distributed import Client
+
+    try:
+        return DaskExecutor(Client(address, timeout=10))
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ConfigError(f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
+                          "dask-jobqueue, SSHCluster) and pass its address") from exc
+
+
 # ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
     """A dask LocalCluster of `workers` processes sharing this machine's CPUs (a worker runs that
@@ -232,14 +263,14 @@ def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int
     def timed(client: Any = None) -> tuple[float, np.ndarray]:
         drop_cache(post.store)
         start = time.perf_counter()
-        out = post.sample(S, seed=seed, client=client)
+        out = post.sample(S, seed=seed, executor=client and DaskExecutor(client))
         return time.perf_counter() - start, out
 
     rows, clusters = [], []
     try:
         for workers in worker_counts:
             clusters.append(local_cluster(workers))
-            post.sample(1, seed=seed, client=clusters[-1][1])  # warm-up: imports on the workers
+            post.sample(1, seed=seed, executor=DaskExecutor(clusters[-1][1]))  # warm-up: imports on the workers
         for repeat in tqdm(range(repeats), desc="sampling passes", unit="round"):
             seconds, local = timed()
             rows.append({"mode": "single process", "workers": 1, "repeat": repeat, "seconds": seconds,

@@ -14,7 +14,7 @@ import pytest
 distributed = pytest.importorskip("dask.distributed")
 
 from nvmlib import SWAGPosterior, open_store  # noqa: E402
-from nvmlib import distributed as nvd  # noqa: E402
+from nvmlib import dask as nvd  # noqa: E402
 from nvmlib.cli import main  # noqa: E402
 from nvmlib.errors import LockedError, StoreError  # noqa: E402
 
@@ -71,7 +71,7 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
         assert len(nvd.shard_groups(post, post.rank)) >= 3
         for seed in (0, 1, 2):
             local = post.sample(4, scale=0.5, seed=seed)
-            remote = post.sample(4, scale=0.5, seed=seed, client=client)
+            remote = post.sample(4, scale=0.5, seed=seed, executor=nvd.DaskExecutor(client))
             assert remote.dtype == np.float32 and remote.shape == (4, N)
             np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-5 * np.abs(local).max())
             # the draws do not depend on the number of workers
@@ -93,7 +93,7 @@ def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_p
         post.update(rng.standard_normal(n, dtype=np.float32))
     local = post.sample(16, seed=5)
     result, killed = {}, []
-    thread = threading.Thread(target=lambda: result.setdefault("x", post.sample(16, seed=5, client=client)))
+    thread = threading.Thread(target=lambda: result.setdefault("x", post.sample(16, seed=5, executor=nvd.DaskExecutor(client))))
     thread.start()
     pids = client.run(os.getpid)
     while thread.is_alive() and not killed:  # kill the first worker that holds a partial product
@@ -117,7 +117,7 @@ def test_workers_that_cannot_see_the_store_get_a_clear_error_before_any_compute(
         post.update(np.full(10, float(k)))
     tasks_before = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
     with pytest.raises(StoreError, match=r"2 of 2 dask workers cannot read the posterior at memory://.*shared file"):
-        post.sample(3, seed=0, client=client)
+        post.sample(3, seed=0, executor=nvd.DaskExecutor(client))
     assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == tasks_before
     post.close()
 
@@ -128,7 +128,7 @@ def test_a_posterior_off_the_zarr_tier_is_refused(cluster, tmp_path):
     post.update(np.zeros(10))
     post.update(np.ones(10))
     with pytest.raises(StoreError, match="only on the zarr tier"):
-        post.sample(2, client=client)
+        post.sample(2, executor=nvd.DaskExecutor(client))
     post.close()
 
 
@@ -162,7 +162,7 @@ def test_a_second_writer_is_refused(tmp_path, where):
     path = tmp_path / "p.zarr" if where == "directory" else f"file://{tmp_path}/p.zarr"
     first = SWAGPosterior.create(open_store("zarr", path), 10, max_rank=4)
     first.update(np.ones(10))
-    with pytest.raises(LockedError, match="being written by another process"):
+    with pytest.raises(LockedError, match="already has a writer in this process"):
         SWAGPosterior.open(open_store("zarr", path))
     reader = SWAGPosterior.open(open_store("zarr", path, readonly=True), readonly=True)  # readers may
     assert reader.n_collected == 1
@@ -196,7 +196,7 @@ def test_cli_evaluate_on_a_scheduler_gives_the_local_metrics(cluster, tmp_path):
 
 @pytest.mark.parametrize("tier", ["zarr", "mmap"])
 def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
-    """nvmlib.SWAG.predict(client=...): BatchNorm refresh and prediction on the workers (and, on the
+    """nvmlib.SWAG.predict(executor=DaskExecutor(client)): BatchNorm refresh and prediction on the workers (and, on the
     zarr tier, the sampling pass too) give the local BMA."""
     import torch
 
@@ -214,5 +214,5 @@ def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
                     p.add_(0.05 * torch.randn_like(p))
             swag.collect()
         local = swag.predict(x, S=4, bn_loader=x[:20], seed=3)
-        there = swag.predict(x, S=4, bn_loader=x[:20], seed=3, client=client)
+        there = swag.predict(x, S=4, bn_loader=x[:20], seed=3, executor=nvd.DaskExecutor(client))
     np.testing.assert_allclose(there, local, rtol=0, atol=1e-5)
