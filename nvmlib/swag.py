@@ -641,13 +641,16 @@ class SWAGPosterior:
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
-        """Checkpoint, persist and release the writer lock. The store stays open."""
+        """Checkpoint, persist, publish the log (plain zarr then reads what nvmlib reads) and release
+        the writer lock. The store stays open."""
         if self._closed:
             return
         try:
             if not self.readonly:
                 self._settle()
                 self._checkpoint()  # nothing when this count is already checkpointed
+                for name in self.log.arrays(self.meta):
+                    self.store.publish(name)
         finally:
             if not self.readonly:
                 self.store.unlock(LOG)

@@ -79,6 +79,10 @@ class Store(ABC):
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
 
+    def publish(self, name: str) -> None:
+        """Lay `name` out as the tier's own library writes it, for readers that know only that
+        library (plain zarr), when its writer stops; a no-op where every write already is."""
+
     def order(self, name: str) -> None:
         """Make earlier writes to `name` reach the media before any later write (a store fence); where
         that costs a flush (files), a no-op: checksums then catch a later write that overtook it."""
