@@ -26,7 +26,6 @@ class Store(ABC):
 
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
-    row_align: ClassVar[int] = 1  # bytes a row of the posterior log is padded to (O_DIRECT tiers: ALIGN)
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None
@@ -182,7 +181,8 @@ def private_dir() -> Path:
     return path
 
 
-ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors)
+ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
+# posterior pads its log rows and moments to it on every tier, so its layout is the same wherever it lies
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, huge: bool = False) -> np.ndarray:

@@ -39,7 +39,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits
+from nvmlib.backends.base import Store, aligned_empty, check_fits
 from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, prepare_dir, read_all, reserve,
                                   write_all)
 from nvmlib.errors import LockedError, StoreError
@@ -92,7 +92,6 @@ class ZarrStore(Store):
     (`storage_options` go to fsspec: credentials, endpoint...)."""
 
     kind = "zarr"
-    row_align = ALIGN  # whole blocks: a local open shard's rows are written with O_DIRECT
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  storage_options: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
