@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from nvmlib.backends import open_store
-from nvmlib.backends.base import aligned_empty, padded_len
+from nvmlib.backends.base import ALIGN, aligned_empty, padded_len
 from nvmlib.probe import sequential_bandwidth
 
 N_PARAMS = 795_010
@@ -29,7 +29,7 @@ def append_seconds(kind: str, path: Path, appends: int) -> tuple[float, float]:
     """(create, append + persist) seconds of a log of `appends` rows on tier `kind`."""
     options = {"size_mb": 2 * appends * N_PARAMS * 4 // 2**20 + 64} if kind == "pymm" else {}  # half a shelf is usable
     store = open_store(kind, path, **options)
-    width = padded_len(N_PARAMS, "float32", store.row_align)  # rows as the posterior log lays them out
+    width = padded_len(N_PARAMS, "float32", ALIGN)  # rows as the posterior log lays them out
     rows = aligned_empty((8, width), np.float32)
     rows[:] = np.random.default_rng(0).standard_normal((8, width))
     t0 = time.perf_counter()

@@ -29,13 +29,12 @@ class Op:
 
 
 class Recorder(DramStore):
-    """A DRAM store that records every create, write_rows and persist (row_align as the tier's)."""
+    """A DRAM store that records every create, write_rows and persist."""
 
     kind = "recorder"
 
-    def __init__(self, row_align: int = 1) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.row_align = row_align
         self.ops: list[Op] = []
 
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:

@@ -20,7 +20,8 @@ import os
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ from nvmlib.errors import ConfigError, StoreError
 from nvmlib.log import spans
 from nvmlib.swag import LOG, META, SWAGPosterior
 
+# variables dask's nanny sets for its workers; it writes them into *this* process's environment
+# before it spawns one, and leaves them there
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 GROUP_BYTES = 1 << 30  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
 FAN_IN = 4  # partial results summed by one task of the tree
 
@@ -238,9 +242,32 @@ def local_cluster(workers: int) -> tuple[Any, Any]:
     from dask.distributed import Client, LocalCluster
 
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0")  # any free port: no warning when 8787 is taken
+    with environ_kept():
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+                               dashboard_address="127.0.0.1:0")  # any free port: no warning when 8787 is taken
     return cluster, Client(cluster)
+
+
+@contextmanager
+def environ_kept() -> Iterator[None]:
+    """Start dask workers without changing this process's environment. dask's nanny puts
+    OMP_NUM_THREADS=1 (and the like) into os.environ to spawn a worker and leaves it there: every
+    later subprocess of the caller then ran torch on one thread, and so computed other last bits
+    (a run resumed in this process differed from the one interrupted in a child). Nannies made
+    inside this context set those variables inside their workers instead (dask's `environ`, also
+    when they restart one), and os.environ is put back at its end. dask makes a new nanny when
+    one is lost or the cluster scales: hold the context for as long as that may happen."""
+    import dask
+
+    spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    inside = {**dask.config.get("distributed.nanny.environ"), **{k: spawn.pop(k) for k in THREAD_VARS if k in spawn}}
+    saved = dict(os.environ)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn, "distributed.nanny.environ": inside}):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def drop_cache(store: ZarrStore) -> None:

@@ -2,7 +2,7 @@
 
 RawLog (codec None)
   swag.log    (slots, row_len): iterate t in slot t % slots, a row = its n_params values, zero
-              padding to the tier's row_align (4 KiB rows for O_DIRECT) and a 16-byte trailer
+              padding to 4 KiB (O_DIRECT's alignment, on every tier) and a 16-byte trailer
               [t, digest of the values seeded with (id, t)].
 DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.codec)
   swag.log    (blocks, 4096) uint8: a ring of blocks holding one record per iterate, each starting
@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from nvmlib.backends.base import Store, aligned_empty, padded_len
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, padded_len
 from nvmlib.checksum import digest, row_seed
 from nvmlib.codec import DeltaCodec
 
@@ -41,16 +41,15 @@ Batch = tuple[int, np.ndarray, int, str]  # (first iterate, values, how many ver
 Runs = list[tuple[int, int]]  # [t0, t1) ranges of iterates, read in this order
 
 
-def row_len_for(n_params: int, dtype: str, row_align: int) -> int:
-    """Elements of one raw log row: n_params values and the trailer, padded to row_align bytes."""
-    return padded_len(n_params + TRAILER // np.dtype(dtype).itemsize, dtype, row_align)
+def row_len_for(n_params: int, dtype: str) -> int:
+    """Elements of one raw log row: n_params values and the trailer, padded to ALIGN bytes."""
+    return padded_len(n_params + TRAILER // np.dtype(dtype).itemsize, dtype, ALIGN)
 
 
-def layout(n_params: int, capacity: int, dtype: str, row_align: int, codec: str | None,
-           chunk: int) -> dict:
+def layout(n_params: int, capacity: int, dtype: str, codec: str | None, chunk: int) -> dict:
     """The meta fields that describe a log of `capacity` kept iterates (codec None: raw rows)."""
     if codec is None:
-        return {"codec": None, "row_len": row_len_for(n_params, dtype, row_align)}
+        return {"codec": None, "row_len": row_len_for(n_params, dtype)}
     record = DeltaCodec.bound(np.dtype(dtype), n_params)
     return {"codec": codec, "chunk": chunk, "record_blocks": blocks_of(record)}
 

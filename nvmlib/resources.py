@@ -62,9 +62,9 @@ def n_params(model: str) -> int:
 
 def posterior_bytes(n: int, rows: int, dtype: str = "float32") -> int:
     """Bytes of a posterior keeping `rows` iterates of `n` parameters (SWAGPosterior.required_bytes)."""
-    from nvmlib.swag import ALIGN, SWAGPosterior
+    from nvmlib.swag import SWAGPosterior
 
-    return SWAGPosterior.required_bytes(n, rows, dtype, ALIGN)
+    return SWAGPosterior.required_bytes(n, rows, dtype)
 
 
 def kept_rows(p: Mapping[str, Any], epochs: int | None = None) -> int:

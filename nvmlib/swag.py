@@ -11,7 +11,7 @@ Layout on the store (all arrays fixed-shape, so every tier can hold them):
                 replay, which also stops at the first row that does not verify as iterate t
   swag.shift    float64 (n_params,): the first iterate; moments are kept relative to it
   swag.moments  float64 (2, 2, moments_len): two checkpoint slots of [Σ(θ−θ₀), Σ(θ−θ₀)²]
-                (n_params padded to the tier's row_align, like the log's rows)
+                (n_params padded to 4 KiB, like the log's rows: one layout on every tier)
   swag.commit   int64 (2, 6): per slot [seq, count, digest of the slot's moments, digest of the
                 shift, the posterior's identity, digest of the record]
 Every digest (checksum.py: xxHash3) is seeded with the identity in swag.meta, so files of two
@@ -197,13 +197,12 @@ class SWAGPosterior:
 
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
-    def required_bytes(n_params: int, rows: int, dtype: str = "float32", row_align: int = ALIGN,
-                       codec: str | None = None) -> int:
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32", codec: str | None = None) -> int:
         """Bytes a posterior of `rows` kept iterates needs on a tier (the log reserves room for the
         next row, and a compressed log for incompressible rows and a chunk more)."""
         log = log_bytes({"n_params": n_params, "capacity": rows, "dtype": dtype,
-                         **layout(n_params, rows, dtype, row_align, codec, chunk_for(rows))})
-        return log + (4 * padded_len(n_params, "float64", row_align) + n_params) * 8 + 8 * 4096
+                         **layout(n_params, rows, dtype, codec, chunk_for(rows))})
+        return log + (4 * padded_len(n_params, "float64", ALIGN) + n_params) * 8 + 8 * 4096
 
     @classmethod
     def create(cls, store: Store, n_params: int, max_rank: int | None = None, dtype: str = "float32",
@@ -253,13 +252,13 @@ class SWAGPosterior:
                                          "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
                                          "or choose another path")
             old = [n for n in NAMES if n in store]  # or a torn create's
-            moments_len = padded_len(int(n_params), "float64", store.row_align)
-            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, store.row_align, codec),
+            moments_len = padded_len(int(n_params), "float64", ALIGN)
+            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, codec),
                        f"a posterior of {cap} iterates × {n_params} parameters ({dtype}"
                        f"{', ' + codec + ' reserves room for incompressible rows' if codec else ''})",
                        reclaimable=sum(store.nbytes(n) for n in old))
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
-                    **layout(int(n_params), cap, dtype, store.row_align, codec, chunk_for(cap)),
+                    **layout(int(n_params), cap, dtype, codec, chunk_for(cap)),
                     "moments_len": moments_len, "dtype": dtype, "model": model,
                     "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))), "id": new_identity()}
             arrays = {**log_class(meta).arrays(meta), COUNT: ((2,), "int64"), SHIFT: ((int(n_params),), "float64"),
@@ -745,13 +744,16 @@ class SWAGPosterior:
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
-        """Checkpoint, persist and release the writer lock. The store stays open."""
+        """Checkpoint, persist, publish the log (plain zarr then reads what nvmlib reads) and release
+        the writer lock. The store stays open."""
         if self._closed:
             return
         try:
             if not self.readonly:
                 self._settle()
                 self._checkpoint()  # nothing when this count is already checkpointed
+                for name in self.log.arrays(self.meta):
+                    self.store.publish(name)
         finally:
             if not self.readonly:
                 self.store.unlock(LOG)

@@ -279,7 +279,7 @@ def open_tier(config: TrainConfig) -> Store:
 def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> None:
     """StoreError naming the size needed when the tier cannot hold the run's posterior."""
     rows = config.max_rank or capacity
-    need = SWAGPosterior.required_bytes(n, rows, config.dtype, store.row_align, config.codec)
+    need = SWAGPosterior.required_bytes(n, rows, config.dtype, config.codec)
     what = (f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
             f"its posterior needs {need / 1e9:.3f} GB")
     if config.shelf_size_mb is not None and need > config.shelf_size_mb * 2**20:

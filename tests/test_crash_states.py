@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from nvmlib.backends import available_tiers, open_store
-from nvmlib.backends.base import ALIGN
 from nvmlib.crashsim import Recorder, crash_states, materialise
 from nvmlib.errors import PosteriorError
 from nvmlib.swag import COMMIT, LOG, META, SWAGPosterior
@@ -42,19 +41,19 @@ def _devdax(d: Path, **kw):
     return open_store("pmem", dev, device=True, **kw)
 
 
-# tier -> (opener, unit of a torn write (None: writes are atomic), row_align)
+# tier -> (opener, unit of a torn write (None: writes are atomic))
 TIERS = {
-    "mmap": (lambda d, **kw: open_store("mmap", d / "mmap", **kw), 512, ALIGN),
+    "mmap": (lambda d, **kw: open_store("mmap", d / "mmap", **kw), 512),
     # the zarr tier writes log rows (4 KiB) and small records in place: torn 512-byte sectors, as for files
-    "zarr": (lambda d, **kw: open_store("zarr", d / "posterior.zarr", **kw), 512, ALIGN),
+    "zarr": (lambda d, **kw: open_store("zarr", d / "posterior.zarr", **kw), 512),
 }
 if available_tiers().get("pmem") == "ok":
-    TIERS["pmem"] = (lambda d, **kw: open_store("pmem", d / "pmem", **kw), 8, ALIGN)
-    TIERS["pmem-devdax"] = (_devdax, 8, ALIGN)
+    TIERS["pmem"] = (lambda d, **kw: open_store("pmem", d / "pmem", **kw), 8)
+    TIERS["pmem-devdax"] = (_devdax, 8)
 
 
-def record(row_align: int, codec: str | None) -> list:
-    rec = Recorder(row_align)
+def record(codec: str | None) -> list:
+    rec = Recorder()
     post = SWAGPosterior.create(rec, N, max_rank=K, checkpoint_every=EVERY, codec=codec)
     for t in range(T):
         post.update(THETAS[t])
@@ -107,8 +106,8 @@ def place(tmp_path):
 @pytest.mark.parametrize("codec", [None, "delta-zstd"])
 @pytest.mark.parametrize("tier", list(TIERS))
 def test_every_crash_state_recovers_exactly_or_is_refused(tier, codec, place):
-    opener, tear, align = TIERS[tier]
-    ops = record(align, codec)
+    opener, tear = TIERS[tier]
+    ops = record(codec)
     writer = opener(place)
     outcomes = {"opened": 0, "refused": 0, "torn": 0, "reopened by a writer": 0, "kept rows refused": 0}
     previous = None  # the state the store holds (None after a writer changed it)

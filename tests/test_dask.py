@@ -25,8 +25,9 @@ SHARD = 5 * N * 4  # 5 rows per shard
 @pytest.fixture(scope="module")
 def cluster():
     """One worker to start with; tests scale it up (starting clusters is what costs time here)."""
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address="127.0.0.1:0") as cl, distributed.Client(cl) as client:
+    with nvd.environ_kept(), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cl, \
+            distributed.Client(cl) as client:  # the scaling and the killed worker below keep this process's environment
         yield cl, client
 
 
@@ -216,3 +217,16 @@ def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
         local = swag.predict(x, S=4, bn_loader=x[:20], seed=3)
         there = swag.predict(x, S=4, bn_loader=x[:20], seed=3, executor=nvd.DaskExecutor(client))
     np.testing.assert_allclose(there, local, rtol=0, atol=1e-5)
+
+
+def test_a_local_cluster_leaves_this_process_environment_alone():
+    """dask's nanny wrote OMP_NUM_THREADS=1 (and MKL/OPENBLAS) into this process's environment and left
+    it: every later subprocess ran torch on one thread and trained to other last bits than this
+    process (test_pymm's resume after a SIGKILL then differed from the uninterrupted run). The workers
+    still get dask's thread settings."""
+    before = dict(os.environ)
+    cluster, client = nvd.local_cluster(2)
+    with cluster, client:
+        client.wait_for_workers(2, timeout=120)
+        assert dict(os.environ) == before
+        assert list(client.run(lambda: [os.environ.get(k) for k in nvd.THREAD_VARS]).values()) == [["1"] * 3] * 2

@@ -110,6 +110,16 @@ def test_moments_and_commit_of_another_posterior_are_refused(persistent_tier, tm
             SWAGPosterior.open(store, readonly=True)
 
 
+def test_a_posterior_has_one_layout_on_every_tier(store, tmp_path):
+    """Log rows and moments are padded alike wherever the posterior lies (not per tier), so the
+    arrays of one posterior fit another's (the test above copies them from the mmap tier)."""
+    shapes = []
+    for st in (open_store("mmap", tmp_path / "reference"), store):
+        SWAGPosterior.create(st, N, max_rank=4, dtype="float64").close()
+        shapes.append({name: st.shape(name) for name in st.names()})
+    assert shapes[1] == shapes[0]
+
+
 def test_truncated_log_file_is_refused_not_regrown(tmp_path):
     store = open_store("mmap", tmp_path)
     collected(store)

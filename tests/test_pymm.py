@@ -132,6 +132,30 @@ def test_shelves_in_two_directories_keep_their_own_data(tmp_path):
 
 
 @needs_pymm
+def test_a_shelf_opens_while_an_array_of_a_closed_one_awaits_collection(tmp_path):
+    """A closed store's array left in a garbage cycle (as a failed write's traceback that a test
+    runner drops) must not crash the forked probe that opens the next shelf: PyMM's shelf memory is
+    not in the child (MADV_DONTFORK), so the child may not finalise it (it did: SIGSEGV)."""
+    out = finish(python("""
+        import gc
+        gc.disable()  # the cycle below stays uncollected until the next shelf opens
+        a = open_store("pymm", sys.argv[1], size_mb=16, name="a")
+        a.create("x", (2, 40), "float64")
+        held = [a.array("x")]
+        held.append(held)
+        a.close()
+        del held
+        with open_store("pymm", sys.argv[2], size_mb=16, name="b") as b:
+            b.create("y", (3,), "float64")
+            print(b.names())
+        gc.enable()
+        gc.collect()  # the old array is finalised here, where its shelf is still mapped
+        print("ok")
+        """, tmp_path / "a", tmp_path / "b"))
+    assert out == "['y']\nok\n"
+
+
+@needs_pymm
 def test_a_shelf_recorded_at_addresses_in_use_is_refused(tmp_path):
     """Two shelves made by PyMM at one load_addr (its default) cannot be open in one process."""
     make = "import pymm\npymm.shelf(sys.argv[2], size_mb=8, pmem_path=sys.argv[1], load_addr='0x580000000000')\n"

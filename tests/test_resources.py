@@ -32,7 +32,7 @@ def test_default_preset_fits_a_laptop(tmp_path: Path) -> None:
 def test_the_dram_tier_posterior_dominates_tier_runtime(tmp_path: Path) -> None:
     p = reproduce.parameters("default", "tier_runtime", tmp_path, tmp_path)
     n = n_params(make_model("model_2fc"))
-    dram = SWAGPosterior.required_bytes(n, p["max_rank"], "float32", 4096)
+    dram = SWAGPosterior.required_bytes(n, p["max_rank"], "float32")
     needs = resources.needs_of("tier_runtime", p)
     assert dram < needs.memory < dram + 2 * GB
     assert needs.scratch == dram  # the mmap and pmem logs, one after the other (each removed)

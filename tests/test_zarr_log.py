@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from nvmlib import open_store
+from nvmlib import SWAGPosterior, open_store
 from nvmlib.backends import zarr as zarr_tier
 
 COLS, ROWS = 1024, 23  # 4 KiB rows: 4 per shard, a last shard of 3
@@ -137,3 +137,59 @@ def test_a_log_written_through_a_url_reads_and_goes_on_from_its_directory(tmp_pa
     np.testing.assert_array_equal(open_store("zarr", path, readonly=True).read_rows("x.log", 0, ROWS), data)
     np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")["x.log"][:], data)
     local.close()
+
+
+def plain_log(path) -> np.ndarray:
+    return zarr.open_group(str(path), mode="r")["swag.log"][:]
+
+
+@pytest.mark.parametrize("codec", [None, "delta-zstd"])
+@pytest.mark.parametrize("updates", [7, 24], ids=["first-lap", "wrapped"])
+def test_plain_zarr_reads_a_closed_posterior_as_nvmlib_does(tmp_path, codec, updates):
+    """After close() the open shard is in the log: plain zarr reads every row nvmlib reads (raw rows:
+    the kept iterates themselves; a compressed log: the records' bytes and index, which only
+    nvmlib's codec decodes), and a writer reopened afterwards goes on from there."""
+    path, n = tmp_path / "p.zarr", 1000  # rows of 4 KiB, shards of 3 rows, 11 slots
+    thetas = np.random.default_rng(5).standard_normal((updates + 4, n)).astype(np.float32)
+    store = open_store("zarr", path, shard_bytes=3 * 4096)
+    post = SWAGPosterior.create(store, n, max_rank=10, checkpoint_every=3, codec=codec)
+    for done, stop in ((0, updates), (updates, updates + 4)):  # a second writer goes on after the first closed
+        for theta in thetas[done:stop]:
+            post.update(theta)
+        post.close()
+        for name in post.log.arrays(post.meta):
+            np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")[name][:],
+                                          store.read_rows(name, 0, store.shape(name)[0]))
+        assert zarr.open_group(str(path), mode="r")["swag.log.state"][0] == -1  # no open shard
+        kept = np.arange(max(0, stop - 10), stop)
+        reader = SWAGPosterior.open(open_store("zarr", path, readonly=True), readonly=True)
+        np.testing.assert_array_equal(reader.kept_rows(), thetas[kept])
+        if codec is None:
+            np.testing.assert_array_equal(plain_log(path)[kept % (post.capacity + 1), :n], thetas[kept])
+        post = SWAGPosterior.open(store)
+    post.close()
+    store.close()
+
+
+@pytest.mark.parametrize("reopen", [False, True], ids=["same-writer", "reopened-writer"])
+def test_a_ring_of_one_shard_never_writes_its_published_shard_in_place(tmp_path, reopen):
+    """Once the open shard is in the log (complete, or published), the next row of that shard
+    starts a new open shard: the published file's bytes do not change until it is replaced whole."""
+    path, data = tmp_path / "p.zarr", rows(7)
+    store = open_store("zarr", path, shard_bytes=ROWS * COLS * 4)
+    store.create("x.log", (ROWS, COLS), "float32")
+    for i in range(ROWS):  # the one shard is complete: linked into the log
+        store.write_rows("x.log", i, data[i:i + 1])
+    shard = path / "x.log" / "c" / "0" / "0"
+    published = shard.read_bytes()
+    writer = open_store("zarr", path) if reopen else store
+    new = rows(8, 2)
+    for i in range(2):  # the ring wraps into the same shard
+        writer.write_rows("x.log", i, new[i:i + 1])
+        data[i] = new[i]
+        assert shard.read_bytes() == published
+    np.testing.assert_array_equal(open_store("zarr", path, readonly=True).read_rows("x.log", 0, ROWS), data)
+    writer.publish("x.log")
+    np.testing.assert_array_equal(zarr.open_group(str(path), mode="r")["x.log"][:], data)
+    store.close()
+    writer.close()

@@ -27,7 +27,6 @@ class Store(ABC):
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
     shared: ClassVar[bool] = False  # other machines can open it by its URL (a dask worker reads the log there)
-    row_align: ClassVar[int] = 1  # bytes a row of the posterior log is padded to (O_DIRECT tiers: ALIGN)
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None
@@ -79,6 +78,10 @@ class Store(ABC):
 
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
+
+    def publish(self, name: str) -> None:
+        """Lay `name` out as the tier's own library writes it, for readers that know only that
+        library (plain zarr), when its writer stops; a no-op where every write already is."""
 
     def order(self, name: str) -> None:
         """Make earlier writes to `name` reach the media before any later write (a store fence); where
@@ -201,7 +204,8 @@ def private_dir() -> Path:
     return path
 
 
-ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors)
+ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
+# posterior pads its log rows and moments to it on every tier, so its layout is the same wherever it lies
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, huge: bool = False) -> np.ndarray:

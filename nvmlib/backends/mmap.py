@@ -1,7 +1,7 @@
 """mmap tier: one .npy file per array in a directory (NVMe, SSD, any file system).
 
 Each file's data starts at byte 4096 and the posterior log's rows are padded to 4 KiB
-(row_align), so rows are written and read with O_DIRECT: the device's own speed, almost no
+(ALIGN), so rows are written and read with O_DIRECT: the device's own speed, almost no
 CPU, and no page cache to fill when the log is larger than RAM. Other writes (counters,
 moments, or a file system without O_DIRECT) use pwrite; with cache="bounded" (the default)
 their large ranges are handed back with posix_fadvise(DONTNEED). Durability is fdatasync.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, open_plain
+from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain
 from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header, os_error, prepare_dir,
                                   read_all, write_all)
 from nvmlib.errors import StoreError
@@ -26,7 +26,6 @@ class MmapStore(Store):
     """Arrays as .npy files, readable by plain `np.load(..., mmap_mode="r")`."""
 
     kind = "mmap"
-    row_align = ALIGN
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  cache: str = "bounded", preallocate: bool = True) -> None:

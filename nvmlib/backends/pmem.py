@@ -229,7 +229,6 @@ class PmemStore(Store):
     """Arrays on persistent memory (or any file system, with msync as the flush)."""
 
     kind = "pmem"
-    row_align = ALIGN
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False, device: bool | None = None) -> None:
         """path: an fsdax directory or a devdax device; device=True treats a regular file as a device."""

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import fcntl
 import faulthandler
+import gc
 import hashlib
 import io
 import os
@@ -217,10 +218,16 @@ def take_lock(data: Path, what: str) -> int:
 
 
 def in_child(action: Callable[[], None], what: str) -> None:
-    """Run `action` in a forked child: StoreError with its stderr when it fails or PyMM aborts it."""
+    """Run `action` in a forked child: StoreError with its stderr when it fails or PyMM aborts it.
+
+    PyMM maps shelves with MADV_DONTFORK: the child has none of this process's shelf memory, so it
+    must not finalise this process's objects (PyMM's shelf calls gc.collect(), and a PyMM array
+    left in a garbage cycle, a closed store's array held by a dropped traceback, then persists
+    memory the child does not have: SIGSEGV). gc.freeze() puts them all out of the collector's reach."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: only PyMM calls, then leave without running any cleanup
+        gc.freeze()
         code = 1
         try:
             faulthandler.disable()  # an abort here is expected and reported: no traceback dump on the caller's tty

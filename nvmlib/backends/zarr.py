@@ -39,7 +39,7 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, open_plain, refuse_links
+from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain, refuse_links
 from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, prepare_dir, read_all, reserve,
                                   write_all)
 from nvmlib.errors import LockedError, StoreError
@@ -93,7 +93,6 @@ class ZarrStore(Store):
 
     kind = "zarr"
     shared = True  # a dask worker opens it by its URL
-    row_align = ALIGN  # whole blocks: a local open shard's rows are written with O_DIRECT
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  storage_options: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
@@ -229,7 +228,7 @@ class ZarrStore(Store):
         """Write one row of a sharded log: to the open shard, which joins the log when complete."""
         shard, i = divmod(row_index, self.shard_rows(name))
         current, lo, hi = self._written.get(name) or self._state(name)
-        if current != shard or not lo <= i <= hi:  # a new open shard (or a jump within one)
+        if current != shard or not lo <= i <= hi or self._published(name, current):  # a new open shard (or a jump within one)
             if current >= 0:
                 self._flush(name, current, lo, hi)
             self._set_state(name, shard, i, i)  # before the open rows are overwritten
@@ -293,6 +292,21 @@ class ZarrStore(Store):
     def _open_file(self, name: str, shard: int) -> Path:
         """A local log's open shard: a file in zarr's shard format inside the side array's directory."""
         return self.path / (name + OPEN) / f"shard.{shard}"
+
+    def _shard_file(self, name: str, shard: int) -> Path:
+        """A local log's shard `shard`, where zarr reads it."""
+        return self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
+
+    def _published(self, name: str, shard: int) -> bool:
+        """Whether open shard `shard` is in the log already (linked by this writer, or, for a writer
+        that reopened it, by one before): its file is then the shard's and is never written again."""
+        if name not in self._flushed and self.local and self._fds.get(name, (None,))[0] != shard:
+            try:
+                if os.path.samefile(self._open_file(name, shard), self._shard_file(name, shard)):
+                    self._flushed.add(name)
+            except FileNotFoundError:
+                pass
+        return name in self._flushed
 
     def _begin(self, name: str, shard: int) -> None:
         """Start open shard `shard` (its record already names it): locally a fresh file in the shard
@@ -381,7 +395,7 @@ class ZarrStore(Store):
         log's other rows of that shard are copied in, is made durable and linked in place of the
         shard (an atomic rename), so the log never holds half a shard; elsewhere zarr writes it
         (merging a partial one)."""
-        if name in self._flushed or lo == hi:
+        if lo == hi or self._published(name, shard):
             return
         R = self.shard_rows(name)
         if not self.local:
@@ -395,7 +409,7 @@ class ZarrStore(Store):
                     rows = aligned_empty((b - a, self.array(name).shape[1]), self.array(name).dtype)
                     self._read_shard(name, shard, a, b, rows)
                     self._put(name, shard, a, rows)
-            target = self.path / name / self.array(name).metadata.encode_chunk_key((shard, 0))
+            target = self._shard_file(name, shard)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.fsync(self._fd(name, shard)[0])  # the rows, before the link that publishes them
             temp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
@@ -403,6 +417,23 @@ class ZarrStore(Store):
             os.replace(temp, target)
             self._sync_dirs([target])  # durable before the record moves on from this shard
         self._flushed.add(name)
+
+    def publish(self, name: str) -> None:
+        """Put the open shard of log `name` into the log (the shard's other rows copied in, made
+        durable, linked; then the record names no open shard), so that plain zarr reads every row
+        nvmlib reads. The next row written to that shard starts a new open shard."""
+        self._check_writable()
+        if self._log(name) is None:
+            return
+        shard, lo, hi = self._written.get(name) or self._state(name)
+        if shard < 0:
+            return
+        self._flush(name, shard, lo, hi)
+        self._set_state(name, *NO_SHARD)
+        self.persist(name)
+        if self.local:
+            self._close_fd(name)
+            self._open_file(name, shard).unlink(missing_ok=True)
 
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         if self._log(name) is None:
@@ -433,7 +464,7 @@ class ZarrStore(Store):
         if not self.local:
             out[...] = log[shard * R + a:shard * R + b]
             return
-        file = self.path / name / log.metadata.encode_chunk_key((shard, 0))
+        file = self._shard_file(name, shard)
         index = shard_index(log, self._rows_in(name, shard))
         try:
             fd = os.open(file, os.O_RDONLY)
