@@ -21,7 +21,7 @@ $(READY): pyproject.toml constraints.txt scripts/system-deps.sh
 	touch $@
 
 test: $(READY)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 reproduce: $(READY)
 	$(BIN)/nvmlib reproduce --scale $(SCALE)

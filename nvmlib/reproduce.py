@@ -163,9 +163,11 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
     if missing:
         raise ConfigError(f"{notebooks_dir} has no {', '.join(missing)}: pass --notebooks-dir with the "
                           "repository's notebooks/ directory")
-    check_writable(results_dir / "reproduce.json", "--results-dir")  # creates the directories
-    check_writable(figures_dir / f"{next(iter(plan))}.png", "--figures-dir")
+    check_writable(results_dir / "reproduce.json", "--results-dir", create=False)
+    check_writable(figures_dir / f"{next(iter(plan))}.png", "--figures-dir", create=False)
     check_fits(scale, needs, results_dir, figures_dir, only)
+    for directory in (results_dir, figures_dir):  # a refused run creates nothing
+        directory.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     peaks: dict[str, int] = {}
     bar = tqdm(plan, desc=f"reproduce ({scale})", unit="notebook", disable=not progress)

@@ -241,17 +241,19 @@ def resolve_device(gpu: int) -> torch.device:
     return torch.device("cuda", gpu)
 
 
-def check_writable(file: Path, flag: str = "--results_filepath") -> None:
+def check_writable(file: Path, flag: str = "--results_filepath", create: bool = True) -> None:
     """Fail now, not after the work, when `file` (given with `flag`) cannot be written; creates its
-    directory."""
+    directory (create=False: tries the nearest directory that exists instead, and creates nothing)."""
     if file.is_dir():
         raise ConfigError(f"{flag} {file} is a directory; give a file name such as {file / 'run.csv'}")
     blocked = not_a_directory(file.parent)
     if blocked is not None:
         raise ConfigError(f"cannot write {file}: {blocked} is a file, not a directory; choose a writable {flag}")
-    probe = file.parent / f".{file.name}.probe"
+    where = file.parent if create else next(d for d in (file.parent, *file.parent.parents) if d.is_dir())
+    probe = where / f".{file.name}.probe"
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            file.parent.mkdir(parents=True, exist_ok=True)
         with open(probe, "w"):
             pass
         probe.unlink()
