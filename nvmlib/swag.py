@@ -631,9 +631,8 @@ class SWAGPosterior:
             raise PosteriorError(
                 f"cannot truncate to {count} updates: that state needs a checkpoint at or before {count} and "
                 f"every iterate after it, but the ring (max_rank={self.max_rank}) keeps only iterates "
-                f"{first}..{old - 1} and no checkpoint at or before {count} is among them (or a row after it fails its checksum). "
-                f"This posterior can "
-                f"be truncated to {can}. Nothing was changed") from None
+                f"{first}..{old - 1} and no checkpoint at or before {count} is among them (or a row after it "
+                f"fails its checksum). This posterior can be truncated to {can}. Nothing was changed") from None
         self._discard(int(count), old)
         self._write_count(int(count))
         self._checkpoint(force=True)
@@ -663,13 +662,11 @@ class SWAGPosterior:
         return self._reading(lambda: self._draw(S, scale, seed, executor))
 
     def _draw(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None) -> np.ndarray:
-        """sample() on the snapshot held: D z₂ = Σ_rows (θ_k − θ̄) z₂ₖ is accumulated chunk by chunk
-        while the next chunk is read."""
+        """sample() on the snapshot held, D z₂ from low_rank here or from the executor."""
         self._check_nonempty()
-        if executor is None:
-            return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank)
-        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype,
-                    lambda z2, mean: torch.from_numpy(executor.low_rank(self, z2.numpy(), mean)))
+        low_rank = self.low_rank if executor is None else \
+            lambda z2, mean: torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
+        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, low_rank)
 
     @property
     def work_dtype(self) -> type:

@@ -181,11 +181,11 @@ class DirectIO:
         """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs);
         one_name as in open_plain."""
         try:
-            os.close(os.open(file, os.O_RDONLY | os.O_DIRECT | os.O_NOFOLLOW))
-        except OSError as exc:
-            if exc.errno == errno.EINVAL:
-                return None
-        return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT, one_name), file)
+            return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT, one_name), file)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
+                return None  # the file system refused O_DIRECT
+            raise
 
     @staticmethod
     def fits(offset: int, nbytes: int) -> bool:
