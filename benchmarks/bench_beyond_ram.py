@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from bench_swag import dd, dd_bandwidth, write_json
 from nvmlib import SWAG
-from nvmlib.any_model import resnet18
-from nvmlib.swag import LOG
-from nvmlib.train import machine_facts
+from nvmlib.paper.any_model import resnet18
+from nvmlib.posterior.log import LOG
+from nvmlib.paper.train import machine_facts
 
 
 def mem_total() -> int:

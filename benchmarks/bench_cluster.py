@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from bench_swag import dd_bandwidth  # this directory is on sys.path when a script here runs
 from nvmlib import SWAGPosterior, open_store
-from nvmlib.dask import scaling
-from nvmlib.swag import LOG
+from nvmlib.paper.experiments import scaling
+from nvmlib.posterior.log import LOG
 
 N_PARAMS = 795_010  # model_2fc
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from bench_swag import dd_bandwidth, write_json
 from nvmlib import SWAG
 from nvmlib.backends import available_tiers
-from nvmlib.any_model import resnet18
-from nvmlib.train import machine_facts, resolve_device
+from nvmlib.paper.any_model import resnet18
+from nvmlib.paper.train import machine_facts, resolve_device
 
 
 def dram_bandwidth(nbytes: int) -> float:

@@ -38,11 +38,11 @@ import torch
 from tqdm import tqdm
 
 from bench_swag import dd_bandwidth, write_json
-from nvmlib import data, models
+from nvmlib.paper import data, models
 from nvmlib.backends import open_store
-from nvmlib.codec import DeltaCodec
-from nvmlib.swag import SWAGPosterior
-from nvmlib.train import machine_facts
+from nvmlib.posterior.codec import DeltaCodec
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.paper.train import machine_facts
 
 REGIMES = {"paper": (1e-4, 0.0, 0), "swag": (0.05, 0.9, 200)}  # lr, momentum, warm-up steps
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from nvmlib.backends import open_store
 from nvmlib.backends.base import ALIGN, aligned_empty, padded_len
-from nvmlib.probe import sequential_bandwidth
+from nvmlib.paper.probe import sequential_bandwidth
 
 N_PARAMS = 795_010
 

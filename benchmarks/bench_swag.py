@@ -33,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nvmlib import SWAGPosterior, open_store
-from nvmlib.swag import LOG
+from nvmlib.posterior.log import LOG
+from nvmlib.paper.experiments import drop_cache
 
 N_PARAMS = 795_010  # model_2fc
 CHECKPOINT_EVERY = 50  # the same for every K (K=100 allows at most K/2)
@@ -66,12 +67,6 @@ def write_json(path: str | None, report: dict) -> None:
 def dd_read_file(path: Path) -> float:
     """Seconds `dd iflag=direct` takes to read `path` (the device's limit for one pass over it)."""
     return dd(f"if={path}", "of=/dev/null", "iflag=direct")
-
-
-def drop_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
 
 
 def prewrite(file: Path, start: int, nbytes: int) -> None:

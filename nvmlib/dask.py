@@ -1,14 +1,15 @@
-"""A SWAG posterior's sampling and evaluation on a dask cluster, next to its zarr log: the only module
-that imports dask. Pass `DaskExecutor(client)` as `executor=` to SWAGPosterior.sample, SWAG.predict and
-nvmlib.evaluate.evaluate; nothing below this module imports it.
+"""A SWAG posterior's sampling and model averaging on a dask cluster, next to its log: the only
+module that imports dask. Pass `DaskExecutor(client)` as `executor=` to SWAGPosterior.sample,
+SWAG.predict and nvmlib.paper.evaluate.evaluate; nothing else in nvmlib imports this module.
 
-Sampling: D z₂ = Σ_shards z₂[rows]ᵀ·(rows − θ̄). Each task reads whole shards of the log where
-they lie (the store's URL, opened on the worker) and accumulates their partial products; the
-partials are summed in a tree of tasks on the workers, in a fixed order. z₂ is drawn on the
-client from the seed alone, exactly as the local pass draws it, and the tasks depend only on the
-log's layout, so the draws do not depend on the number of workers or on who reads what.
-Evaluation: the S sampled models' predictions are spread over the workers, summed in the same
-kind of tree, and averaged on the client.
+Sampling: D z₂ = Σ_groups z₂[rows]ᵀ·(rows − θ̄). Each task reads a group of whole shards of the log
+where they lie (the store reopened on the worker: Store.reopen_args) and runs the posterior's own
+D·z₂ kernel (nvmlib.posterior.sampling.low_rank) on them; the partials are summed in a tree of
+tasks on the workers, in a fixed order. z₂ is drawn on the client from the seed alone, exactly as
+the local pass draws it, and the groups depend only on the log's layout, so the draws do not depend
+on the number of workers or on who reads what.
+Model averaging: the S sampled models are spread over the workers, each task runs the one BMA of
+nvmlib.nn.predict on its share, and the sums are added in the same kind of tree.
 
 Before any task runs, every worker opens the store and checks that it holds this very posterior,
 so a cluster that cannot see the store's path fails with an error that says so.
@@ -17,24 +18,23 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from distributed import get_worker
 from distributed.comm import get_address_host
 from torch import nn
-from nvmlib.progress import tqdm
 
-from nvmlib.backends.zarr import ZarrStore
+from nvmlib.backends import Store, open_store
 from nvmlib.errors import ConfigError, StoreError
-from nvmlib.log import spans
-from nvmlib.swag import LOG, META, SWAGPosterior
+from nvmlib.nn.predict import Loader, bma_sums
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import META
+from nvmlib.posterior.sampling import low_rank
 
 # variables dask's nanny sets for its workers; it writes them into *this* process's environment
 # before it spawns one, and leaves them there
@@ -43,20 +43,27 @@ GROUP_BYTES = 1 << 30  # log bytes one task reads (whole shards): the tasks do n
 FAN_IN = 4  # partial results summed by one task of the tree
 
 
-def _open(url: str, storage_options: dict | None) -> ZarrStore:
-    return ZarrStore(url, readonly=True, storage_options=storage_options)
+def _open(where: tuple[str, str, dict]) -> Store:
+    tier, path, options = where
+    return open_store(tier, path, readonly=True, **options)
 
 
-def _probe(url: str, storage_options: dict | None, meta: bytes) -> tuple[str | None, int]:
+def _probe(where: tuple[str, str, dict], meta: bytes) -> tuple[str | None, int]:
     """Run on each worker: (None when it reads the posterior whose metadata is `meta`, else why
     not; the CPUs this worker may run on)."""
     cpus = len(os.sched_getaffinity(0))
     try:
-        store = _open(url, storage_options)
+        store = _open(where)
         held = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
     except Exception as exc:  # anything a worker meets is reported to the client, by worker
         return f"{type(exc).__name__}: {exc}", cpus
     return (None if held == meta else "another posterior is stored at that path on this worker"), cpus
+
+
+def _no_workers(client: Any) -> None:
+    if not client.scheduler_info()["workers"]:
+        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2)) and "
+                         "wait for them (client.wait_for_workers(2))")
 
 
 def check_workers(post: SWAGPosterior, client: Any) -> dict[str, int]:
@@ -64,66 +71,43 @@ def check_workers(post: SWAGPosterior, client: Any) -> dict[str, int]:
     else the threads one task may use on each worker (its host's CPUs shared by the worker threads
     there: dask starts workers with one BLAS thread each)."""
     store = post.store
-    if not isinstance(store, ZarrStore):
-        raise StoreError(f"the posterior is on the {store.describe()}; a dask cluster reads it where it "
-                         "lies only on the zarr tier: put it on open_store('zarr', URL) with a URL every "
-                         "worker can reach (a shared file system path, or s3://... with storage_options)")
+    if not store.shared:
+        raise StoreError(f"the posterior is on the {store.describe()}; a dask cluster reads it where "
+                         "it lies only on a shared tier (zarr): put it on open_store('zarr', URL) "
+                         "with a URL every worker can reach (a shared file system path, or s3://... "
+                         "with storage_options)")
+    _no_workers(client)
     meta = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
-    answers = client.run(_probe, store.url, store.storage_options, meta)
-    if not answers:
-        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2)) and wait for "
-                         "them (client.wait_for_workers(2))")
+    answers = client.run(_probe, store.reopen_args(), meta)
     bad = {worker: why for worker, (why, _) in answers.items() if why}
     if bad:
         worker, why = next(iter(bad.items()))
         raise StoreError(f"{len(bad)} of {len(answers)} dask workers cannot read the posterior at "
-                         f"{store.url} (e.g. {worker}: {why}); nothing was computed. Put the posterior "
-                         "where every worker sees it: a shared file system mounted at the same path on "
-                         "every node, or an object store URL (s3://..., with storage_options)")
+                         f"{store.reopen_args()[1]} (e.g. {worker}: {why}); nothing was computed. "
+                         "Put the posterior where every worker sees it: a shared file system mounted "
+                         "at the same path on every node, or an object store URL (s3://..., with "
+                         "storage_options)")
     workers = client.scheduler_info()["workers"]
-    host_threads = Counter()
+    host_threads: Counter = Counter()
     for address, info in workers.items():
         host_threads[get_address_host(address)] += info["nthreads"]
-    return {address: max(1, cpus // host_threads[get_address_host(address)]) for address, (_, cpus) in answers.items()}
+    return {address: max(1, cpus // host_threads[get_address_host(address)])
+            for address, (_, cpus) in answers.items()}
 
 
-def shard_groups(post: SWAGPosterior, K: int) -> list[list[tuple[int, int]]]:
-    """The kept iterates as runs [t0, t1) that each lie in one shard, grouped into tasks of whole
-    shards (about GROUP_BYTES each), in the log's order."""
-    t = post.n_collected - K
-    if post.meta.get("codec"):  # a compressed log: runs of whole chunks, each decoded from its keyframe
-        step = max(1, GROUP_BYTES // (post.n_params * post.dtype.itemsize) // post.log.chunk) * post.log.chunk
-        cuts = [t, *range((t // step + 1) * step, post.n_collected, step), post.n_collected]
-        return [[(a, b)] for a, b in zip(cuts, cuts[1:])]
-    R = post.store.shard_rows(LOG)
-    by_shard: dict[int, list[tuple[int, int]]] = {}
-    for a, b in spans(t, post.n_collected, post.log.slots, post.log.slots):  # slot ranges, oldest iterate first
-        while a < b:
-            end = min(b, (a // R + 1) * R)
-            by_shard.setdefault(a // R, []).append((t, t + end - a))
-            t, a = t + end - a, end
-    per_task = max(1, GROUP_BYTES // (R * post.log.row_len * post.dtype.itemsize))
-    shards = sorted(by_shard)
-    return [[run for s in shards[i:i + per_task] for run in by_shard[s]] for i in range(0, len(shards), per_task)]
-
-
-def _partial(url: str, storage_options: dict | None, meta: dict, count: int, runs: list[tuple[int, int]],
-             z2: np.ndarray, mean: np.ndarray, threads: dict[str, int]) -> np.ndarray:
-    """Run on a worker: Σ over `runs` of z₂[run]ᵀ·(rows − θ̄), (S, n_params); z2 holds the runs' rows
-    of z₂ in order; `threads`: the threads a task may use, by worker."""
+def _partial(where: tuple[str, str, dict], meta: dict, count: int, runs: list[tuple[int, int]],
+             z2: np.ndarray, mean: np.ndarray, first: int, threads: dict[str, int]) -> np.ndarray:
+    """Run on a worker: the D·z₂ kernel over the iterates of `runs` (S, n_params); `threads`: the
+    threads a task may use, by worker."""
     torch.set_num_threads(threads.get(get_worker().address, 1))
-    post = SWAGPosterior.view(_open(url, storage_options), meta, count)
-    acc = torch.zeros((z2.shape[1], len(mean)), dtype=torch.from_numpy(z2).dtype)
-    at = 0
-    for _, rows in post._stream(runs):  # the next shard is read (into a reused buffer) while this one is multiplied
-        rows = rows.astype(mean.dtype, copy=False)
-        rows -= mean
-        acc.addmm_(torch.from_numpy(z2[at:at + len(rows)]).T, torch.from_numpy(rows))
-        at += len(rows)
-    return acc.numpy()
+    post = SWAGPosterior.view(_open(where), meta, count)
+    return low_rank(post.stream(runs), torch.from_numpy(z2), mean, first).numpy()
 
 
-def _add(*parts: np.ndarray) -> np.ndarray:
+def _add(*parts: Any) -> Any:
+    """The sum of arrays, or of dicts of arrays name by name."""
+    if isinstance(parts[0], dict):
+        return {name: _add(*(p[name] for p in parts)) for name in parts[0]}
     out = parts[0] + parts[1]
     for part in parts[2:]:
         out += part
@@ -133,94 +117,62 @@ def _add(*parts: np.ndarray) -> np.ndarray:
 def _tree(client: Any, futures: list, combine: Callable) -> Any:
     """The results of `futures` combined FAN_IN at a time, in order, by tasks on the workers."""
     while len(futures) > 1:
-        futures = [client.submit(combine, *futures[i:i + FAN_IN], pure=False) if len(futures[i:i + FAN_IN]) > 1
-                   else futures[i] for i in range(0, len(futures), FAN_IN)]
+        futures = [client.submit(combine, *futures[i:i + FAN_IN], pure=False)
+                   if len(futures[i:i + FAN_IN]) > 1 else futures[i]
+                   for i in range(0, len(futures), FAN_IN)]
     return futures[0].result()
 
 
-def low_rank(post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray, client: Any) -> np.ndarray:
-    """Σ_k z₂ₖ·(θ_k − θ̄) over the K kept rows, (S, n_params) (the local pass's D z₂ before its
-    1/√(K−1)), computed by the client's workers."""
-    threads = check_workers(post, client)
-    K, store = len(z2), post.store
-    mean_future = client.scatter(mean, broadcast=True)
-    first = post.n_collected - K
-    tasks = [client.submit(_partial, store.url, store.storage_options, post.meta, post.n_collected, runs,
-                           np.concatenate([z2[t0 - first:t1 - first] for t0, t1 in runs]), mean_future, threads,
-                           pure=False)
-             for runs in shard_groups(post, K)]
-    return _tree(client, tasks, _add)
+_INPUTS: dict[str, dict[str, Loader]] = {}  # per worker process: inputs a task builds, built once
 
 
-# ---- evaluation --------------------------------------------------------------------------------
-_INPUTS: dict[str, dict[str, torch.Tensor]] = {}  # per worker process: the evaluation's inputs, built once
-
-
-def _predict(key: str, model: nn.Module, theta: np.ndarray, data: tuple) -> dict[str, np.ndarray]:
-    """Run on a worker: the probabilities of `model` with parameters `theta` on every input set."""
-    from nvmlib.evaluate import inputs, predict
-    from nvmlib.models import set_flat
-
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        _INPUTS[key] = inputs(*data)
+def _bma_part(key: str, model: nn.Module, thetas: list[np.ndarray], inputs: Any,
+              bn: Loader | None, update_bn: bool) -> dict[str, np.ndarray]:
+    """Run on a worker: the BMA sums of `thetas`' models on `inputs` (a dict, or a function that
+    builds it: called once per worker process and call of DaskExecutor.bma, `key`)."""
+    if callable(inputs):
+        if key not in _INPUTS:
+            _INPUTS.clear()
+            _INPUTS[key] = inputs()
+        inputs = _INPUTS[key]
     model = copy.deepcopy(model)  # tasks on one worker share the scattered model
-    set_flat(model, theta)
-    return {name: predict(model, x) for name, x in _INPUTS[key].items()}
-
-
-def _add_dicts(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: _add(*(p[name] for p in parts)) for name in parts[0]}
-
-
-def bma_predict(client: Any, model: nn.Module, thetas: np.ndarray, data: Sequence) -> dict[str, np.ndarray]:
-    """nvmlib.evaluate.bma_predict with the S models' predictions spread over the client's workers:
-    probabilities averaged over `thetas` on `nvmlib.evaluate.inputs(*data)`."""
-    if not client.scheduler_info()["workers"]:
-        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2))")
-    key = uuid.uuid4().hex
-    model_future, data_future = client.scatter([copy.deepcopy(model).cpu(), tuple(data)], broadcast=True)
-    theta_futures = client.scatter(list(thetas))
-    tasks = [client.submit(_predict, key, model_future, theta, data_future, pure=False) for theta in theta_futures]
-    sums = _tree(client, tasks, _add_dicts)
-    return {name: s / len(thetas) for name, s in sums.items()}
-
-
-def _swag_predict(model: nn.Module, theta: np.ndarray, x: torch.Tensor, bn: torch.Tensor | None) -> np.ndarray:
-    """Run on a worker: one sampled model's probabilities on x, its BatchNorm refreshed on bn."""
-    from nvmlib.module import load, probabilities
-
-    model = load(copy.deepcopy(model), theta, bn, update_bn=bn is not None)  # tasks share the scattered model
-    return probabilities(model, x)
-
-
-def swag_predict(client: Any, model: nn.Module, thetas: np.ndarray, x: torch.Tensor,
-                 bn: torch.Tensor | None) -> np.ndarray:
-    """nvmlib.SWAG.predict's BMA with the sampled models spread over the client's workers."""
-    if not client.scheduler_info()["workers"]:
-        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2))")
-    model_future, x_future, bn_future = client.scatter([copy.deepcopy(model).cpu(), x, bn], broadcast=True)
-    tasks = [client.submit(_swag_predict, model_future, theta, x_future, bn_future, pure=False)
-             for theta in client.scatter(list(thetas))]
-    return _tree(client, tasks, _add) / len(thetas)
+    return bma_sums(model, thetas, inputs, bn, update_bn)[0]
 
 
 class DaskExecutor:
-    """What the layers below ask a cluster for (executor=): D z₂ of a posterior where its log lies, and
-    the BMA of sampled models, each spread over the client's workers."""
+    """What the layers below ask a cluster for (executor=): D z₂ of a posterior where its log lies,
+    and the BMA of sampled models, each spread over the client's workers."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
 
     def low_rank(self, post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        return low_rank(post, z2, mean, self.client)
+        """Σ_k z₂ₖ·(θ_k − θ̄) over the K kept rows, (S, n_params) (the local pass's D z₂ before its
+        1/√(K−1)), computed by the client's workers."""
+        client = self.client
+        threads = check_workers(post, client)
+        mean_future, z2_future = client.scatter([mean, z2], broadcast=True)
+        first = post.n_collected - len(z2)
+        where = post.store.reopen_args()
+        tasks = [client.submit(_partial, where, post.meta, post.n_collected, runs, z2_future,
+                               mean_future, first, threads, pure=False)
+                 for runs in post.read_groups(GROUP_BYTES)]
+        return _tree(client, tasks, _add)
 
-    def swag_predict(self, model: nn.Module, thetas: np.ndarray, x: torch.Tensor,
-                     bn: torch.Tensor | None) -> np.ndarray:
-        return swag_predict(self.client, model, thetas, x, bn)
-
-    def bma_predict(self, model: nn.Module, thetas: np.ndarray, data: Sequence) -> dict[str, np.ndarray]:
-        return bma_predict(self.client, model, thetas, data)
+    def bma(self, model: nn.Module, thetas: np.ndarray, inputs: dict[str, Loader] | Callable,
+            bn: Loader | None = None, update_bn: bool = True) -> dict[str, np.ndarray]:
+        """nvmlib.nn.predict.bma with the models of `thetas` spread over the workers (one task per
+        model); `inputs` may be a picklable function that builds them on each worker."""
+        client = self.client
+        _no_workers(client)
+        model_f, inputs_f, bn_f = client.scatter([copy.deepcopy(model).cpu(), inputs, bn],
+                                                 broadcast=True)
+        key = uuid.uuid4().hex
+        tasks = [client.submit(_bma_part, key, model_f, [theta], inputs_f, bn_f, update_bn,
+                               pure=False)
+                 for theta in client.scatter(list(thetas))]
+        sums = _tree(client, tasks, _add)
+        return {name: s / len(thetas) for name, s in sums.items()}
 
 
 def connect(address: str) -> DaskExecutor:
@@ -234,7 +186,6 @@ def connect(address: str) -> DaskExecutor:
                           "dask-jobqueue, SSHCluster) and pass its address") from exc
 
 
-# ---- timing: one process against a LocalCluster ------------------------------------------------
 def local_cluster(workers: int) -> tuple[Any, Any]:
     """A dask LocalCluster of `workers` processes sharing this machine's CPUs (a worker runs that
     many tasks at once, so one task's first read overlaps another's products), and its Client.
@@ -268,46 +219,3 @@ def environ_kept() -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-
-
-def drop_cache(store: ZarrStore) -> None:
-    """Hand a local zarr store's pages back to the OS, so the next pass reads from the device."""
-    if not store.local:
-        return
-    for root, _, files in os.walk(store.url):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-
-
-def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
-            repeats: int = 1) -> pd.DataFrame:
-    """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
-    interleaved (the local pass, then each cluster's, `repeats` times over) so that load from
-    elsewhere on a shared machine falls on all alike; each pass reads a cold log (after one warm-up
-    call per cluster). Columns: mode, workers, repeat, seconds, max_abs_diff (from the local draws)."""
-    def timed(client: Any = None) -> tuple[float, np.ndarray]:
-        drop_cache(post.store)
-        start = time.perf_counter()
-        out = post.sample(S, seed=seed, executor=client and DaskExecutor(client))
-        return time.perf_counter() - start, out
-
-    rows, clusters = [], []
-    try:
-        for workers in worker_counts:
-            clusters.append(local_cluster(workers))
-            post.sample(1, seed=seed, executor=DaskExecutor(clusters[-1][1]))  # warm-up: imports on the workers
-        for repeat in tqdm(range(repeats), desc="sampling passes", unit="round"):
-            seconds, local = timed()
-            rows.append({"mode": "single process", "workers": 1, "repeat": repeat, "seconds": seconds,
-                         "max_abs_diff": 0.0})
-            for workers, (_, client) in zip(worker_counts, clusters):
-                seconds, out = timed(client)
-                rows.append({"mode": "dask", "workers": workers, "repeat": repeat, "seconds": seconds,
-                             "max_abs_diff": float(np.abs(out - local).max())})
-    finally:
-        for cluster, client in clusters:
-            client.close()
-            cluster.close()
-    return pd.DataFrame(rows)

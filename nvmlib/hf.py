@@ -3,7 +3,7 @@
     transformers.Trainer(model=model, args=args, train_dataset=ds,
                          callbacks=[SWAGCallback("mmap", path, max_rank=20, start_epoch=1, every_n_steps=2)]).train()
 
-The rule of what is collected, and resuming, are nvmlib.collect's: the step is state.global_step
+The rule of what is collected, and resuming, are nvmlib.nn.collect's: the step is state.global_step
 at on_step_end, its epoch the one it runs in (state.epoch reaches 1.0 on the last step of epoch 0).
 The count collected is saved with the Trainer's checkpoints (the callback is an ExportableState);
 resuming needs TrainingArguments(restore_callback_states_from_checkpoint=True), with which the
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from nvmlib.collect import Collector
+from nvmlib.nn.collect import Collector
 from nvmlib.errors import ConfigError
 
 try:

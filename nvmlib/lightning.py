@@ -4,15 +4,15 @@
     lightning.Trainer(max_epochs=3, callbacks=[cb]).fit(module, train_loader)
     cb.swag.predict(test_loader, S=30, bn_loader=train_loader)
 
-The rule of what is collected, and resuming, are nvmlib.collect's. Under strategy="ddp" global
+The rule of what is collected, and resuming, are nvmlib.nn.collect's. Under strategy="ddp" global
 rank 0 records the (replicated) parameters; under ModelParallelStrategy (fully_shard) every rank
-records its shards (nvmlib.sharded). cb.swag stays open after fit: close it when done.
+records its shards (nvmlib.nn.sharded). cb.swag stays open after fit: close it when done.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from nvmlib.collect import Collector
+from nvmlib.nn.collect import Collector
 from nvmlib.errors import ConfigError
 
 try:

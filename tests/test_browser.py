@@ -27,7 +27,7 @@ from typing import Iterator
 import nbformat
 import pytest
 
-from nvmlib import reproduce, resources
+from nvmlib.paper import reproduce, resources
 from test_notebooks import noise, parameters_cells
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from nvmlib.backends import available_tiers, open_store
-from nvmlib.cli import build_parser, main
-from nvmlib.swag import SWAGPosterior
+from nvmlib.paper.cli import build_parser, main
+from nvmlib.posterior import SWAGPosterior
 
 
 def test_paper_commands_parse_with_only_the_script_name_changed():
@@ -42,7 +42,7 @@ def test_train_then_evaluate_on_mmap(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     # --train_results is accepted (devdax devices and shelves need it; a directory tier finds its
     # state itself); a machine without Fashion-MNIST gets the other metrics and a note, not an error
-    monkeypatch.setattr("nvmlib.data.FASHION_DIR", tmp_path / "no-fashion")
+    monkeypatch.setattr("nvmlib.paper.data.FASHION_DIR", tmp_path / "no-fashion")
     assert main(["evaluate", "--posterior_path", str(post_dir), "-S", "2", "--angles", "0",
                  "--train_results", str(csv)]) == 0
     captured = capsys.readouterr()

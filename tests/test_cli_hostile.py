@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from nvmlib.cli import build_parser
+from nvmlib.paper.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # a valid invocation of each subcommand, quick to refuse: {tmp} the case's directory, {good} a finished
@@ -142,7 +142,7 @@ CASES = [
 def nvmlib(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`nvmlib ARGV` as a user runs it (this checkout's nvmlib)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "nvmlib.cli", *argv], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nvmlib.paper.cli", *argv], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": path, **(env or {})})
 
 

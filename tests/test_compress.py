@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import TIER_OPENERS
-from nvmlib.codec import DeltaCodec
+from nvmlib.posterior.codec import DeltaCodec
 from nvmlib.errors import InputError, PosteriorError
-from nvmlib.log import BLOCK, INDEX, LOG
-from nvmlib.swag import SWAGPosterior
+from nvmlib.posterior.log import BLOCK, INDEX, LOG
+from nvmlib.posterior import SWAGPosterior
 
 N, K, T = 3000, 6, 23  # a ring of 6 kept iterates (chunks of 2) that wraps several times
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvmlib.swag import COMMIT, META, MOMENTS, SWAGPosterior
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import COMMIT, META, MOMENTS
 
 N_PARAMS, CAPACITY, EVERY, SEED, TRIALS = 5000, 64, 8, 1234, 12
 TESTS = Path(__file__).resolve().parent
@@ -36,9 +37,10 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 from conftest import TIER_OPENERS
-from nvmlib.swag import META, SWAGPosterior
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import META
 tier, tmp, fresh, codec = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "fresh", sys.argv[4] or None
-from nvmlib import moments  # compile (or load) the update kernels before the clock starts
+from nvmlib.posterior import moments  # compile (or load) the update kernels before the clock starts
 moments.stage(np.zeros(1, np.float32), np.zeros(1, np.float32))
 moments.add(np.zeros(1, np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
 store = TIER_OPENERS[tier](tmp)

@@ -19,7 +19,9 @@ import pytest
 from nvmlib.backends import available_tiers, open_store
 from nvmlib.crashsim import Recorder, crash_states, materialise
 from nvmlib.errors import PosteriorError
-from nvmlib.swag import COMMIT, LOG, META, SWAGPosterior
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import COMMIT, META
+from nvmlib.posterior.log import LOG
 
 N, K, EVERY, T = 64, 8, 4, 30
 STATES = int(os.environ.get("NVMLIB_CRASH_STATES", "1000"))

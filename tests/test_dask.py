@@ -15,7 +15,7 @@ distributed = pytest.importorskip("dask.distributed")
 
 from nvmlib import SWAGPosterior, open_store  # noqa: E402
 from nvmlib import dask as nvd  # noqa: E402
-from nvmlib.cli import main  # noqa: E402
+from nvmlib.paper.cli import main  # noqa: E402
 from nvmlib.errors import LockedError, StoreError  # noqa: E402
 
 N = 3000  # parameters: 12 KB rows
@@ -69,7 +69,7 @@ SEEN: dict[tuple[str, int], np.ndarray] = {}
 def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_task):
     client = scaled(cluster, workers)
     for name, post in rings.items():
-        assert len(nvd.shard_groups(post, post.rank)) >= 3
+        assert len(post.read_groups(nvd.GROUP_BYTES)) >= 3
         for seed in (0, 1, 2):
             local = post.sample(4, scale=0.5, seed=seed)
             remote = post.sample(4, scale=0.5, seed=seed, executor=nvd.DaskExecutor(client))
@@ -202,7 +202,7 @@ def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
     import torch
 
     from nvmlib import SWAG
-    from nvmlib.any_model import convnet
+    from nvmlib.paper.any_model import convnet
 
     client = scaled(cluster, 2)
     torch.manual_seed(0)

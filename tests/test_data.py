@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from nvmlib.data import FASHION_DIR, load, read_idx, write_idx
+from nvmlib.paper.data import FASHION_DIR, load, read_idx, write_idx
 from nvmlib.errors import DataError
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("lightning")
 
 from nvmlib import SWAG, SWAGPosterior, open_store  # noqa: E402
 from nvmlib.errors import ConfigError, PosteriorError  # noqa: E402
-from nvmlib.sharded import ShardedPosterior, rank_dir  # noqa: E402
+from nvmlib.nn.sharded import ShardedPosterior, rank_dir  # noqa: E402
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from nvmlib.data import load
-from nvmlib.evaluate import accuracy, auroc, brier, ece, entropy, evaluate, nll, rotate
-from nvmlib.train import TrainConfig, train
+from nvmlib.paper.data import load
+from nvmlib.paper.evaluate import accuracy, auroc, brier, ece, entropy, evaluate, nll, rotate
+from nvmlib.paper.train import TrainConfig, train
 
 
 def test_metrics_on_known_cases():

@@ -66,3 +66,60 @@ def test_only_the_dask_module_imports_dask():
     _, outside = _graph()
     users = sorted(m for m, pkgs in outside.items() if {"dask", "distributed"} & pkgs)
     assert users == ["nvmlib.dask"], users
+
+
+FLOORS = {  # a floor may import only these floors of nvmlib (and itself)
+    "nvmlib.errors": set(),
+    "nvmlib.progress": set(),
+    "nvmlib.backends": {"nvmlib.errors"},
+    "nvmlib.posterior": {"nvmlib.errors", "nvmlib.backends"},
+    "nvmlib.nn": {"nvmlib.errors", "nvmlib.backends", "nvmlib.posterior"},
+}
+
+
+def _floor(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2])
+
+
+def test_each_floor_imports_only_the_floors_below_it():
+    """posterior/ imports the backends and errors only; nn/ adds the posterior; neither imports the
+    workbook (nvmlib.paper), the dask module or the training-loop callbacks."""
+    inside, _ = _graph()
+    wrong = sorted((m, t) for m, targets in inside.items() if _floor(m) in FLOORS
+                   for t in targets if _floor(t) != _floor(m) and _floor(t) not in FLOORS[_floor(m)])
+    assert not wrong, wrong
+
+
+def test_only_the_workbook_imports_the_workbook():
+    inside, _ = _graph()
+    users = sorted(m for m, targets in inside.items() if not m.startswith("nvmlib.paper")
+                   and any(t.startswith("nvmlib.paper") for t in targets))
+    assert not users, users
+
+
+def test_no_module_reaches_into_another_objects_private_members():
+    """No `x._name` where `_name` is not a member the same file's classes define (their own
+    instances: `post._count` inside SWAGPosterior) and x is not a module imported there (a
+    library's own API, e.g. os._exit); dunder names are fine."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        own = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and isinstance(n.value, ast.Name) and n.value.id == "self"}
+        own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        modules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
+                   if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                continue
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and (base.id in ("self", "cls") or base.id in modules):
+                continue
+            if node.attr in own:
+                continue
+            found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, found

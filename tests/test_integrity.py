@@ -13,7 +13,9 @@ import pytest
 
 from nvmlib.backends import open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
-from nvmlib.swag import COMMIT, COUNT, FORMAT, LOG, META, MOMENTS, SHIFT, SWAGPosterior
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import COMMIT, COUNT, FORMAT, META, MOMENTS, SHIFT
+from nvmlib.posterior.log import LOG
 from test_swag import iterates
 
 N = 40

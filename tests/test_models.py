@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nvmlib.errors import ConfigError
-from nvmlib.models import MODELS, get_flat, make_model, n_params, set_flat
+from nvmlib.paper.models import MODELS, get_flat, make_model, n_params, set_flat
 
 PAPER_COUNTS = {"model_2conv2fc": 21_840, "model_2fc": 795_010, "model_3fc": 1_290_510,
                 "model_4fc": 2_797_010}

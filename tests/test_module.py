@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from nvmlib import MultiSWAG, SWAG, open_store
 from nvmlib.backends.base import Store
-from nvmlib.any_model import Protocol, convnet, headline, run
-from nvmlib.data import Split
+from nvmlib.paper.any_model import Protocol, convnet, headline, run
+from nvmlib.paper.data import Split
 from nvmlib.errors import ConfigError, InputError, PosteriorError
-from nvmlib.evaluate import evaluate
+from nvmlib.paper.evaluate import evaluate
 
 N = 96  # inputs in the test batch
 
@@ -188,7 +188,7 @@ def test_reopen_in_new_process_gives_identical_predictions(tmp_path):
     code = f"""
 import numpy as np, torch
 from nvmlib import SWAG
-from nvmlib.any_model import convnet
+from nvmlib.paper.any_model import convnet
 saved = torch.load({str(tmp_path / 'inputs.pt')!r})
 model = convnet(4)
 model.load_state_dict(saved["model"])

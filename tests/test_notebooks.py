@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from nvmlib import reproduce
+from nvmlib.paper import reproduce
 from nvmlib.errors import ConfigError
 from test_plots import assert_image
 
@@ -86,7 +86,7 @@ def smoke(tmp_path_factory) -> Path:
     a process started by a shell. (Linux hands a process the peak RSS of the one it was forked from when
     it execs; forked by the shell, not by this large pytest process, its peak RSS is the run's own.)"""
     out = tmp_path_factory.mktemp("reproduce")
-    args = [sys.executable, "-m", "nvmlib.reproduce", "--scale", "smoke", "--notebooks-dir", str(NOTEBOOKS),
+    args = [sys.executable, "-m", "nvmlib.paper.reproduce", "--scale", "smoke", "--notebooks-dir", str(NOTEBOOKS),
             "--results-dir", str(out / "results"), "--figures-dir", str(out / "figures")]
     subprocess.run(["bash", "-c", '"$@"; exit $?', "bash", *args], check=True)  # two commands: bash forks
     return out

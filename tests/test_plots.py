@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from nvmlib import plots
-from nvmlib.evaluate import ece
-from nvmlib.experiments import epoch_table, reliability_table
+from nvmlib.paper import plots
+from nvmlib.paper.evaluate import ece
+from nvmlib.paper.experiments import epoch_table, reliability_table
 
 matplotlib.use("Agg")
 PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"

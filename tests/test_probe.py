@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from nvmlib import probe as probe_mod
-from nvmlib.cli import main
+from nvmlib.paper import probe as probe_mod
+from nvmlib.paper.cli import main
 from nvmlib.errors import StoreError
 
 

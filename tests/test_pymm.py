@@ -22,9 +22,10 @@ from nvmlib.backends import available_tiers, open_store
 from nvmlib.backends.pymm import (ITEM_OVERHEAD, LARGE_ITEM, SHELF_RESERVE, _module, default_name, footprint,
                                   in_child, mangle, recorded_ranges, shelf_free_bytes, unmangle)
 from nvmlib.errors import LockedError, StoreError, TierUnavailable
-from nvmlib.models import get_flat
-from nvmlib.swag import COMMIT, COUNT, LOG, META, MOMENTS, SHIFT
-from nvmlib.train import TrainConfig, train
+from nvmlib.paper.models import get_flat
+from nvmlib.posterior.layout import COMMIT, COUNT, META, MOMENTS, SHIFT
+from nvmlib.posterior.log import LOG
+from nvmlib.paper.train import TrainConfig, train
 
 PYMM = available_tiers().get("pymm") == "ok"
 
@@ -60,7 +61,7 @@ def test_free_bytes_accounts_for_every_array():
 
 
 def test_a_posterior_too_big_for_the_shelf_is_refused_with_the_size_needed():
-    from nvmlib.swag import SWAGPosterior
+    from nvmlib.posterior import SWAGPosterior
     need = SWAGPosterior.required_bytes(795_010, 3000)
     assert need > shelf_free_bytes(520 << 20, [])  # a 520 MB shelf cannot hold 3000 rows of model_2fc
 
@@ -270,7 +271,7 @@ def test_resume_after_a_sigkill_gives_the_uninterrupted_result_and_a_reader_sees
     whole = train(TrainConfig(**cfg, posterior_path=str(tmp_path / "whole")))
     killed = python(f"""
         import os, signal
-        from nvmlib.train import TrainConfig, train
+        from nvmlib.paper.train import TrainConfig, train
         def kill(epoch, batch):
             if epoch == 1 and batch == 2:  # 9 updates made; the last checkpoint was at 7
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -287,7 +288,7 @@ def test_resume_after_a_sigkill_gives_the_uninterrupted_result_and_a_reader_sees
     expected = whole.posterior.sample(3, seed=1)
     whole.close(), resumed.close()
     finish(python("""
-        from nvmlib.swag import SWAGPosterior
+        from nvmlib.posterior import SWAGPosterior
         with open_store("pymm", sys.argv[1], readonly=True) as store:
             np.save(sys.argv[2], SWAGPosterior.open(store, readonly=True).sample(3, seed=1))
         """, tmp_path / "cut", tmp_path / "sample.npy"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from nvmlib import reproduce, resources
-from nvmlib.models import make_model, n_params
-from nvmlib.swag import SWAGPosterior
+from nvmlib.paper import reproduce, resources
+from nvmlib.paper.models import make_model, n_params
+from nvmlib.posterior import SWAGPosterior
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9

@@ -10,7 +10,9 @@ import torch
 
 from nvmlib.backends import open_store
 from nvmlib.errors import LockedError, PosteriorError
-from nvmlib.swag import COMMIT, LOG, SWAGPosterior
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import COMMIT
+from nvmlib.posterior.log import LOG
 
 
 def iterates(T: int, n: int, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 
 from nvmlib.backends import open_store
 from nvmlib.errors import ConfigError, DataError, StoreError
-from nvmlib.models import get_flat
-from nvmlib.swag import SWAGPosterior
-from nvmlib.train import STATE_FILE, TrainConfig, epoch_order, reopen, train
+from nvmlib.paper.models import get_flat
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.paper.train import STATE_FILE, TrainConfig, epoch_order, reopen, train
 
 PAPER_ROWS = ["posterior size (byte)", "train data loading time (s)", "test data loading time (s)",
               "open shelf time (s)", "make model time (s)", "make posterior time (s)", "epoch 1 time (s)",

@@ -87,6 +87,16 @@ class Store(ABC):
         """Make earlier writes to `name` reach the media before any later write (a store fence); where
         that costs a flush (files), a no-op: checksums then catch a later write that overtook it."""
 
+    def shard_rows(self, name: str) -> int:
+        """Rows of array `name` that are stored together (a zarr shard): a reader elsewhere reads
+        whole groups of them; 1 where every row stands alone."""
+        return 1
+
+    def reopen_args(self) -> tuple[str, str, dict]:
+        """(tier, path or URL, options): what open_store needs to open this store read-only in another
+        process; on another machine too where `shared` says so."""
+        return self.kind, str(self.path), {}
+
     def nbytes(self, name: str | None = None) -> int:
         """Bytes one array (or, with None, all arrays) occupy on the tier."""
         names = [name] if name is not None else self.names()

@@ -199,6 +199,9 @@ class ZarrStore(Store):
         log = self._log(name)
         return log[0] if log else 1
 
+    def reopen_args(self) -> tuple[str, str, dict]:
+        return self.kind, self.url, {"storage_options": self.storage_options}
+
     # ---- the log: whole shards, the open one beside them ----------------------------------
     def _state(self, name: str) -> tuple[int, int, int]:
         shard, lo, hi = (int(v) for v in self.array(name + STATE)[:])

@@ -5,10 +5,12 @@ tier_runtime   train once per tier for max(epochs) epochs; the ratio at E epochs
 quality        train once, then replay the log into a growing posterior and evaluate it at each K
                (rotated MNIST only at the largest K, the one its figure shows).
 sampling       S samples in one streamed pass over the log versus S single-sample passes.
+scaling        sample() in this process and on local dask clusters of several sizes.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -22,12 +24,13 @@ import pandas as pd
 import torch
 
 from nvmlib.backends import Store, available_tiers, open_store
-from nvmlib.data import Split
-from nvmlib.evaluate import ANGLES, METHODS, bma_predict, entropy, evaluate
-from nvmlib.models import make_model, n_params, set_flat
+from nvmlib.paper.data import Split
+from nvmlib.nn.predict import bma
+from nvmlib.paper.evaluate import ANGLES, METHODS, entropy, evaluate
+from nvmlib.paper.models import make_model, n_params, set_flat
 from nvmlib.progress import tqdm
-from nvmlib.swag import SWAGPosterior
-from nvmlib.train import TrainConfig, TrainResult, machine_facts, train, versions
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.paper.train import TrainConfig, TrainResult, machine_facts, train, versions
 
 EPOCH_KEY = re.compile(r"epoch (\d+) time \(s\)")
 REPLAY_ROWS = 64  # log rows read at a time when replaying
@@ -132,7 +135,7 @@ def device_bandwidth(tiers: dict[str, Sequence[str | None]], scratch_dir: str | 
                      ) -> dict[str, dict[str, Any]]:
     """{"device under <tiers>": probe.sequential_bandwidth} for each directory the file tiers use
     (write_MBps, read_MBps); devices (devdax) are not measured."""
-    from nvmlib.probe import sequential_bandwidth
+    from nvmlib.paper.probe import sequential_bandwidth
 
     where: dict[Path, list[str]] = {}
     for label, (backend, path) in tiers.items():
@@ -201,7 +204,7 @@ def quality(result: TrainResult, ranks: Sequence[int], test: Split, ood: Split, 
                   "SWAG": posterior.sample(samples, scale=scale, seed=seed)}
         inputs = {"in": test.tensors()[0], "out": ood.tensors()[0]}
         for method in METHODS:
-            probs = bma_predict(model, thetas[method], inputs)
+            probs = bma(model, thetas[method], inputs, update_bn=False)
             reliability.append(reliability_table(probs["in"], test.labels).assign(method=method))
             scores += [pd.DataFrame({"method": method, "data": data, "entropy": entropy(p)})
                        for data, p in probs.items()]
@@ -240,4 +243,51 @@ def sampling(model: str, backend: str, path: str | None, scratch_dir: str | Path
                                  "read_MBps": passes * log_bytes / seconds / 1e6})
         finally:
             post.close()
+    return pd.DataFrame(rows)
+
+
+# ---- sampling on a dask cluster ----------------------------------------------------------------
+def drop_cache(path: Path | None) -> None:
+    """Hand the pages of a file, or of every file under a directory, back to the OS, so that the
+    next pass reads from the device (nothing for a store without files)."""
+    if path is None:
+        return
+    files = [path] if path.is_file() else [Path(r) / n for r, _, ns in os.walk(path) for n in ns]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
+            repeats: int = 1) -> pd.DataFrame:
+    """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
+    interleaved (the local pass, then each cluster's, `repeats` times over) so that load from
+    elsewhere on a shared machine falls on all alike; each pass reads a cold log (after one warm-up
+    call per cluster). Columns: mode, workers, repeat, seconds, max_abs_diff (from the local draws)."""
+    from nvmlib import dask  # the edge that imports dask, only when a cluster is asked for
+
+    def timed(client: Any = None) -> tuple[float, np.ndarray]:
+        drop_cache(post.store.path)
+        start = time.perf_counter()
+        out = post.sample(S, seed=seed, executor=client and dask.DaskExecutor(client))
+        return time.perf_counter() - start, out
+
+    rows, clusters = [], []
+    try:
+        for workers in worker_counts:
+            clusters.append(dask.local_cluster(workers))
+            post.sample(1, seed=seed, executor=dask.DaskExecutor(clusters[-1][1]))  # warm-up: imports on the workers
+        for repeat in tqdm(range(repeats), desc="sampling passes", unit="round"):
+            seconds, local = timed()
+            rows.append({"mode": "single process", "workers": 1, "repeat": repeat, "seconds": seconds,
+                         "max_abs_diff": 0.0})
+            for workers, (_, client) in zip(worker_counts, clusters):
+                seconds, out = timed(client)
+                rows.append({"mode": "dask", "workers": workers, "repeat": repeat, "seconds": seconds,
+                             "max_abs_diff": float(np.abs(out - local).max())})
+    finally:
+        for cluster, client in clusters:
+            client.close()
+            cluster.close()
     return pd.DataFrame(rows)

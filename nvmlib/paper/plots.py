@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from nvmlib.evaluate import METHODS
+from nvmlib.paper.evaluate import METHODS
 
 FORMATS = ("png", "pdf")
 METHOD_ORDER = list(METHODS)

@@ -19,10 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nvmlib.data import load
-from nvmlib.evaluate import accuracy, brier, ece, nll
-from nvmlib.experiments import reliability_table
-from nvmlib.module import MultiSWAG, SWAG, probabilities
+from nvmlib.paper.data import load
+from nvmlib.paper.evaluate import accuracy, brier, ece, nll
+from nvmlib.paper.experiments import reliability_table
+from nvmlib.nn import MultiSWAG, SWAG
+from nvmlib.nn.predict import probabilities
 from nvmlib.progress import tqdm
 
 METHODS = ("SGD", "SWA", "SWAG", "MultiSWAG")

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from nvmlib.errors import InputError, PosteriorError
-from nvmlib.module import SWAG
+from nvmlib.nn.swag import SWAG
 
 
 def _count(name: str, value: Any, least: int) -> int:

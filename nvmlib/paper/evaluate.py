@@ -5,8 +5,10 @@ entropy. All predictions are probabilities averaged over parameter vectors (BMA)
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable
 
 import numpy as np
@@ -14,41 +16,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nvmlib.data import MNIST_MEAN, MNIST_STD, Split
+from nvmlib.paper.data import MNIST_MEAN, MNIST_STD, Split
 from nvmlib.errors import InputError
-from nvmlib.models import get_flat, set_flat
-from nvmlib.swag import SWAGPosterior, check_sampling
+from nvmlib.nn.predict import bma
+from nvmlib.paper.models import get_flat
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.sampling import check_sampling
 
 ANGLES = tuple(range(0, 181, 15))
 METHODS = ("SGD", "SWA", "SWAG")
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 2000) -> np.ndarray:
-    """Softmax probabilities (N, classes) of `model` on inputs `x`, float64."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = [torch.softmax(model(x[i:i + batch_size].to(device)).double(), dim=1).cpu()
-           for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy()
-
-
-def bma_predict(model: nn.Module, thetas: Iterable[np.ndarray], inputs: dict[str, torch.Tensor]
-                ) -> dict[str, np.ndarray]:
-    """Probabilities averaged over parameter vectors, for every named input set; model is restored."""
-    saved = get_flat(model).clone()
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    try:
-        for theta in thetas:
-            set_flat(model, theta)
-            for name, x in inputs.items():
-                p = predict(model, x)
-                sums[name] = sums[name] + p if name in sums else p
-            count += 1
-    finally:
-        set_flat(model, saved)
-    return {name: s / count for name, s in sums.items()}
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -148,12 +124,14 @@ def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split
     sets = {k: v.to(device) for k, v in inputs(test, ood, angles).items()}
     thetas = {"SGD": [get_flat(model).cpu().numpy()], "SWA": [posterior.mean()],
               "SWAG": posterior.sample(samples, scale=scale, seed=seed, executor=executor)}
+    work = copy.deepcopy(model)  # takes each θ in turn: `model` is left as it is
     rows, ood_rows = [], []
     for method in METHODS:
-        if executor is not None and method == "SWAG":
-            probs = executor.bma_predict(model, thetas[method], (test, ood, angles))
+        if executor is not None and method == "SWAG":  # the inputs are built on each worker
+            probs = executor.bma(model, thetas[method], partial(inputs, test, ood, angles),
+                                 update_bn=False)
         else:
-            probs = bma_predict(model, thetas[method], sets)
+            probs = bma(work, thetas[method], sets, update_bn=False)
         for name, p in probs.items():
             if name == "ood":
                 continue

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from nvmlib import probe, reproduce
-from nvmlib.arguments import SEED, number
+from nvmlib.paper import probe, reproduce
+from nvmlib.paper.arguments import SEED, number
 from nvmlib.errors import ConfigError, DataError, NvmlibError
-from nvmlib.codec import CODECS
-from nvmlib.swag import FLOAT_DTYPES
+from nvmlib.posterior.codec import CODECS
+from nvmlib.posterior.layout import FLOAT_DTYPES
 
 
 def _tier_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +64,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace, script_start: float) -> int:
-    from nvmlib.train import TrainConfig, train
+    from nvmlib.paper.train import TrainConfig, train
 
     backend, path = _tier(args)
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "shelf_path")}
@@ -101,14 +101,14 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
-    from nvmlib.data import load
-    from nvmlib.evaluate import ANGLES, evaluate
-    from nvmlib.train import check_writable, reopen, resolve_device
+    from nvmlib.paper.data import load
+    from nvmlib.paper.evaluate import ANGLES, evaluate
+    from nvmlib.paper.train import check_writable, reopen, resolve_device
 
     backend, path = _tier(args)
     if path is None:
         raise ConfigError("a dram posterior does not outlive its training run: evaluate it in Python "
-                          "(nvmlib.train.train, then nvmlib.evaluate.evaluate) or train on a persistent "
+                          "(nvmlib.paper.train.train, then nvmlib.paper.evaluate.evaluate) or train on a persistent "
                           "tier and pass its --posterior_path")
     if args.results_filepath:
         check_writable(Path(args.results_filepath))

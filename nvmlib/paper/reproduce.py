@@ -6,7 +6,7 @@ records the scale, how long each notebook took and the peak resident memory of t
 kernels included), results/tier_ratios.md the tier ratios (epoch time and, in parentheses, total
 time relative to DRAM) as a markdown table.
 
-Before any work the run's peak memory and disk are computed from the preset (nvmlib.resources)
+Before any work the run's peak memory and disk are computed from the preset (nvmlib.paper.resources)
 and the run refuses at once when this machine cannot hold them.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from nvmlib import resources
+from nvmlib.paper import resources
 from nvmlib.errors import ConfigError, NotebookError, NvmlibError, ResourceError
 from nvmlib.progress import text_bars
 
@@ -75,7 +75,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
         "collect": {"model": "model_4fc", "tier": "mmap", "epochs": 75, "max_rank": None, "limit": None,
-                    "test_limit": None, "samples": 30, "gpu": 0, "posterior_path": "/mnt/nvme0/nvmlib/collect"},
+                    "test_limit": None, "samples": 30, "gpu": 0, "posterior_path": "/mnt/nvme0/nvmlib/nn/collect"},
         "tier_runtime": {"model": "model_4fc", "epochs": [1, 25, 50, 75], "max_rank": None, "limit": None, "gpu": 0,
                          "tiers": {"dram": ["dram", None], "fs-dax": ["pmem", "/mnt/pmem0/nvmlib"],
                                    "dev-dax": ["pmem", "/dev/dax0.0"], "memmap": ["mmap", "/mnt/nvme0/nvmlib"]}},
@@ -86,7 +86,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "sampling": {"model": "model_4fc", "tier": "mmap", "rank": 6000, "sample_counts": [1, 2, 4, 8, 16, 32, 64],
                      "passes_up_to": 8, "posterior_path": "/mnt/nvme0/nvmlib/sampling"},
         "any_model": {"limit": None, "width": 32, "epochs": 20, "swag_epochs": 10, "runs": 5, "samples": 30,
-                      "max_rank": 200, "posterior_path": "/mnt/nvme0/nvmlib/any_model"},
+                      "max_rank": 200, "posterior_path": "/mnt/nvme0/nvmlib/paper/any_model"},
         "cluster": {"model": "model_4fc", "epochs": 2, "limit": None, "max_rank": 1200, "shard_mb": 256,
                     "samples": 30, "worker_counts": [1, 2, 4, 8], "test_limit": None, "angles": list(range(0, 181, 15))},
     },
@@ -154,7 +154,7 @@ def reproduce(scale: str = "default", notebooks_dir: str | Path = "notebooks", r
     this machine cannot hold the run, ConfigError when a notebook, the kernel or a writable results or
     figures directory is missing, and NotebookError on the first notebook that fails (the executed
     copy shows where)."""
-    from nvmlib.train import check_writable
+    from nvmlib.paper.train import check_writable
 
     notebooks_dir, results_dir, figures_dir = Path(notebooks_dir), Path(results_dir), Path(figures_dir)
     plan, needs = plan_run(scale, results_dir, figures_dir, only, seed)
@@ -229,8 +229,8 @@ def ratio_markdown(record: dict[str, Any]) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `reproduce` on the CLI's subparsers (it sets `run`, as nvmlib.cli expects)."""
-    from nvmlib.arguments import SEED
+    """Register `reproduce` on the CLI's subparsers (it sets `run`, as nvmlib.paper.cli expects)."""
+    from nvmlib.paper.arguments import SEED
 
     p = subparsers.add_parser("reproduce", help="regenerate the paper's figures from the notebooks",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -251,7 +251,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, script_start: float | None = None) -> int:
-    """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start: nvmlib.cli's
+    """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start: nvmlib.paper.cli's
     calling convention, unused)."""
     if args.check:
         results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace, script_start: float | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m nvmlib.reproduce [--scale ...]`, the same as `nvmlib reproduce`."""
+    """`python -m nvmlib.paper.reproduce [--scale ...]`, the same as `nvmlib reproduce`."""
     parser = argparse.ArgumentParser(prog="nvmlib")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["reproduce", *(sys.argv[1:] if argv is None else argv)])

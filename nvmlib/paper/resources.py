@@ -4,7 +4,7 @@ A notebook's needs are computed from its preset parameters by the function regis
 NEEDS (`needs_of` falls back to the bare kernel for a notebook that declares none). Notebooks run
 one after another in their own kernel and remove their scratch posteriors, so the plan needs the
 largest of their peaks; posteriors kept at an explicit path stay and add up. `Plan.shortfalls`
-compares a plan with what a machine has, phrased as need versus have (nvmlib.reproduce refuses a
+compares a plan with what a machine has, phrased as need versus have (nvmlib.paper.reproduce refuses a
 run that does not fit before any work starts).
 """
 from __future__ import annotations
@@ -54,15 +54,15 @@ def one_after_another(needs: Iterable[Needs]) -> Needs:
 
 # ---- the pieces a notebook's needs are made of ----------------------------------------------------
 def n_params(model: str) -> int:
-    """Parameters of one of the paper's models (nvmlib.models)."""
-    from nvmlib.models import make_model, n_params as count
+    """Parameters of one of the paper's models (nvmlib.paper.models)."""
+    from nvmlib.paper.models import make_model, n_params as count
 
     return count(make_model(model))
 
 
 def posterior_bytes(n: int, rows: int, dtype: str = "float32") -> int:
     """Bytes of a posterior keeping `rows` iterates of `n` parameters (SWAGPosterior.required_bytes)."""
-    from nvmlib.swag import SWAGPosterior
+    from nvmlib.posterior import SWAGPosterior
 
     return SWAGPosterior.required_bytes(n, rows, dtype)
 
@@ -131,7 +131,7 @@ def sampling(p: Mapping[str, Any]) -> Needs:
 def any_model(p: Mapping[str, Any]) -> Needs:
     """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG, then one more
     (the Lightning run) (tier: the notebook's mmap unless the preset says)."""
-    from nvmlib.any_model import convnet
+    from nvmlib.paper.any_model import convnet
 
     n = sum(t.numel() for t in convnet(p["width"]).parameters())
     posts = on_tier(p.get("tier", "mmap"), p.get("posterior_path"),

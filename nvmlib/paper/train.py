@@ -30,12 +30,12 @@ from nvmlib.progress import tqdm
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
 from nvmlib.backends.files import not_a_directory, write_atomically
-from nvmlib.codec import check_codec
-from nvmlib.data import Split, load
+from nvmlib.posterior.codec import check_codec
+from nvmlib.paper.data import Split, load
 from nvmlib.errors import ConfigError, PosteriorError, StoreError
-from nvmlib.models import MODELS, make_model, n_params
-from nvmlib.module import SWAG
-from nvmlib.swag import SWAGPosterior
+from nvmlib.paper.models import MODELS, make_model, n_params
+from nvmlib.nn.swag import SWAG
+from nvmlib.posterior import SWAGPosterior
 
 STATE_FORMAT = 1
 STATE_FILE = "train_state.pt"
@@ -69,7 +69,7 @@ class TrainConfig:
     limit: int | None = None            # first N training examples only
     seed: int = 0
     dtype: str = "float32"              # precision of the iterates on the tier
-    codec: str | None = None            # --codec: None (raw rows) or a compressed delta log (nvmlib.codec)
+    codec: str | None = None            # --codec: None (raw rows) or a compressed delta log (nvmlib.posterior.codec)
     checkpoint_every: int = 100         # updates between durable checkpoints
     results_filepath: str | None = None  # timing CSV; a JSON record goes beside it
     resume: bool = False

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nvmlib.errors import ConfigError
-from nvmlib.staging import unflatten_into
+from nvmlib.nn.staging import unflatten_into
 
 
 def model_2conv2fc() -> nn.Module:

@@ -164,7 +164,7 @@ def format_probe(result: dict[str, Any]) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `probe [PATH] [--size-mb N]` to the nvmlib command line."""
-    from nvmlib.arguments import number
+    from nvmlib.paper.arguments import number
 
     parser = subparsers.add_parser("probe", help="which memory tiers this machine offers, and how fast PATH is")
     parser.add_argument("path", nargs="?", help="a directory (or devdax device) to examine and measure")
@@ -176,6 +176,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace, script_start: float | None = None) -> int:
-    """Print the probe report (script_start: nvmlib.cli's calling convention, unused)."""
+    """Print the probe report (script_start: nvmlib.paper.cli's calling convention, unused)."""
     print(format_probe(probe(args.path, args.size_mb << 20)))
     return 0

@@ -4,7 +4,7 @@ RawLog (codec None)
   swag.log    (slots, row_len): iterate t in slot t % slots, a row = its n_params values, zero
               padding to 4 KiB (O_DIRECT's alignment, on every tier) and a 16-byte trailer
               [t, digest of the values seeded with (id, t)].
-DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.codec)
+DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.posterior.codec)
   swag.log    (blocks, 4096) uint8: a ring of blocks holding one record per iterate, each starting
               on a block; a record is the iterate XOR-ed with the one before it (a keyframe, the
               first of every `chunk` iterates, is the iterate itself), byte-grouped and compressed.
@@ -28,8 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, padded_len
-from nvmlib.checksum import digest, row_seed
-from nvmlib.codec import DeltaCodec
+from nvmlib.posterior.checksum import digest, row_seed
+from nvmlib.posterior.codec import DeltaCodec
 
 LOG, INDEX = "swag.log", "swag.index"
 TRAILER = 16  # bytes ending every raw row: int64 t, int64 digest
@@ -148,6 +148,22 @@ class RawLog:
                 self.store.write_rows(LOG, t % self.slots, zero)
                 dropped = True
         return dropped
+
+    def groups(self, start: int, stop: int, group_bytes: int) -> list[Runs]:
+        """Iterates start..stop−1 as runs that each lie in one shard of the store (Store.shard_rows),
+        grouped into whole shards of about `group_bytes`, oldest first."""
+        R = self.store.shard_rows(LOG)
+        by_shard: dict[int, Runs] = {}
+        t = start
+        for a, b in spans(start, stop, self.slots, self.slots):  # slot ranges, oldest iterate first
+            while a < b:
+                end = min(b, (a // R + 1) * R)
+                by_shard.setdefault(a // R, []).append((t, t + end - a))
+                t, a = t + end - a, end
+        per_group = max(1, group_bytes // (R * self.row_len * self.dtype.itemsize))
+        shards = sorted(by_shard)
+        return [[run for s in shards[i:i + per_group] for run in by_shard[s]]
+                for i in range(0, len(shards), per_group)]
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """Bytes of the log: its rows take their slots whether kept or not."""
@@ -346,6 +362,13 @@ class DeltaLog:
                 out.append((lo, i))
                 lo = i
         return out
+
+    def groups(self, start: int, stop: int, group_bytes: int) -> list[Runs]:
+        """Iterates start..stop−1 as runs of whole chunks (each decoded from its keyframe) of
+        about `group_bytes` of raw values, one run a group."""
+        step = max(1, group_bytes // (self.n_params * self.dtype.itemsize) // self.chunk) * self.chunk
+        cuts = [start, *range((start // step + 1) * step, stop, step), stop]
+        return [[(a, b)] for a, b in zip(cuts, cuts[1:])]
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """Bytes of the records that iterates start..stop−1 need (from the keyframe before `start`) and of the index."""

@@ -12,55 +12,20 @@ import copy
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn as _update_bn
 
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
-from nvmlib.errors import ConfigError, InputError, PosteriorError
-from nvmlib.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
+from nvmlib.errors import ConfigError, PosteriorError
+from nvmlib.nn.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
                             write_layout)
-from nvmlib.staging import host_dtype, make_stager, unflatten_into
-from nvmlib.swag import SWAGPosterior
-
-Loader = Iterable[Any] | torch.Tensor  # a DataLoader yielding (x, y) or x, or a tensor of inputs
-TENSOR_BATCH = 512  # rows of a tensor "loader" per forward pass
-
-
-def batches(loader: Loader, device: torch.device, name: str = "the loader") -> Iterator[torch.Tensor]:
-    """The inputs of each batch of `loader`, on `device`; an InputError naming it (`name`) when a
-    pass over it yields no batch, the first or a later one."""
-    if isinstance(loader, torch.Tensor):  # views, no copy
-        loader = [loader[i:i + TENSOR_BATCH] for i in range(0, len(loader), TENSOR_BATCH)]
-    empty = True
-    for item in loader:
-        x = item[0] if isinstance(item, (list, tuple)) else item
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} yielded a {type(x).__name__}, not a tensor: pass a DataLoader "
-                            "yielding (x, y) or x, or a tensor of inputs")
-        empty = False
-        yield x.to(device)
-    if empty:
-        raise InputError(f"{name} yielded no batches: pass a non-empty DataLoader, list or tensor of inputs "
-                         "that yields its batches each time it is iterated (once per model)")
-
-
-def check_reiterable(loader: Loader, name: str) -> None:
-    """Refuse a one-shot iterator (a generator, iter(loader)) where each drawn model reads `loader` again."""
-    if isinstance(loader, Iterator):
-        raise InputError(f"{name} is a one-shot iterator ({type(loader).__name__}): it is read once per model, "
-                         "so every model after the first would see nothing; pass a DataLoader or a "
-                         "list/tensor, which can be iterated once per model")
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether the model has BatchNorm layers (whose running statistics depend on the weights)."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
+from nvmlib.nn.predict import Loader, bma, check_bn, check_reiterable, gather, load
+from nvmlib.nn.staging import host_dtype, make_stager
+from nvmlib.posterior import SWAGPosterior
 
 def fingerprint(model: nn.Module) -> str:
     """A short digest of the model's parameter names, shapes and dtypes: its architecture."""
@@ -102,11 +67,6 @@ def _place(model: nn.Module, path: str | Path | None, distributed: str, write: b
     return model, tensors, rank_dir(path, rank, size), layout
 
 
-def _forward_error(x: torch.Tensor, exc: RuntimeError) -> ValueError:
-    return ValueError(f"the model cannot take a batch of shape {tuple(x.shape)} ({x.dtype}) from the loader: "
-                      f"{str(exc).splitlines()[0]}; pass a loader yielding inputs shaped as in training")
-
-
 class SWAG:
     """A SWAG posterior of `model`'s parameters on a memory tier.
 
@@ -118,7 +78,7 @@ class SWAG:
     parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
     Drawn models keep each parameter's own dtype.
 
-    Under torch.distributed (distributed="auto", nvmlib.sharded): a DDP model (wrapper unwrapped)
+    Under torch.distributed (distributed="auto", nvmlib.nn.sharded): a DDP model (wrapper unwrapped)
     is recorded by global rank 0 alone, the other ranks only count their collects; a sharded one
     (FSDP2) by every rank, its shards into `path/rank-{r}-of-{n}/`. "local": each process its own.
     """
@@ -257,17 +217,6 @@ class SWAG:
             p.grad = None
         return model
 
-    def _load(self, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool) -> nn.Module:
-        """predict's working copy with parameters `theta` and, if it has BatchNorm, fresh statistics;
-        a failed refresh drops the working copy (update_bn leaves its momenta unset then)."""
-        if self._work is None:
-            self._work = self._copy()
-        try:
-            return load(self._work, theta, bn_loader, update_bn)
-        except BaseException:
-            self._work = None
-            raise
-
     def _check_bn(self, bn_loader: Loader | None, update_bn: bool) -> None:
         check_bn(self.model, bn_loader, update_bn)
 
@@ -302,10 +251,15 @@ class SWAG:
         shared = executor if executor is not None and self.store.shared else None
         thetas = self.posterior.sample(S, scale=scale, seed=seed, executor=shared)
         if executor is not None:
-            return executor.swag_predict(self.model, thetas, gather(loader),
-                                         gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None
-                                         else None)
-        return sum(probabilities(self._load(theta, bn_loader, update_bn), loader) for theta in thetas) / len(thetas)
+            bn = gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None else None
+            return executor.bma(self.model, thetas, {"x": gather(loader)}, bn, update_bn)["x"]
+        if self._work is None:
+            self._work = self._copy()
+        try:
+            return bma(self._work, thetas, {"x": loader}, bn_loader, update_bn)["x"]
+        except BaseException:
+            self._work = None  # a failed BatchNorm refresh leaves its momenta unset
+            raise
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
@@ -328,129 +282,3 @@ class SWAG:
 
     def __repr__(self) -> str:
         return f"<SWAG of {type(self.model).__name__}: {self._post!r}>"
-
-
-def check_bn(model: nn.Module, bn_loader: Loader | None, update_bn: bool) -> None:
-    """Refuse to draw models with BatchNorm and no data to recompute its statistics on, or data
-    that can be read only once."""
-    if not (update_bn and has_batchnorm(model)):
-        return
-    if bn_loader is None:
-        raise ConfigError("the model has BatchNorm layers, whose statistics belong to other weights: pass "
-                          "bn_loader=<training data> to recompute them for each sampled model, or "
-                          "update_bn=False to keep the stale statistics knowingly")
-    check_reiterable(bn_loader, "bn_loader")
-
-
-def load(model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool = True) -> nn.Module:
-    """`model` with parameters `theta` (each in its own dtype), in eval mode, its BatchNorm statistics
-    recomputed on bn_loader (torch.optim.swa_utils.update_bn) when it has BatchNorm and update_bn is set."""
-    unflatten_into(theta, model.parameters())
-    if update_bn and has_batchnorm(model):
-        check_bn(model, bn_loader, update_bn)
-        last: list[torch.Tensor] = []
-
-        def inputs() -> Iterator[torch.Tensor]:
-            for x in batches(bn_loader, next(model.parameters()).device, "bn_loader"):
-                last[:] = [x]
-                yield x
-
-        try:
-            with torch.no_grad():
-                _update_bn(inputs(), model)
-        except RuntimeError as exc:
-            if last:
-                raise _forward_error(last[0], exc) from exc
-            raise
-    model.eval()
-    return model
-
-
-def gather(loader: Loader, name: str = "the loader") -> torch.Tensor:
-    """Every input of `loader` as one CPU tensor (to send to a cluster's workers once)."""
-    return torch.cat(list(batches(loader, torch.device("cpu"), name)))
-
-
-@torch.no_grad()
-def probabilities(model: nn.Module, loader: Loader) -> np.ndarray:
-    """Softmax probabilities (N, classes) float64 of `model` on every input of `loader`."""
-    device = next(model.parameters()).device
-    out = []
-    for x in batches(loader, device):
-        try:
-            logits = model(x)
-        except RuntimeError as exc:
-            raise _forward_error(x, exc) from exc
-        out.append(torch.softmax(logits.double(), dim=1).cpu())
-    return torch.cat(out).numpy()
-
-
-class MultiSWAG:
-    """M independent SWAG runs of one architecture, kept side by side (root/run0, root/run1, …),
-    and one Bayesian model average over all of them (M runs × S samples)."""
-
-    def __init__(self, runs: Sequence[SWAG]) -> None:
-        if not runs:
-            raise ValueError("MultiSWAG needs at least one run")
-        self.runs = list(runs)
-
-    @classmethod
-    def create(cls, models: Sequence[nn.Module], tier: str = "dram", root: str | Path | None = None,
-               **options: Any) -> "MultiSWAG":
-        """One new posterior per model (independently initialised copies of one architecture)."""
-        if len({fingerprint(m) for m in models}) > 1:
-            raise ConfigError("MultiSWAG runs must share one architecture; the models given differ")
-        runs: list[SWAG] = []
-        try:
-            for i, model in enumerate(models):
-                runs.append(SWAG(model, tier, cls._run_path(root, i), **options))
-        except BaseException:
-            for run in runs:
-                run.close()
-            raise
-        return cls(runs)
-
-    @classmethod
-    def open(cls, model: nn.Module, tier: str, root: str | Path, **options: Any) -> "MultiSWAG":
-        """Every run under `root`, for sampling and prediction (read-only unless readonly=False)."""
-        paths = sorted((p for p in Path(root).glob("run*") if p.name[3:].isdigit()), key=lambda p: int(p.name[3:]))
-        if not paths:
-            raise PosteriorError(f"{root} holds no MultiSWAG runs (run0, run1, …); check the path")
-        options.setdefault("readonly", True)
-        runs: list[SWAG] = []
-        try:
-            for path in paths:
-                runs.append(SWAG.open(model, tier, path, **options))
-        except BaseException:
-            for run in runs:
-                run.close()
-            raise
-        return cls(runs)
-
-    @staticmethod
-    def _run_path(root: str | Path | None, i: int) -> Path | None:
-        return None if root is None else Path(root) / f"run{i}"
-
-    def __len__(self) -> int:
-        return len(self.runs)
-
-    def predict_runs(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                     seed: int = 0, update_bn: bool = True) -> list[np.ndarray]:
-        """Each run's BMA (N, classes) over S samples; run i draws with its own seed from `seed`."""
-        seeds = np.random.SeedSequence(seed).generate_state(len(self.runs))
-        return [run.predict(loader, S, bn_loader, scale, int(s), update_bn) for run, s in zip(self.runs, seeds)]
-
-    def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int = 0, update_bn: bool = True) -> np.ndarray:
-        """The BMA over all M × S models (N, classes) float64."""
-        return np.mean(self.predict_runs(loader, S, bn_loader, scale, seed, update_bn), axis=0)
-
-    def close(self) -> None:
-        for run in self.runs:
-            run.close()
-
-    def __enter__(self) -> "MultiSWAG":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

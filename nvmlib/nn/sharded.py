@@ -7,7 +7,7 @@
   layout of its shards beside it (`rank-{r}-of-{n}.json`). ShardedPosterior opens the directory
   in one process as the posterior of the full parameter vector: mean, variance and kept rows are
   those of the full vectors, and sample() equals that of a single-process posterior of the same
-  iterates (z₁ and z₂ come from the seed alone, nvmlib.swag.draw).
+  iterates (z₁ and z₂ come from the seed alone, nvmlib.posterior.sampling.draw).
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from torch import nn
 
 from nvmlib.backends import open_store
 from nvmlib.errors import ConfigError, PosteriorError
-from nvmlib.swag import SWAGPosterior, draw
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.sampling import draw
 
 MODES = ("auto", "local", "replicated", "sharded")
 

@@ -1,0 +1,164 @@
+"""A posterior's durable progress: the count of written rows, two checkpoint slots, and recovery.
+
+Durability order: an update's row, then its count; at a checkpoint the log and count are persisted,
+then the moments go to the older slot, then its commit record. A torn record or slot fails its
+checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
+of the rows appended after it that verify, up to the count (checkpoint_every <= capacity / 2 keeps
+them in the log). Every digest is seeded with the posterior's identity, so files of two posteriors
+never mix.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from nvmlib.backends.base import Store
+from nvmlib.errors import PosteriorError, SnapshotError
+from nvmlib.posterior.checksum import digest
+from nvmlib.posterior.layout import COMMIT, COUNT, MOMENTS, SHIFT
+from nvmlib.posterior.log import REPLAY_ROWS, RawLog, DeltaLog
+from nvmlib.posterior.moments import Moments
+
+Checkpoint = tuple[int, int, int, int]  # (seq, count, moments digest, shift digest)
+
+
+class Journal:
+    """The count, checkpoints and recovery of the posterior whose `log` and `moments` it records."""
+
+    def __init__(self, store: Store, ident: int, log: RawLog | DeltaLog, moments: Moments,
+                 readonly: bool) -> None:
+        self.store = store
+        self.ident = ident
+        self.log = log
+        self.moments = moments
+        self.readonly = readonly
+        self.seq = 0  # of the newest checkpoint
+        self.ckpt_count = 0  # updates it covers
+
+    # ---- the count -------------------------------------------------------------------------
+    def read_count(self) -> int | None:
+        """The count the writer last recorded, or None when it fails its checksum (torn, edited)."""
+        count, check = (int(x) for x in self.store.read_rows(COUNT, 0, 2))
+        ok = check == digest(np.array([count], np.int64), self.ident) and count >= 0
+        return count if ok else None
+
+    def write_count(self, count: int) -> None:
+        value = np.array([count], np.int64)
+        self.store.write_rows(COUNT, 0, np.append(value, digest(value, self.ident)).astype(np.int64))
+
+    def state(self) -> tuple[bytes, bytes]:
+        """The count and commit records as they stand (a reader sees whether a writer moved)."""
+        return (self.store.read_rows(COUNT, 0, 2).tobytes(),
+                self.store.read_rows(COMMIT, 0, 2).tobytes())
+
+    def write_shift(self) -> None:
+        self.store.write_rows(SHIFT, 0, self.moments.shift)
+        self.store.persist(SHIFT)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self, count: int, force: bool = False) -> None:
+        """Persist log and count, then the moments into the older slot, then its commit record.
+        Without `force`, a count already checkpointed is not written again: the other slot keeps
+        the checkpoint before it (the one a saved train state may point to)."""
+        if not force and count == self.ckpt_count:
+            return
+        self.log.persist()
+        self.store.persist(COUNT)
+        seq = self.seq + 1
+        slot = seq % 2
+        block = self.moments.block
+        self.store.write_rows(MOMENTS, slot, block[None])
+        self.store.persist(MOMENTS)
+        head = np.array([seq, count, digest(block, self.ident),
+                         digest(self.moments.shift, self.ident), self.ident], dtype=np.int64)
+        record = np.append(head, digest(head, self.ident)).astype(np.int64)
+        self.store.write_rows(COMMIT, slot, record[None])
+        self.store.persist(COMMIT)
+        self.seq, self.ckpt_count = seq, count
+
+    def forget_after(self, count: int) -> None:
+        """Clear commit records of more than `count` updates (written, though their persist failed):
+        no record may outlive its update."""
+        for slot, record in enumerate(self.store.read_rows(COMMIT, 0, 2)):
+            if record[1] > count:
+                self.store.write_rows(COMMIT, slot, np.zeros((1, 6), np.int64))
+
+    def checkpoints(self, bound: int | None, problems: list[str]) -> list[Checkpoint]:
+        """The valid commit records, newest first, at or before `bound` (None: any); what is wrong
+        with the others goes to `problems`."""
+        valid = []
+        for slot, r in enumerate(self.store.read_rows(COMMIT, 0, 2)):
+            seq, count, d_moments, d_shift, ident, check = (int(x) for x in r)
+            if seq == 0 and not r.any():
+                continue  # never written
+            if ident != self.ident:
+                problems.append(f"{COMMIT} slot {slot} belongs to another posterior (identity "
+                                f"{ident:x}, not {self.ident:x}): files of two posteriors were mixed")
+            elif check != digest(r[:5], self.ident) or seq < 1 or count < 0 or seq % 2 != slot:
+                problems.append(f"{COMMIT} slot {slot} fails its checksum (a torn or damaged record)")
+            elif bound is None or count <= bound:
+                valid.append((seq, count, d_moments, d_shift))
+        return sorted(valid, reverse=True)
+
+    # ---- recovery --------------------------------------------------------------------------
+    def recover(self, bound: int | None, exact: bool) -> int:
+        """Load the newest valid checkpoint at or before `bound` updates into the moments and replay
+        the log's verified rows after it: up to `bound` (None: the newest checkpoint's count) or,
+        unless `exact`, the first row that does not verify (a crash lost it). The count reached;
+        every update of that checkpoint is present, or PosteriorError says what is damaged."""
+        problems: list[str] = []
+        candidates = self.checkpoints(bound, problems)
+        if bound is None:
+            bound = max((c[1] for c in candidates), default=0)
+            candidates = [c for c in candidates if c[1] <= bound]
+        moments = self.moments
+        empty = np.zeros_like(moments.block)
+        if exact:  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
+            candidates.append((0, 0, digest(empty, self.ident), -1))
+        for seq, count, d_moments, d_shift in candidates:
+            block = self.store.read_rows(MOMENTS, seq % 2, seq % 2 + 1)[0] if seq else empty
+            if digest(block, self.ident) != d_moments:
+                problems.append(f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} "
+                                "updates)")
+                continue
+            shift = self.store.read_rows(SHIFT, 0, moments.n_params)
+            if count > 0 and digest(shift, self.ident) != d_shift:
+                problems.append(f"{SHIFT} fails its checksum: the first iterate, which every moment is "
+                                "relative to, is damaged")
+                continue
+            moments.block[:] = block
+            moments.shift[:] = shift
+            reached = self.replay(count, bound, problems)
+            if reached < bound and (exact or reached < count):
+                continue
+            if (count == 0 and reached > 0 and not self.readonly
+                    and moments.shift.tobytes() != shift.tobytes()):
+                self.write_shift()
+            newest = max((c[0] for c in self.checkpoints(None, [])), default=0)
+            self.seq, self.ckpt_count = seq or newest, count
+            return reached
+        what = "; ".join(dict.fromkeys(problems)) or "no commit record was ever written"
+        raise PosteriorError(f"the posterior on {self.store.describe()} cannot be rebuilt to {bound} "
+                             f"updates from a valid checkpoint: {what}. It is damaged beyond recovery")
+
+    def replay(self, start: int, stop: int, problems: list[str]) -> int:
+        """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify;
+        the count reached. A reader whose rows a running writer overwrote gets SnapshotError."""
+        step = REPLAY_ROWS * self.moments.n_params * self.log.row.dtype.itemsize
+        for first, rows, ok, why in self.log.stream([(start, stop)], step):
+            for i in range(ok):
+                if first + i == 0:
+                    self.moments.shift[:] = rows[0]
+                self.moments.add(rows[i])
+            if why:
+                if self.readonly and "overwritten" in why:
+                    raise SnapshotError(why)
+                problems.append(why)
+                return first + ok
+        return stop
+
+    def discard(self, start: int, stop: int) -> None:
+        """Invalidate the rows of iterates start..stop−1 still in the log (a truncate dropped them,
+        or a crash left them beyond the recovered count), so that no later replay takes them for
+        new ones; persisted before the count or checkpoint that relies on it."""
+        if self.log.discard(start, stop):
+            self.log.persist()

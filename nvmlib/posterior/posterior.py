@@ -1,0 +1,505 @@
+"""The SWAG posterior: a log of iterates on a memory tier, moments in DRAM, crash-safe.
+
+This class is the façade over its floor: the arrays and meta (layout), the log of kept iterates
+(log: raw rows or compressed records), the running sums (moments.Moments), the count, checkpoints
+and recovery (journal.Journal) and the sampling formula (sampling). Every row carries a digest
+seeded with (id, t); the row being written never overwrites a kept one (a crash mid-write tears
+nothing kept). A reader sees one snapshot: the moments of a count n and rows it checks are
+iterates n−K..n−1 (SnapshotError once a running writer has overwritten one of them; sample and
+kept_rows then move to a newer snapshot by themselves).
+"""
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
+import torch
+
+from nvmlib.backends.base import Store, check_fits
+from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
+import nvmlib.posterior.layout as layout
+import nvmlib.posterior.moments as moments
+from nvmlib.posterior.checksum import identity_seed
+from nvmlib.posterior.journal import Journal
+from nvmlib.posterior.layout import META, NAMES, read_meta
+from nvmlib.posterior.log import INDEX, LOG, Batch, Runs, log_class
+from nvmlib.posterior.sampling import check_sampling, draw, low_rank
+
+SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
+T = TypeVar("T")
+
+
+def _as_vector(theta: Any, n_params: int) -> np.ndarray:
+    """θ as a 1-D float numpy array of n_params, or a ValueError/TypeError that says what is wrong."""
+    if hasattr(theta, "detach"):  # torch tensor, CPU or CUDA
+        theta = theta.detach().to("cpu").numpy()
+    arr = np.asarray(theta)
+    if arr.dtype.kind not in "f":
+        raise TypeError(f"θ has dtype {arr.dtype}; parameters must be floating point "
+                        "(float16/32/64): pass the model's flat parameter vector")
+    if arr.shape != (n_params,):
+        raise ValueError(f"θ has shape {arr.shape} but this posterior holds {n_params} parameters: "
+                         f"pass a 1-D vector of length {n_params} (flatten the model's parameters)")
+    return arr
+
+
+def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
+    """The error for a θ that has NaN/Inf values, or values its posterior's dtype cannot hold."""
+    bad = ~np.isfinite(vec)
+    if bad.any():
+        return InputError(f"θ has {int(bad.sum())} NaN/Inf values (first at index "
+                          f"{int(np.flatnonzero(bad)[0])}); training diverged: lower the learning "
+                          "rate. The posterior was not changed")
+    return InputError(f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
+                      "store the posterior as float32 or float64. The posterior was not changed")
+
+
+class SWAGPosterior:
+    """SWAG: N(θ̄, scale·(Σ_diag + D Dᵀ/(K−1))) from iterates kept on a memory tier."""
+
+    required_bytes = staticmethod(layout.required_bytes)
+
+    def __init__(self, store: Store, meta: dict, readonly: bool) -> None:
+        self.store = store
+        self.meta = meta
+        self.n_params: int = meta["n_params"]
+        self.max_rank: int | None = meta["max_rank"]
+        self.capacity: int = meta["capacity"]
+        self.dtype = np.dtype(meta["dtype"])
+        self.checkpoint_every: int = meta["checkpoint_every"]
+        self.readonly = readonly
+        self._count = 0
+        self._moments = moments.Moments(self.n_params, meta["moments_len"])
+        self.log = log_class(meta)(store, meta, identity_seed(meta["id"]))
+        self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
+        self._io: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None  # the write of row self._count, while in flight
+        self._closed = False
+
+    # ---- creating and opening -----------------------------------------------------------
+    @classmethod
+    def create(cls, store: Store, n_params: int, max_rank: int | None = None,
+               dtype: str = "float32", checkpoint_every: int = 100, capacity: int | None = None,
+               model: str | None = None, overwrite: bool = False,
+               codec: str | None = None) -> "SWAGPosterior":
+        """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
+
+        codec: None keeps raw rows; "delta-zstd" or "delta-lz4" stores each iterate as the
+        compressed XOR with the one before it (lossless: every row reads back bit-exact), in chunks
+        that each start with a keyframe (layout.chunk_for: a quarter of the kept iterates, 2 to 32).
+
+        overwrite=True replaces a posterior already there, but only after every check the new one
+        must pass (arguments, free space, the file size limit): a refused create deletes nothing."""
+        meta = layout.new_meta(n_params, max_rank, dtype, checkpoint_every, capacity, model, codec)
+        n, cap = meta["n_params"], meta["capacity"]
+        store.lock(LOG)
+        try:
+            if META in store:
+                try:
+                    read_meta(store)
+                    whole = True
+                except PosteriorError as exc:
+                    whole = "incomplete" not in str(exc)  # a torn create holds nothing to keep
+                if whole and not overwrite:
+                    raise PosteriorError(f"{store.describe()} already holds a posterior; open it with "
+                                         "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
+                                         "or choose another path")
+            old = [name for name in NAMES if name in store]  # or a torn create's
+            why = f", {codec} reserves room for incompressible rows" if codec else ""
+            check_fits(store, layout.required_bytes(n, cap, meta["dtype"], codec),
+                       f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{why})",
+                       reclaimable=sum(store.nbytes(name) for name in old))
+            arrays = layout.arrays(meta)
+            for name, (shape, dt) in arrays.items():
+                layout.check_file_size_limit(store, name, int(np.prod(shape)) * np.dtype(dt).itemsize)
+            for name in old:
+                store.delete(name)
+            for name, (shape, dt) in arrays.items():
+                store.create(name, shape, dt)
+            post = cls(store, meta, readonly=False)
+            post._journal.checkpoint(0, force=True)
+            layout.write_meta(store, meta)
+        except BaseException:
+            store.unlock(LOG)
+            raise
+        return post
+
+    @classmethod
+    def open(cls, store: Store, n_params: int | None = None, model: str | None = None,
+             readonly: bool = False) -> "SWAGPosterior":
+        """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint.
+
+        readonly=True: a reader; it sees one consistent snapshot even while a writer collects."""
+        meta = read_meta(store)
+        if n_params is not None and meta["n_params"] != n_params:
+            raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
+                                 f"parameters, not {n_params}: it belongs to another model "
+                                 f"({meta.get('model') or 'unnamed'}); open the right path")
+        if model is not None and (meta.get("model") or model).split("#")[0] != model:
+            raise PosteriorError(f"the posterior on {store.describe()} was made for model "
+                                 f"{meta['model']!r}, not {model!r}; open the right path")
+        if not readonly:
+            if store.readonly:
+                raise PosteriorError(f"{store.describe()} was opened read-only: open the posterior "
+                                     "with readonly=True, or open the store for writing")
+            store.lock(LOG)
+        post = cls(store, meta, readonly)
+        try:
+            layout.check_shapes(store, meta)
+            post._open_snapshot()
+        except BaseException:
+            if not readonly:
+                store.unlock(LOG)
+            raise
+        return post
+
+    @classmethod
+    def view(cls, store: Store, meta: dict, count: int) -> "SWAGPosterior":
+        """A read-only view of the log as it stood after `count` updates, without moments or
+        recovery: for a process that only reads kept rows (a dask worker, nvmlib.dask)."""
+        post = cls(store, meta, readonly=True)
+        post._count = count
+        return post
+
+    def _open_snapshot(self) -> None:
+        """Recover the newest state; a reader retries while a running writer changes what it reads."""
+        journal = self._journal
+        for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
+            before = journal.state()
+            try:
+                self._count = journal.recover(journal.read_count(), exact=False)
+                break
+            except PosteriorError:
+                if (not self.readonly or (journal.state() == before and attempt > 0)
+                        or attempt + 1 == SNAPSHOT_TRIES):
+                    raise
+        if not self.readonly:  # rows the crash left beyond the recovered count (e.g. the one in flight)
+            journal.discard(self._count, max(journal.read_count() or 0, self._count) + 2)
+
+    def refresh(self) -> None:
+        """A reader: move to the newest snapshot the writer has made durable (n_collected, mean,
+        variance and kept rows all of it); unchanged if that fails. A writer: nothing to do."""
+        self._check_open()
+        if self.readonly:
+            with self._unchanged_on_error():
+                self._open_snapshot()
+
+    def _reading(self, read: Callable[[], T]) -> T:
+        """`read()`; for a reader whose rows a running writer overwrote meanwhile, again on a newer
+        snapshot (refresh), up to SNAPSHOT_TRIES times, so that a reader never has to catch and
+        reopen."""
+        for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
+            try:
+                return read()
+            except SnapshotError:
+                if attempt + 1 >= SNAPSHOT_TRIES or not self.readonly:
+                    raise
+                self.refresh()
+        raise AssertionError("unreachable")
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def n_collected(self) -> int:
+        """Iterates seen so far."""
+        self._settle()
+        return self._count
+
+    @property
+    def rank(self) -> int:
+        """Rows kept for the low-rank part (K)."""
+        self._settle()
+        return min(self._count, self.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the posterior reserves on its tier."""
+        return sum(self.store.nbytes(name) for name in NAMES if name in self.store)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the posterior holds on its tier: nbytes for raw rows; for a compressed log, the
+        records it keeps (not the room reserved for incompressible ones)."""
+        self._settle()
+        reserved = sum(self.store.nbytes(name) for name in (LOG, INDEX) if name in self.store)
+        return self.nbytes - reserved + self.log.stored_bytes(self._count - self.rank, self._count)
+
+    def __repr__(self) -> str:
+        return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} "
+                f"rank={self.rank} max_rank={self.max_rank} on {self.store.describe()}>")
+
+    # ---- collecting ---------------------------------------------------------------------
+    def update(self, theta: Any) -> bool:
+        """Record one iterate: append its row to the log and add it to the moments.
+
+        The row is written on a pool thread; it is still in flight when update() returns, unless
+        the update checkpoints, and settles at the next call (so writing the row overlaps the next
+        training step). Returns True when this update also wrote a checkpoint: everything up to it
+        is durable, a point training can resume from. A crash can lose only updates after the last
+        checkpoint, and a reopen rebuilds a consistent posterior of the rows that reached the tier.
+        """
+        self._check_open(write=True)  # settles the previous update's row
+        vec = _as_vector(theta, self.n_params)
+        if self.max_rank is None and self._count >= self.capacity:
+            raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; "
+                                 "create the posterior with a larger capacity or a max_rank (ring)")
+        row = self.log.row  # the moments are of what the tier stores: cast first
+        if not moments.stage(vec, row):
+            raise _not_finite(vec, self.dtype)
+        # the row is stamped (or encoded) and written on a pool thread while the moments are added
+        self._pending = self._pool().submit(self.log.write, self._count)
+        if self._count == 0:
+            self._moments.shift[:] = row
+        self._moments.add(row)
+        if self._count == 0 or self._count + 1 - self._journal.ckpt_count >= self.checkpoint_every:
+            self._settle()
+            try:
+                self._journal.checkpoint(self._count)
+            except BaseException:
+                self._uncount()
+                raise
+            return True
+        return False
+
+    def _uncount(self) -> None:
+        """Undo the last update after its checkpoint failed (a full disk): the live state, the count
+        on the tier and the row go back to the update before, so a retry records the iterate once."""
+        count = self._count - 1
+        self._journal.forget_after(count)
+        self._roll_back(count)
+        self._journal.discard(count, count + 1)
+        self._journal.write_count(count)
+
+    def updates_to_checkpoint(self) -> int:
+        """How many more updates until one writes a checkpoint (1: the next one does)."""
+        self._settle()
+        if self._count == 0:
+            return 1
+        return max(1, self.checkpoint_every - (self._count - self._journal.ckpt_count))
+
+    def _settle(self) -> None:
+        """Wait for the row in flight; then count it, or undo its moments exactly if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+            self.log.order()  # the row, then the count that covers it
+            if self._count == 0:
+                self._journal.write_shift()
+        except BaseException as exc:
+            self._journal.recover(self._count, exact=True)  # checkpoint + replay of the rows before it
+            if isinstance(exc, StoreError):  # the row was written behind the update() call that gave it
+                raise StoreError(f"{exc}. Iterate {self._count}, given to the last update() call, "
+                                 f"was not recorded: n_collected stays {self._count}; record it "
+                                 "again") from exc
+            raise
+        self._count += 1
+        self._journal.write_count(self._count)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """The thread that writes rows to the tier."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-update")
+        return self._io
+
+    def flush(self) -> None:
+        """Checkpoint now: everything collected so far becomes durable."""
+        self._check_open(write=True)
+        self._journal.checkpoint(self._count)
+
+    def _roll_back(self, count: int) -> None:
+        """Make the live state the posterior after `count` (<= now) updates: the empty one, or a
+        checkpoint plus replay. Refused (PosteriorError) when the log no longer holds what that
+        needs; the live moments, shift and counters are then exactly as they were."""
+        with self._unchanged_on_error():
+            if count == 0:
+                self._moments.clear()
+                self._count = 0
+            else:
+                self._count = self._journal.recover(count, exact=True)
+
+    @contextmanager
+    def _unchanged_on_error(self) -> Iterator[None]:
+        """Restore the live moments and counters if the block raises (a refused call changes
+        nothing)."""
+        saved = self._moments.saved(), self._count, self._journal.seq, self._journal.ckpt_count
+        try:
+            yield
+        except BaseException:
+            self._moments.restore(saved[0])
+            self._count, self._journal.seq, self._journal.ckpt_count = saved[1:]
+            raise
+
+    def truncate(self, count: int) -> None:
+        """Roll back to the first `count` updates (drops later ones), e.g. to resume training there.
+
+        Count and moments roll back exactly. In a ring that has wrapped, the dropped rows took the
+        slots of the oldest kept ones: until collection passes the old count again, reading those
+        rows (kept_rows, sample) raises PosteriorError rather than return iterates of another run.
+        """
+        self._check_open(write=True)
+        if not isinstance(count, (int, np.integer)) or isinstance(count, bool):
+            raise InputError(f"truncate needs a whole number of updates, not {count!r}")
+        if not 0 <= count <= self._count:
+            raise InputError(f"cannot truncate to {count} updates: the posterior has {self._count}")
+        if count == self._count:
+            return
+        old = self._count
+        try:
+            self._roll_back(int(count))
+        except PosteriorError:
+            first = self._count - self.rank
+            usable = [c[1] for c in self._journal.checkpoints(old, []) if c[1] >= first]
+            can = f"0, or any count from {min(usable)} to {old}" if usable else "0"
+            raise PosteriorError(
+                f"cannot truncate to {count} updates: that state needs a checkpoint at or before "
+                f"{count} and every iterate after it, but the ring (max_rank={self.max_rank}) keeps "
+                f"only iterates {first}..{old - 1} and no checkpoint at or before {count} is among "
+                f"them (or a row after it fails its checksum). This posterior can be truncated to "
+                f"{can}. Nothing was changed") from None
+        self._journal.discard(int(count), old)
+        self._journal.write_count(int(count))
+        self._journal.checkpoint(int(count), force=True)
+        # both slots now hold this count: no record of the dropped updates is left
+        self._journal.checkpoint(int(count), force=True)
+
+    # ---- the posterior ------------------------------------------------------------------
+    def mean(self) -> np.ndarray:
+        """θ̄, the SWA solution (float64)."""
+        self._check_nonempty()
+        return self._moments.mean(self._count)
+
+    def variance(self) -> np.ndarray:
+        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
+        self._check_nonempty()
+        return self._moments.variance(self._count)
+
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None,
+               executor: Any = None) -> np.ndarray:
+        """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
+
+        With fewer than 2 kept rows only the diagonal part is used. executor: an object whose
+        low_rank(posterior, z2, mean) computes D z₂ elsewhere (nvmlib.dask.DaskExecutor: where the
+        zarr log lies); the same array as without one, to float32 rounding. A reader overtaken
+        by a running writer draws again from a newer snapshot (refresh): the draws belong to the
+        snapshot that n_collected, mean() and variance() show once this returns."""
+        S, scale = check_sampling(S, scale)
+        return self._reading(lambda: self._draw(S, scale, seed, executor))
+
+    def _draw(self, S: int, scale: float, seed: int | None, executor: Any) -> np.ndarray:
+        """sample() on the snapshot held, D z₂ from low_rank here or from the executor."""
+        self._check_nonempty()
+        low = self.low_rank if executor is None else \
+            lambda z2, mean: torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
+        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, low)
+
+    @property
+    def work_dtype(self) -> type:
+        """The precision samples are computed in: the log's (float64 for a float64 log, else
+        float32)."""
+        return np.float64 if self.dtype == np.float64 else np.float32
+
+    def low_rank(self, z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+        """Σ_k z₂ₖ (θ_k − θ̄) over the K kept rows, (S, n_params) in z2's dtype, from one streamed
+        pass over the log (z2: (K, S); mean: θ̄ in that dtype)."""
+        self._check_nonempty()
+        first = self._count - self.rank
+        return low_rank(self.stream([(first, self._count)]), z2, mean, first)
+
+    def read_groups(self, group_bytes: int) -> list[Runs]:
+        """The kept iterates as runs [t0, t1) that each lie in one shard of the store (or, for a
+        compressed log, whole chunks), grouped into about `group_bytes` of log each, in the log's
+        order: the shares of a pass over the log that readers elsewhere can take."""
+        self._settle()
+        return self.log.groups(self._count - self.rank, self._count, group_bytes)
+
+    def _checked(self, batch: Batch) -> tuple[int, np.ndarray]:
+        """A streamed batch's (first iterate, rows), once all its rows verify."""
+        first, rows, ok, why = batch
+        if ok < len(rows) or why:
+            if self._overtaken(why):
+                raise SnapshotError(why + "; reopen the posterior for a newer snapshot")
+            raise PosteriorError(why + f"; mean and variance are intact, but iterates "
+                                 f"{self._count - self.rank}..{self._count} (sample, kept_rows) "
+                                 "cannot be trusted")
+        return first, rows
+
+    def _overtaken(self, why: str) -> bool:
+        """Whether a row failed because a running writer moved past this reader's snapshot: the row
+        holds a newer iterate, or the writer's count has advanced since (so the row may have been
+        read while it was being overwritten, torn) and not because it is damaged."""
+        if "overwritten" in why:
+            return True
+        if not self.readonly:
+            return False
+        now = self._journal.read_count()
+        return now is None or now > self._count
+
+    def stream(self, runs: Runs) -> Iterator[tuple[int, np.ndarray]]:
+        """(first iterate, rows) batches of the iterates of `runs` ([t0, t1) ranges, in this order),
+        each read while the previous one is used (the first read starts at once);
+        SnapshotError/PosteriorError at a row that does not verify. The rows' buffer is reused:
+        copy what must outlive the next batch."""
+        return (self._checked(batch) for batch in self.log.stream(runs))
+
+    def iterates(self, start: int, stop: int) -> np.ndarray:
+        """Iterates θ_start … θ_stop−1, (stop − start, n_params) in the log's dtype; only the kept
+        ones (the last `rank`) can be read."""
+        self._check_open()
+        first = self._count - self.rank
+        if not first <= start <= stop <= self._count:
+            raise ValueError(f"iterates {start}..{stop} are not all kept: this posterior keeps "
+                             f"{first}..{self._count} (max_rank={self.max_rank})")
+        out = np.empty((stop - start, self.n_params), self.dtype)
+        for t, rows in self.stream([(start, stop)]):
+            out[t - start:t - start + len(rows)] = rows
+        return out
+
+    def kept_rows(self) -> np.ndarray:
+        """The K kept iterates, oldest first: the raw Θ behind D. A reader overtaken by a running
+        writer reads them again from a newer snapshot (refresh): they are those of n_collected once
+        this returns."""
+        self._check_nonempty()
+        return self._reading(lambda: self.iterates(self._count - self.rank, self._count))
+
+    # ---- closing ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Checkpoint, persist, publish the log (plain zarr then reads what nvmlib reads) and
+        release the writer lock. The store stays open."""
+        if self._closed:
+            return
+        try:
+            if not self.readonly:
+                self._settle()
+                self._journal.checkpoint(self._count)  # nothing when this count is checkpointed
+                for name in self.log.arrays(self.meta):
+                    self.store.publish(name)
+        finally:
+            if not self.readonly:
+                self.store.unlock(LOG)
+            if self._io is not None:
+                self._io.shutdown()
+            self._moments.close()
+            self.log.close()
+            self._closed = True
+
+    def __enter__(self) -> "SWAGPosterior":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, write: bool = False) -> None:
+        if self._closed:
+            raise PosteriorError("this posterior was closed; reopen it with SWAGPosterior.open(store)")
+        if write and self.readonly:
+            raise PosteriorError("this posterior was opened read-only; open it with readonly=False "
+                                 "to write")
+        self._settle()
+
+    def _check_nonempty(self) -> None:
+        self._check_open()
+        if self._count == 0:
+            raise PosteriorError("the posterior holds no iterates yet: call update(θ) first")
