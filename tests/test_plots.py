@@ -14,7 +14,8 @@ import pytest
 
 from nvmlib.paper import plots
 from nvmlib.paper.evaluate import ece
-from nvmlib.paper.experiments import epoch_table, reliability_table
+from nvmlib.paper.evaluate import reliability_table
+from nvmlib.paper.experiments import epoch_table
 
 matplotlib.use("Agg")
 PNG_MAGIC, PDF_MAGIC = b"\x89PNG\r\n\x1a\n", b"%PDF"

@@ -249,18 +249,18 @@ def test_an_array_pymm_cannot_place_is_refused_before_pymm_crashes(tmp_path):
 
 @needs_pymm
 def test_mapstore_is_reported_volatile_and_keeps_nothing_between_processes(tmp_path):
-    store = open_store("pymm", tmp_path, size_mb=16, name="m", backend="mapstore")
+    store = open_store("pymm", tmp_path, size_mb=16, name="m", engine="mapstore")
     assert not store.persistent and "this process's memory only" in store.describe()
     store.create("x", (2,), "int64")
     store.close()
     make = """
-        with open_store("pymm", sys.argv[1], size_mb=16, name="m", backend="mapstore") as store:
+        with open_store("pymm", sys.argv[1], size_mb=16, name="m", engine="mapstore") as store:
             print(store.names())
             store.create("x", (2,), "int64")
         """
     assert [finish(python(make, tmp_path)) for _ in range(2)] == ["[]\n"] * 2  # the second sees nothing
-    with pytest.raises(StoreError, match="backend 'hstore' is not one of hstore-cc, mapstore"):
-        open_store("pymm", tmp_path, size_mb=16, backend="hstore")
+    with pytest.raises(StoreError, match="engine \(its backend=\) .hstore. is not one of hstore-cc, mapstore"):
+        open_store("pymm", tmp_path, size_mb=16, engine="hstore")
 
 
 @needs_pymm

@@ -22,7 +22,7 @@ def rows(seed: int, n: int = ROWS) -> np.ndarray:
 
 def new_log(path):
     store = open_store("zarr", path, shard_bytes=SHARD)
-    store.create("x.log", (ROWS, COLS), "float32")
+    store.create_log("x.log", (ROWS, COLS), "float32")
     return store
 
 
@@ -125,7 +125,7 @@ def test_a_log_written_through_a_url_reads_and_goes_on_from_its_directory(tmp_pa
     shard's file and goes on (so does a store an older nvmlib wrote)."""
     path, data = tmp_path / "p.zarr", rows(4)
     remote = open_store("zarr", f"file://{path}", shard_bytes=SHARD)
-    remote.create("x.log", (ROWS, COLS), "float32")
+    remote.create_log("x.log", (ROWS, COLS), "float32")
     for i in range(10):  # shards 0 and 1 complete, rows 8 and 9 open in the side array
         remote.write_rows("x.log", i, data[i:i + 1])
     remote.close()
@@ -177,7 +177,7 @@ def test_a_ring_of_one_shard_never_writes_its_published_shard_in_place(tmp_path,
     starts a new open shard: the published file's bytes do not change until it is replaced whole."""
     path, data = tmp_path / "p.zarr", rows(7)
     store = open_store("zarr", path, shard_bytes=ROWS * COLS * 4)
-    store.create("x.log", (ROWS, COLS), "float32")
+    store.create_log("x.log", (ROWS, COLS), "float32")
     for i in range(ROWS):  # the one shard is complete: linked into the log
         store.write_rows("x.log", i, data[i:i + 1])
     shard = path / "x.log" / "c" / "0" / "0"

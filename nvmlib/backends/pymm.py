@@ -54,7 +54,7 @@ SIZE_ITEM = "nvmlib_size"  # int64 (1,): the shelf size in bytes, as created
 ITEM_OVERHEAD = 4096      # bytes one item costs beyond its data (PyMM metadata header, allocator slack)
 SHELF_RESERVE = 1 << 20   # bytes of the usable half its store (hstore) keeps for itself (estimate)
 LARGE_ITEM = 8 << 20      # items this big are placed in whole blocks of this size (measured, see footprint)
-BACKENDS = ("hstore-cc", "mapstore")
+ENGINES = ("hstore-cc", "mapstore")
 # where new shelf directories are placed in the address space: 16..80 TiB, clear of the heap
 # (0x55..., PIE), shared libraries and thread stacks (0x7f...); one window per directory, room
 # for four shelves of the first one's size (PyMM places a directory's next shelves after it)
@@ -145,13 +145,13 @@ def _module() -> Any:
 class _Shelf:
     """One PyMM shelf open in this process, shared by every store opened on it."""
     shelf: Any
-    backend: str
+    engine: str
     lock_fd: int | None  # fd on the data file holding the POSIX lock PyMM takes (None: mapstore)
     users: int = 1
 
 
 _open: dict[tuple[str, str], _Shelf] = {}  # (directory or device, shelf name) -> the shelf
-_loaded: set[tuple[str, str]] = set()      # (backend, path) PyMM has loaded here (it keeps them until exit)
+_loaded: set[tuple[str, str]] = set()      # (engine, path) PyMM has loaded here (it keeps them until exit)
 _names: dict[str, str] = {}                # hstore shelf name -> its directory: PyMM keeps both until exit
 _windows: list[tuple[int, int]] = []       # address ranges handed out as load_addr in this process
 
@@ -247,7 +247,7 @@ def in_child(action: Callable[[], None], what: str) -> None:
     if status != 0:
         how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"failed (exit {status})"
         tail = " | ".join(err.splitlines()[-3:]) or "no message"
-        raise StoreError(f"PyMM {how} opening {what}: {tail}; check the path, the backend and that the "
+        raise StoreError(f"PyMM {how} opening {what}: {tail}; check the path, the engine and that the "
                          "shelf fits the device, or recreate it (force_new=True, train: --overwrite)")
 
 
@@ -266,29 +266,29 @@ class PymmStore(Store):
     kind = "pymm"
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False, size_mb: int = 1024,
-                 name: str | None = None, backend: str = "hstore-cc", force_new: bool = False) -> None:
+                 name: str | None = None, engine: str = "hstore-cc", force_new: bool = False) -> None:
         """path: the shelf's pmem_path (an fsdax directory or a devdax device); size_mb: the paper's -s;
-        name: the shelf's name (default: default_name(path)); backend: hstore-cc (persists) or
+        name: the shelf's name (default: default_name(path)); engine: hstore-cc (persists) or
         mapstore (this process's memory only)."""
         if path is None:
             raise StoreError("the pymm tier needs a pmem_path: open_store('pymm', '/mnt/pmem0', size_mb=520000) "
                              "or open_store('pymm', '/dev/dax0.0', size_mb=...)")
-        if backend not in BACKENDS:
-            raise StoreError(f"PyMM backend {backend!r} is not one of {', '.join(BACKENDS)}: hstore-cc persists "
+        if engine not in ENGINES:
+            raise StoreError(f"PyMM engine (its backend=) {engine!r} is not one of {', '.join(ENGINES)}: hstore-cc persists "
                              "the shelf, mapstore keeps it in this process's memory only")
         path = Path(path).expanduser()
         self._device = path.exists() and stat.S_ISCHR(path.stat().st_mode)
         super().__init__(path.resolve() if self._device else prepare_dir(path, readonly).resolve(), readonly)
-        self.shelf_name, self.backend = name or default_name(self.path), backend
-        self.persistent = backend != "mapstore"  # mapstore: nothing outlives the process
+        self.shelf_name, self.engine = name or default_name(self.path), engine
+        self.persistent = engine != "mapstore"  # mapstore: nothing outlives the process
         self._pymm = _module()
         self._key = (str(self.path), self.shelf_name)
         shared = _open.get(self._key)
         if shared is None:
             shared = _open[self._key] = self._open_shelf(int(size_mb), force_new)
-        elif shared.backend != backend or force_new:
-            raise LockedError(f"{self.describe()} is already open in this process (backend {shared.backend}); "
-                              "close that store first to recreate it or change its backend")
+        elif shared.engine != engine or force_new:
+            raise LockedError(f"{self.describe()} is already open in this process (PyMM engine {shared.engine}); "
+                              "close that store first to recreate it or change its engine")
         else:
             shared.users += 1
         self._shelf = shared.shelf
@@ -303,8 +303,8 @@ class PymmStore(Store):
         """Open the shelf with PyMM, after the checks that keep PyMM from aborting this process."""
         what = self.describe()
         data = self.path if self._device else self.path / f"{self.shelf_name}.data"
-        files = self.backend != "mapstore"
-        loaded = (self.backend, str(self.path)) in _loaded  # PyMM keeps a directory's store once loaded
+        files = self.engine != "mapstore"
+        loaded = (self.engine, str(self.path)) in _loaded  # PyMM keeps a directory's store once loaded
         seen = _names.get(self.shelf_name) == str(self.path)  # this shelf was open here before: still mapped
         if files and self.shelf_name in _names and not seen:
             raise StoreError(f"this process already opened a PyMM shelf named {self.shelf_name!r} (at "
@@ -318,7 +318,7 @@ class PymmStore(Store):
                 raise StoreError(f"{what} was created at addresses {lo:#x}-{hi:#x}, which this process already "
                                  f"uses ({a:#x}-{b:#x}, another shelf or library); open it in a process of its "
                                  "own, or recreate it (force_new=True, train: --overwrite)")
-        options = dict(size_mb=size_mb, pmem_path=str(self.path), backend=self.backend)
+        options = dict(size_mb=size_mb, pmem_path=str(self.path), backend=self.engine)
         if not loaded:
             options["load_addr"] = hex(load_address(size_mb << 20))
         if files and not loaded:
@@ -335,14 +335,14 @@ class PymmStore(Store):
             if lock_fd is not None:
                 os.close(lock_fd)
             tail = " | ".join("".join(log).strip().splitlines()[-3:])
-            raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.backend}): {exc} [{tail}]; "
-                             "check the path, the backend and that the shelf fits the device") from exc
-        _loaded.add((self.backend, str(self.path)))
+            raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.engine}): {exc} [{tail}]; "
+                             "check the path, the engine and that the shelf fits the device") from exc
+        _loaded.add((self.engine, str(self.path)))
         if files:
             _names[self.shelf_name] = str(self.path)
         if files and lock_fd is None and data.exists():  # created just now: hold its lock like the others
             lock_fd = take_lock(data, what)
-        return _Shelf(shelf, self.backend, lock_fd)
+        return _Shelf(shelf, self.engine, lock_fd)
 
     @classmethod
     def check_available(cls) -> None:

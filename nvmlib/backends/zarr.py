@@ -44,7 +44,6 @@ from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, pre
                                   write_all)
 from nvmlib.errors import LockedError, StoreError
 
-LOG_SUFFIX = ".log"
 OPEN, STATE = ".open", ".state"
 SHARD_BYTES = 128 << 20  # a shard: one object of at least ~100 MB, fetched whole by a reader
 INNER_BYTES = 1 << 20  # inner chunks of at least this (a few rows of a small model), at most one shard
@@ -129,16 +128,16 @@ class ZarrStore(Store):
 
     # ---- arrays -------------------------------------------------------------------------
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
-        self._check_writable()
-        if name in self:
-            raise StoreError(f"array {name!r} already exists in {self.url}")
-        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
-        if not self._is_log(name, shape):
-            chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
-            self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                    compressors=None, fill_value=0)
-            self._sync_new(name)
-            return
+        self._check_new(name, shape, dtype)
+        chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
+        self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
+                                compressors=None, fill_value=0)
+        self._sync_new(name)
+
+    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str) -> None:
+        """A log in whole shards (about shard_bytes each), written row after row beside them in an
+        open shard that is sealed when it fills (see write_rows)."""
+        self._check_new(name, shape, dtype)
         rows, cols = shape
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
         self.group.create_array(name + OPEN, shape=(shard, cols), dtype=dtype, chunks=(1, cols),
@@ -152,9 +151,11 @@ class ZarrStore(Store):
         for key in (name + OPEN, name + STATE, name):
             self._sync_new(key)
 
-    @staticmethod
-    def _is_log(name: str, shape: tuple[int, ...]) -> bool:
-        return name.endswith(LOG_SUFFIX) and len(shape) == 2
+    def _check_new(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+        self._check_writable()
+        if name in self:
+            raise StoreError(f"array {name!r} already exists in {self.url}")
+        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:

@@ -21,7 +21,7 @@ from torch import nn
 
 from nvmlib.paper.data import load
 from nvmlib.paper.evaluate import accuracy, brier, ece, nll
-from nvmlib.paper.experiments import reliability_table
+from nvmlib.paper.evaluate import reliability_table
 from nvmlib.nn import MultiSWAG, SWAG
 from nvmlib.nn.predict import probabilities
 from nvmlib.progress import tqdm

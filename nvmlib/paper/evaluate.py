@@ -37,16 +37,21 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
 
 
-def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error over `bins` equal-width confidence bins."""
+def reliability_table(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """Per non-empty equal-width confidence bin: mean confidence, accuracy and count."""
     conf, correct = probs.max(1), probs.argmax(1) == labels
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(total)
+    frame = pd.DataFrame({"bin": which, "confidence": conf, "accuracy": correct})
+    return frame.groupby("bin").agg(confidence=("confidence", "mean"),
+                                    accuracy=("accuracy", "mean"),
+                                    count=("accuracy", "size")).reset_index()
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error over the bins of reliability_table."""
+    table = reliability_table(probs, labels, bins)
+    gaps = (table.accuracy - table.confidence).abs() * table["count"]
+    return float(gaps.sum() / len(labels))
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:

@@ -26,7 +26,7 @@ import torch
 from nvmlib.backends import Store, available_tiers, open_store
 from nvmlib.paper.data import Split
 from nvmlib.nn.predict import bma
-from nvmlib.paper.evaluate import ANGLES, METHODS, entropy, evaluate
+from nvmlib.paper.evaluate import ANGLES, METHODS, entropy, evaluate, reliability_table
 from nvmlib.paper.models import make_model, n_params, set_flat
 from nvmlib.progress import tqdm
 from nvmlib.posterior import SWAGPosterior
@@ -169,15 +169,6 @@ def growing(posterior: SWAGPosterior, ranks: Sequence[int], store: Store
             yield k, grown, rows[-1]
     finally:
         grown.close()
-
-
-def reliability_table(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> pd.DataFrame:
-    """Per non-empty confidence bin: mean confidence, accuracy and count (the bins of evaluate.ece)."""
-    conf, correct = probs.max(1), probs.argmax(1) == labels
-    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
-    frame = pd.DataFrame({"bin": which, "confidence": conf, "accuracy": correct})
-    return frame.groupby("bin").agg(confidence=("confidence", "mean"), accuracy=("accuracy", "mean"),
-                                    count=("accuracy", "size")).reset_index()
 
 
 def quality(result: TrainResult, ranks: Sequence[int], test: Split, ood: Split, samples: int,

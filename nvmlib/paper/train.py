@@ -31,6 +31,7 @@ from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
 from nvmlib.backends.files import not_a_directory, write_atomically
 from nvmlib.posterior.codec import check_codec
+from nvmlib.posterior.layout import check_max_rank
 from nvmlib.paper.data import Split, load
 from nvmlib.errors import ConfigError, PosteriorError, StoreError
 from nvmlib.paper.models import MODELS, make_model, n_params
@@ -64,7 +65,7 @@ class TrainConfig:
     backend: str = "dram"               # memory tier
     posterior_path: str | None = None   # --posterior_path / -f: the tier's path
     shelf_size_mb: int | None = None    # -s: shelf size for shelf tiers
-    shelf_backend: str | None = None    # -back: hstore-cc | mapstore for PyMM
+    shelf_backend: str | None = None    # -back: PyMM's engine (its backend=), hstore-cc | mapstore
     gpu: int = -1                       # -c: CUDA device id, -1 for CPU
     limit: int | None = None            # first N training examples only
     seed: int = 0
@@ -213,8 +214,7 @@ def _check_config(config: TrainConfig) -> None:
     if not 0 <= config.swag_start < config.epochs:
         raise ConfigError(f"swag_start must be an epoch before the last (0..{config.epochs - 1}), "
                           f"not {config.swag_start}")
-    if config.max_rank is not None and config.max_rank < 2:
-        raise ConfigError(f"posterior size (-K) must be at least 2 iterates, not {config.max_rank}")
+    check_max_rank(config.max_rank)
     check_codec(config.codec)
 
 
@@ -267,7 +267,7 @@ def open_tier(config: TrainConfig) -> Store:
     """Open config.backend at config.posterior_path, passing the shelf options the tier takes."""
     options: dict[str, Any] = {}
     accepted = inspect.signature(tier_class(config.backend).__init__).parameters
-    for flag, key, value in (("-s", "size_mb", config.shelf_size_mb), ("-back", "backend", config.shelf_backend)):
+    for flag, key, value in (("-s", "size_mb", config.shelf_size_mb), ("-back", "engine", config.shelf_backend)):
         if value is not None:
             if key not in accepted:
                 raise ConfigError(f"{flag} applies to shelf tiers; the {config.backend} tier does not take it")

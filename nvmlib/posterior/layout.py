@@ -53,17 +53,23 @@ def _integer(name: str, value: Any) -> None:
         raise InputError(f"{name} must be an integer, not {value!r}")
 
 
+def check_max_rank(max_rank: Any) -> None:
+    """max_rank is None (keep every iterate) or a whole number >= 2, or an InputError."""
+    _integer("max_rank", max_rank)
+    if max_rank is not None and max_rank < 2:
+        raise InputError(f"max_rank={max_rank}: the low-rank part needs at least 2 iterates "
+                         "(K−1 divides D Dᵀ); keep max_rank (nvmlib train: -K) >= 2, or None to "
+                         "keep all")
+
+
 def new_meta(n_params: Any, max_rank: Any, dtype: Any, checkpoint_every: Any, capacity: Any,
              model: str | None, codec: str | None) -> dict:
     """The meta of a new posterior, after every argument check (InputError naming the bad one)."""
     if not isinstance(n_params, (int, np.integer)) or isinstance(n_params, bool) or n_params < 1:
         raise InputError(f"n_params must be a positive integer, not {n_params!r}")
-    for name, value in (("max_rank", max_rank), ("capacity", capacity),
-                        ("checkpoint_every", checkpoint_every)):
+    check_max_rank(max_rank)
+    for name, value in (("capacity", capacity), ("checkpoint_every", checkpoint_every)):
         _integer(name, value)
-    if max_rank is not None and max_rank < 2:
-        raise InputError(f"max_rank={max_rank}: the low-rank part needs at least 2 iterates "
-                         "(K−1 divides D Dᵀ); use max_rank >= 2 or None to keep all")
     try:
         dtype = str(np.dtype(dtype))
     except TypeError:

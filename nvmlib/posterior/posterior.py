@@ -117,7 +117,7 @@ class SWAGPosterior:
             for name in old:
                 store.delete(name)
             for name, (shape, dt) in arrays.items():
-                store.create(name, shape, dt)
+                (store.create_log if name == LOG else store.create)(name, shape, dt)
             post = cls(store, meta, readonly=False)
             post._journal.checkpoint(0, force=True)
             layout.write_meta(store, meta)
