@@ -10,7 +10,7 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 BIN    := $(VENV)/bin
 READY  := $(VENV)/.nvmlib-installed
 
-.PHONY: setup test reproduce lab bench probe docs clean
+.PHONY: setup lint test reproduce lab bench probe docs clean
 
 setup: $(READY)
 
@@ -19,6 +19,10 @@ $(READY): pyproject.toml constraints.txt scripts/system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt "$(TORCH)" -e ".[notebooks,zarr,lightning,hf,test,docs]"
 	touch $@
+
+# ruff: pyflakes, bugbear, import order, lines of at most 100 characters (pyproject.toml)
+lint: $(READY)
+	$(BIN)/ruff check .
 
 test: $(READY)
 	$(BIN)/python -m pytest -q --durations=12

@@ -42,12 +42,12 @@ class Store(ABC):
     def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
         """Make a new zero-filled array; StoreError if it exists or does not fit."""
 
-    @abstractmethod
     def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str) -> None:
         """A new array whose rows are written in order, as a log's are (a tier may lay it out
         for that: zarr in shards); create() where the tier has no such layout."""
         self.create(name, shape, dtype)
 
+    @abstractmethod
     def array(self, name: str) -> np.ndarray:
         """The array itself (a view into the tier where possible)."""
 
