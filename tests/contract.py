@@ -117,7 +117,7 @@ class TierCase:
     def require(self, capability: str, why: str = "") -> None:
         """Skip unless this tier has `capability` (a boolean field of Tier)."""
         if not getattr(self.tier, capability):
-            pytest.skip(f"{self.tier.name} is not {capability}" + (f": {why}" if why else ""))
+            pytest.skip(f"{self.tier.name} lacks {capability!r}" + (f": {why}" if why else ""))
 
 
 def per_tier(contract: type[TierCase]) -> dict[str, type[TierCase]]:
