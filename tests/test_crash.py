@@ -111,7 +111,7 @@ class CrashContract(TierCase):
     def server(cls) -> subprocess.Popen:
         """The forking server of SERVER, for this class's trials."""
         if not cls.tier.persistent:
-            pytest.skip(f"{cls.tier.name} is not persistent")
+            pytest.skip(f"{cls.tier.name} lacks 'persistent'")
         server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         yield server
