@@ -6,17 +6,19 @@ Usage errors keep argparse's format: the subcommand's usage, then `nvmlib <comma
 The subcommands come from the parser itself, and every numeric option of each one gets `-3` and
 (floats) `nan` (the first also `abc`), so a new subcommand or option is walked without editing this
 file (a new subcommand needs a BASE invocation: test_every_subcommand_is_walked says so). The
-processes run a few at a time (most of each one is importing torch)."""
+cases run as processes forked, a few at a time, by one that imported nvmlib's CLI (and torch)
+once: each is `sys.exit(nvmlib.paper.cli.main(argv))` in a process of its own, as `python -m
+nvmlib.paper.cli` runs it, without an import of torch per case."""
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -141,9 +143,50 @@ CASES = [
 
 def nvmlib(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`nvmlib ARGV` as a user runs it (this checkout's nvmlib)."""
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "nvmlib.paper.cli", *argv], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": path, **(env or {})})
+                          timeout=300, env=_environment(env))
+
+
+def _environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **(env or {})}
+
+
+# Reads [[argv, env, stdout file, stderr file], ...] on stdin; forks a child for each (4 at a time)
+# that runs it with its stdout and stderr on those files; prints the exit codes as JSON.
+FORKER = """
+import json, os, sys
+import nvmlib.paper.cli, nvmlib.paper.data, nvmlib.paper.evaluate, nvmlib.paper.train  # what the subcommands import
+cases, running, codes = json.load(sys.stdin), {}, {}
+for i, (argv, env, out, err) in enumerate(cases):
+    if len(running) == 4:
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, out), (2, err)):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        os.environ.update(env)
+        sys.argv = ["nvmlib", *argv]
+        sys.exit(nvmlib.paper.cli.main(argv))
+    running[pid] = i
+while running:
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps([codes[i] for i in range(len(cases))]))
+"""
+
+
+def nvmlib_forked(runs: list[tuple[list[str], dict[str, str]]],
+                  io: Path) -> list[subprocess.CompletedProcess]:
+    """Each (argv, env) run as `nvmlib ARGV` in a process forked by one that imported the CLI."""
+    files = [(str(io / f"{i}.out"), str(io / f"{i}.err")) for i in range(len(runs))]
+    cases = json.dumps([[argv, env, *f] for (argv, env), f in zip(runs, files)])
+    done = subprocess.run([sys.executable, "-c", FORKER], input=cases, capture_output=True,
+                          text=True, timeout=900, env=_environment())
+    assert done.returncode == 0, done.stderr
+    return [subprocess.CompletedProcess(argv, code, Path(out).read_text(), Path(err).read_text())
+            for (argv, _), code, (out, err) in zip(runs, json.loads(done.stdout), files)]
 
 
 def digest(directory: Path) -> dict[str, str]:
@@ -158,18 +201,21 @@ def walk(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, dict,
     good = tmp_path_factory.mktemp("good") / "p"
     trained = nvmlib([*GOOD, str(good)])
     assert trained.returncode == 0, trained.stderr
-    base = tmp_path_factory.mktemp("walk")
+    base, io = tmp_path_factory.mktemp("walk"), tmp_path_factory.mktemp("io")
 
-    def run(i: int, case: Case):
+    def good_digest() -> dict[str, str]:
+        return {f"good/{k}": v for k, v in digest(good).items()}
+
+    runs, before = [], []
+    for i, case in enumerate(CASES):
         tmp = base / str(i)
         tmp.mkdir()
         case.setup(tmp, good)
-        before = digest(tmp) | {f"good/{k}": v for k, v in digest(good).items()}
-        done = nvmlib([a.format(tmp=tmp, good=good) for a in case.argv], case.env)
-        return done, before, digest(tmp) | {f"good/{k}": v for k, v in digest(good).items()}
-
-    with ThreadPoolExecutor(4) as pool:
-        return dict(zip((c.id for c in CASES), pool.map(run, range(len(CASES)), CASES)))
+        before.append(digest(tmp) | good_digest())
+        runs.append(([a.format(tmp=tmp, good=good) for a in case.argv], case.env or {}))
+    done = nvmlib_forked(runs, io)
+    return {case.id: (done[i], before[i], digest(base / str(i)) | good_digest())
+            for i, case in enumerate(CASES)}
 
 
 def test_every_subcommand_is_walked():

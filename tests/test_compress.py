@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import TIER_OPENERS
+from contract import TIERS
 from nvmlib.posterior.codec import DeltaCodec
 from nvmlib.errors import InputError, PosteriorError
 from nvmlib.posterior.log import BLOCK, INDEX, LOG
@@ -48,8 +48,8 @@ def test_every_kept_row_reads_back_bit_exact(store, dtype, codec):
 def test_same_posterior_as_raw_rows(tmp_path, max_rank):
     rows = walk("float32")
     opts = dict(max_rank=max_rank, capacity=None if max_rank else T, checkpoint_every=4)
-    raw = SWAGPosterior.create(TIER_OPENERS["mmap"](tmp_path / "raw"), N, **opts)
-    packed = SWAGPosterior.create(TIER_OPENERS["mmap"](tmp_path / "packed"), N, codec="delta-zstd", **opts)
+    raw = SWAGPosterior.create(TIERS["mmap"].open(tmp_path / "raw"), N, **opts)
+    packed = SWAGPosterior.create(TIERS["mmap"].open(tmp_path / "packed"), N, codec="delta-zstd", **opts)
     for row in rows:
         raw.update(row)
         packed.update(row)
@@ -64,13 +64,13 @@ def test_same_posterior_as_raw_rows(tmp_path, max_rank):
 
 def test_reopen_after_an_unclean_stop_replays_and_goes_on(tmp_path):
     rows = walk("float32", t=30)
-    store = TIER_OPENERS["mmap"](tmp_path)
+    store = TIERS["mmap"].open(tmp_path)
     post = SWAGPosterior.create(store, N, max_rank=10, codec="delta-zstd", checkpoint_every=4)
     for row in rows[:13]:
         post.update(row)
     post._settle()
     store.unlock(LOG)  # the process dies: no close, no checkpoint after update 12
-    again = SWAGPosterior.open(TIER_OPENERS["mmap"](tmp_path))
+    again = SWAGPosterior.open(TIERS["mmap"].open(tmp_path))
     assert again.n_collected == 13
     for row in rows[13:]:  # the next row is a delta of iterate 12, decoded again from its keyframe
         again.update(row)
@@ -85,7 +85,7 @@ def test_reopen_after_an_unclean_stop_replays_and_goes_on(tmp_path):
 
 def test_a_damaged_record_is_refused_with_its_iterate(tmp_path):
     rows = walk("float32")
-    store = TIER_OPENERS["mmap"](tmp_path)
+    store = TIERS["mmap"].open(tmp_path)
     with SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd") as post:
         for row in rows:
             post.update(row)
@@ -116,7 +116,7 @@ def test_codec_output_is_never_larger_than_its_bound():
 
 
 def test_unknown_codec_is_refused_before_anything_is_written(tmp_path):
-    store = TIER_OPENERS["mmap"](tmp_path)
+    store = TIERS["mmap"].open(tmp_path)
     with pytest.raises(InputError, match="codec 'gzip' is not one of"):
         SWAGPosterior.create(store, N, max_rank=K, codec="gzip")
     assert store.names() == []
@@ -125,7 +125,7 @@ def test_unknown_codec_is_refused_before_anything_is_written(tmp_path):
 @pytest.mark.parametrize("threads", ["abc", "-2", "0", "1.5"])
 def test_a_bad_thread_count_is_refused_before_anything_is_written(tmp_path, monkeypatch, threads):
     monkeypatch.setenv("NVMLIB_CODEC_THREADS", threads)
-    store = TIER_OPENERS["mmap"](tmp_path)
+    store = TIERS["mmap"].open(tmp_path)
     with pytest.raises(InputError, match=f"NVMLIB_CODEC_THREADS='{threads}': set it to a whole number"):
         SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd")
     assert store.names() == []

@@ -1,6 +1,6 @@
 """Crash safety of the posterior on every persistent tier: real SIGKILLs of a collecting process.
 
-The child runs SWAGPosterior.create/open and an update loop with deterministic iterates
+The child (forked by a server that imported nvmlib once) runs SWAGPosterior.create/open and an update loop with deterministic iterates
 θ_t = theta(SEED, t) and prints each count once update() has returned, marking those that
 checkpointed. update() leaves its row in flight until the next call, so after the kill the
 posterior must reopen with n_collected >= the last checkpointed count and >= the last printed
@@ -10,6 +10,7 @@ recomputation from θ_0..θ_{n-1}.
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract import TierCase, per_tier
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, META, MOMENTS
 
@@ -32,29 +34,50 @@ def theta(seed: int, t: int, n: int) -> np.ndarray:
     return (np.random.default_rng([seed, t]).standard_normal(n) * (1 + t % 3) + t / 100).astype(np.float32)
 
 
-CHILD = "import numpy as np\n" + inspect.getsource(theta) + f"""
-import sys
+# A server started once per test class: it imports nvmlib and compiles the update kernels, then
+# forks one collecting child per trial (no thread runs in it before a fork): a trial costs the
+# kill delay, not an import of torch. The child prints to the FIFO it is given; the server says
+# the child's pid, then (told to reap it) how it ended (os.waitstatus_to_exitcode: -9 for a SIGKILL).
+SERVER = "import numpy as np\n" + inspect.getsource(theta) + f"""
+import os, sys, traceback
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
-from conftest import TIER_OPENERS
+from contract import TIERS
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import META
-tier, tmp, fresh, codec = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "fresh", sys.argv[4] or None
-from nvmlib.posterior import moments  # compile (or load) the update kernels before the clock starts
+from nvmlib.posterior import moments
 moments.stage(np.zeros(1, np.float32), np.zeros(1, np.float32))
 moments.add(np.zeros(1, np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
-store = TIER_OPENERS[tier](tmp)
-if fresh or META not in store:
-    post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY}, overwrite=True,
-                                codec=codec)
-else:
-    post = SWAGPosterior.open(store)
-print("ready", flush=True)
-t = post.n_collected
-while True:
-    checkpointed = post.update(theta({SEED}, t, {N_PARAMS}))
-    t += 1
-    print(t, int(checkpointed), flush=True)
+
+
+def collect(tier, tmp, fresh, codec, fifo):
+    sys.stdout = open(fifo, "w")
+    store = TIERS[tier].open(tmp)
+    if fresh or META not in store:
+        post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY},
+                                    overwrite=True, codec=codec)
+    else:
+        post = SWAGPosterior.open(store)
+    print("ready", flush=True)
+    t = post.n_collected
+    while True:
+        checkpointed = post.update(theta({SEED}, t, {N_PARAMS}))
+        t += 1
+        print(t, int(checkpointed), flush=True)
+
+
+for line in sys.stdin:
+    tier, tmp, fresh, codec, fifo = line.split()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            collect(tier, Path(tmp), fresh == "fresh", None if codec == "raw" else codec, fifo)
+        except BaseException:
+            traceback.print_exc()
+        os._exit(1)
+    print(pid, flush=True)
+    sys.stdin.readline()  # reap it when told (the pid stays the child's until then)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
@@ -82,56 +105,87 @@ class Expected:
         np.testing.assert_array_equal(post.kept_rows(), np.stack(kept))
 
 
-def _trial(tier: str, tmp: Path, fresh: bool, rng: random.Random, codec: str = "") -> tuple[int, int]:
-    """Run the child, SIGKILL it 0.05-0.5 s after its first update; the last count it printed, and the
-    last one that checkpointed."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, tier, str(tmp), "fresh" if fresh else "open", codec],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ready = child.stdout.readline()
-    assert ready == "ready\n", child.stderr.read()
-    first = child.stdout.readline()  # the first update checkpoints: on a busy disk its fsyncs take a while
-    time.sleep(rng.uniform(0.05, 0.5))
-    child.send_signal(signal.SIGKILL)
-    out, err = child.communicate(timeout=30)
-    assert child.returncode == -signal.SIGKILL, err
-    lines = [fields for fields in map(str.split, (first + out).splitlines()) if len(fields) == 2]  # the kill may cut one
-    assert lines, "the child made no update before the kill; raise the kill delay"
-    return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
+class CrashContract(TierCase):
+    """SIGKILLed collection and torn checkpoints lose no committed update."""
 
+    @pytest.fixture(scope="class")
+    @classmethod
+    def server(cls) -> subprocess.Popen:
+        """The forking server of SERVER, for this class's trials."""
+        if not cls.tier.persistent:
+            pytest.skip(f"{cls.tier.name} lacks 'persistent'")
+        server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        yield server
+        server.stdin.close()
+        assert server.wait(timeout=60) == 0
 
-@pytest.mark.parametrize("codec", ["", "delta-zstd"], ids=["raw", "delta"])
-def test_sigkill_while_collecting_loses_no_committed_update(persistent_tier, tmp_path, codec):
-    tier, opener = persistent_tier
-    rng, expected = random.Random(f"{tier}-{SEED}{codec}"), Expected()
-    for trial in range(TRIALS if not codec else TRIALS // 4):
-        fresh = trial % 5 == 0
-        if fresh:
-            expected = Expected()
-        printed, committed = _trial(tier, tmp_path, fresh, rng, codec)
-        with opener(readonly=True) as store:
-            post = SWAGPosterior.open(store, readonly=True)
-            assert post.n_collected >= committed, f"trial {trial}: checkpoint at {committed} was lost"
-            assert post.n_collected >= printed - 1, f"trial {trial}: more than the row in flight was lost"
+    def trial(self, server: subprocess.Popen, tmp: Path, fresh: bool, rng: random.Random,
+              codec: str) -> tuple[int, int]:
+        """Fork a collecting child, SIGKILL it 0.05-0.5 s after its first update; the last count
+        it printed, and the last one that checkpointed."""
+        fifo = tmp / "child.out"
+        os.mkfifo(fifo)
+        how = "fresh" if fresh else "open"
+        server.stdin.write(f"{self.tier.name} {tmp} {how} {codec} {fifo}\n")
+        server.stdin.flush()
+        pid = int(server.stdout.readline())
+        try:
+            with open(fifo) as out:
+                ready = out.readline()
+                assert ready == "ready\n", f"the child wrote {ready!r} (its error is on stderr)"
+                first = out.readline()  # the first update checkpoints (fsyncs: slow on a busy disk)
+                time.sleep(rng.uniform(0.05, 0.5))
+                os.kill(pid, signal.SIGKILL)
+                rest = out.read()
+        finally:
+            os.kill(pid, signal.SIGKILL)  # not yet reaped: the pid is still the child's
+            server.stdin.write("reap\n")
+            server.stdin.flush()
+            ended = int(server.stdout.readline())
+            fifo.unlink()
+        assert ended == -signal.SIGKILL, f"the child ended with {ended}, not by the kill"
+        lines = [fields for fields in map(str.split, (first + rest).splitlines())
+                 if len(fields) == 2]  # the kill may cut one
+        assert lines, "the child made no update before the kill; raise the kill delay"
+        return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
+
+    @pytest.mark.parametrize("codec", ["raw", "delta-zstd"], ids=["raw", "delta"])
+    def test_sigkill_while_collecting_loses_no_committed_update(self, server, tmp_path, reopen,
+                                                                codec):
+        rng, expected = random.Random(f"{self.tier.name}-{SEED}{codec}"), Expected()
+        for trial in range(TRIALS if codec == "raw" else TRIALS // 4):
+            fresh = trial % 5 == 0
+            if fresh:
+                expected = Expected()
+            printed, committed = self.trial(server, tmp_path, fresh, rng, codec)
+            with reopen(readonly=True) as store:
+                post = SWAGPosterior.open(store, readonly=True)
+                n = post.n_collected
+                assert n >= committed, f"trial {trial}: checkpoint at {committed} was lost"
+                assert n >= printed - 1, f"trial {trial}: more than the row in flight was lost"
+                expected.check(post)
+
+    @pytest.mark.parametrize("torn", [COMMIT, MOMENTS])
+    def test_torn_checkpoint_falls_back_to_the_previous_one(self, reopen, torn):
+        self.require("persistent")
+        expected = Expected()
+        with reopen() as store:
+            with SWAGPosterior.create(store, N_PARAMS, max_rank=16, checkpoint_every=4) as post:
+                for t in range(10):
+                    post.update(theta(SEED, t, N_PARAMS))
+            records = store.read_rows(COMMIT, 0, 2)
+            newest = int(np.argmax(records[:, 0]))
+            block = store.read_rows(torn, newest, newest + 1)
+            block.view(np.uint8)[..., 5] ^= 0xFF  # a torn write: some bytes of the newest slot are wrong
+            store.write_rows(torn, newest, block)
+            store.persist(torn)
+            assert META in store
+        with reopen() as store:
+            post = SWAGPosterior.open(store)
+            assert post.n_collected == 10
             expected.check(post)
+            post.close()
 
 
-@pytest.mark.parametrize("torn", [COMMIT, MOMENTS])
-def test_torn_checkpoint_falls_back_to_the_previous_one(persistent_tier, torn):
-    _, opener = persistent_tier
-    expected = Expected()
-    with opener() as store:
-        with SWAGPosterior.create(store, N_PARAMS, max_rank=16, checkpoint_every=4) as post:
-            for t in range(10):
-                post.update(theta(SEED, t, N_PARAMS))
-        records = store.read_rows(COMMIT, 0, 2)
-        newest = int(np.argmax(records[:, 0]))
-        block = store.read_rows(torn, newest, newest + 1)
-        block.view(np.uint8)[..., 5] ^= 0xFF  # a torn write: some bytes of the newest slot are wrong
-        store.write_rows(torn, newest, block)
-        store.persist(torn)
-        assert META in store
-    with opener() as store:
-        post = SWAGPosterior.open(store)
-        assert post.n_collected == 10
-        expected.check(post)
-        post.close()
+globals().update(per_tier(CrashContract))

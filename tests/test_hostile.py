@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PERSISTENT, TIER_OPENERS
+from contract import TierCase, per_tier
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
 
@@ -36,44 +36,6 @@ def _live(post: SWAGPosterior) -> tuple:
 
 
 @pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("tier", list(TIER_OPENERS))
-def test_refused_calls_change_no_byte_and_no_value(tier, codec, tmp_path):
-    store = TIER_OPENERS[tier](tmp_path)
-    post = SWAGPosterior.create(store, N, max_rank=4, checkpoint_every=2, codec=codec)
-    for theta in _thetas(20):
-        post.update(theta)
-    post.flush()
-    files, live = _digest_tree(tmp_path), _live(post)
-    bad_theta = _thetas(1)[0].copy()
-    bad_theta[3] = np.nan
-    refusals = [
-        (lambda: post.truncate(3), PosteriorError, "Nothing was changed"),  # the ring has dropped what 3 needs
-        (lambda: post.truncate(-1), InputError, "cannot truncate"),
-        (lambda: post.truncate(25), InputError, "cannot truncate"),
-        (lambda: post.truncate(2.5), InputError, "whole number"),
-        (lambda: post.update(bad_theta), InputError, "NaN"),
-        (lambda: post.update(np.zeros(N + 1, np.float32)), ValueError, "shape"),
-        (lambda: post.update(np.zeros(N, np.int32)), TypeError, "floating point"),
-        (lambda: post.sample(2, scale=float("nan")), ValueError, "scale"),
-        (lambda: SWAGPosterior.create(store, N, max_rank=4, overwrite=True), LockedError, "writer"),
-        (lambda: SWAGPosterior.open(store), LockedError, "writer"),
-    ]
-    if tier != "dram":  # a second store object on the same path, in this process
-        refusals.append((lambda: SWAGPosterior.open(TIER_OPENERS[tier](tmp_path)), LockedError,
-                         "already has a writer in this process|already open in this process"))
-    for call, error, message in refusals:
-        with pytest.raises(error, match=message):
-            call()
-        assert _digest_tree(tmp_path) == files, f"{message}: files changed"
-        assert _live(post) == live, f"{message}: the live posterior changed"
-    post.close()
-    again = SWAGPosterior.open(store, readonly=True)
-    assert _live(again) == live
-    again.close()
-    store.close()
-
-
-@pytest.mark.parametrize("codec", CODECS)
 def test_a_closed_posterior_says_closed(codec, tmp_path):
     store = open_store("mmap", tmp_path / "p")
     post = SWAGPosterior.create(store, N, max_rank=4, codec=codec)
@@ -85,71 +47,10 @@ def test_a_closed_posterior_says_closed(codec, tmp_path):
             read()
 
 
-@pytest.mark.parametrize("tier", [t for t in PERSISTENT if t in ("mmap", "pmem", "zarr")])
-def test_overwrite_refused_by_the_file_size_limit_keeps_the_old_posterior(tier, tmp_path):
-    """With a small max_rank the moments (32 bytes a parameter) are the largest file: it is checked too."""
-    store = TIER_OPENERS[tier](tmp_path)
-    old = SWAGPosterior.create(store, N, max_rank=4)
-    for theta in _thetas(5):
-        old.update(theta)
-    old.close()
-    files = _digest_tree(tmp_path)
-    n_params = 60_000  # log ≈ 0.7 MB, moments ≈ 1.9 MB
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
-    try:
-        with pytest.raises(StoreError, match="swag.moments.*ulimit -f.*Nothing was changed"):
-            SWAGPosterior.create(store, n_params, max_rank=2, overwrite=True)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert _digest_tree(tmp_path) == files
-    assert SWAGPosterior.open(store, readonly=True).n_collected == 5
-
-
 def _owned_files(tier: str, root: Path) -> list[Path]:
     if tier == "zarr":
         return [p for p in root.rglob("*") if p.is_file() and p.name != "zarr.json" and ".lock" not in p.name]
     return [p for p in root.glob("*.npy")]
-
-
-@pytest.mark.parametrize("how", ["symlink", "hardlink"])
-@pytest.mark.parametrize("tier", [t for t in PERSISTENT if t in ("mmap", "pmem", "zarr")])
-def test_no_file_of_a_posterior_is_written_through_a_link(tier, how, tmp_path):
-    """Each file the writer owns, replaced by a link to a file outside: opening for writing is refused
-    and the outside file keeps every byte (a hard link is refused where the tier writes in place)."""
-    if tier == "zarr" and how == "hardlink":
-        pytest.skip("zarr replaces its objects by rename (a hard link is not written through); the open shard "
-                    "file itself is hard-linked into the log by design")
-    root = tmp_path / ("posterior.zarr" if tier == "zarr" else tier)
-    store = TIER_OPENERS[tier](tmp_path)
-    post = SWAGPosterior.create(store, N, max_rank=4, checkpoint_every=2)
-    for theta in _thetas(5):
-        post.update(theta)
-    post.close()
-    store.close()
-    owned = _owned_files(tier, root)
-    assert {p.name for p in owned} >= ({"swag.log.npy", "swag.count.npy", "swag.moments.npy"} if tier != "zarr"
-                                       else {"0"})
-    for file in owned:
-        outside = tmp_path / "outside"
-        os.replace(file, outside)
-        if how == "symlink":
-            file.symlink_to(outside)
-        else:
-            os.link(outside, file)
-        before = outside.read_bytes()
-        with pytest.raises(StoreError, match="symbolic link|hard link"):
-            st = TIER_OPENERS[tier](tmp_path)
-            try:
-                writer = SWAGPosterior.open(st)
-                for theta in _thetas(6, seed=1):
-                    writer.update(theta)
-                writer.close()
-            finally:
-                st.close()
-        assert outside.read_bytes() == before, f"{file.name} was written through a {how}"
-        file.unlink()
-        os.replace(outside, file)
 
 
 @contextlib.contextmanager
@@ -179,70 +80,169 @@ def _fill(path: Path) -> Path:
     return filler
 
 
-@pytest.mark.parametrize("codec", CODECS)
-@pytest.mark.parametrize("tier", [t for t in PERSISTENT if t in ("mmap", "pmem", "zarr")])
-def test_a_full_disk_is_a_store_error_that_counts_nothing(tier, codec, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    n_params = 40_000
-    thetas = (np.random.default_rng(3).standard_normal((30, n_params)) * 0.1).astype(np.float32)
-    with _small_tmpfs(tmp_path / "fs", 24) as fs:
-        store = open_store(tier, fs / "p")
-        post = SWAGPosterior.create(store, n_params, max_rank=8, checkpoint_every=4, codec=codec)
-        kept: list[np.ndarray] = []
-        for theta in thetas[:5]:
+class HostileContract(TierCase):
+    """A hostile user on a tier: refused calls change nothing; no link written through; a full disk."""
+
+    @pytest.mark.parametrize("codec", CODECS)
+    def test_refused_calls_change_no_byte_and_no_value(self, codec, tmp_path):
+        store = self.tier.open(tmp_path)
+        post = SWAGPosterior.create(store, N, max_rank=4, checkpoint_every=2, codec=codec)
+        for theta in _thetas(20):
             post.update(theta)
-            kept.append(theta)
         post.flush()
-        filler = _fill(fs)
-        refused = 0
-        for theta in thetas[5:25]:
-            try:
-                post.update(theta)
-                post.n_collected  # the row is written behind the call: this waits for it
-            except StoreError as exc:
-                assert post.n_collected == len(kept), "a refused update was counted"
-                assert "free space" in str(exc) and str(fs) in str(exc), exc
-                refused += 1
-                print(f"refused at {len(kept)}: {exc}")
-                filler.unlink()  # free space, then record the same iterate again
-                post.update(theta)
-                post.n_collected
-                filler = _fill(fs)
-            kept.append(theta)
-            assert post.n_collected == len(kept)
-        try:
-            post.close()
-        except StoreError as exc:  # a close on a full disk says so, in the tier's terms
-            assert "free space" in str(exc)
-            filler.unlink()
-            post.close()
-        filler.unlink(missing_ok=True)
-        store.close()
-        assert (refused == 0) == (tier != "zarr"), "only zarr's shards and checkpoints take new space"
-        again = SWAGPosterior.open(open_store(tier, fs / "p"), readonly=True)
-        ref = np.asarray(kept, np.float64)
-        assert again.n_collected == len(kept)
-        np.testing.assert_allclose(again.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
-        np.testing.assert_array_equal(again.kept_rows(), ref[-8:].astype(np.float32))
+        files, live = _digest_tree(tmp_path), _live(post)
+        bad_theta = _thetas(1)[0].copy()
+        bad_theta[3] = np.nan
+        refusals = [
+            (lambda: post.truncate(3), PosteriorError, "Nothing was changed"),  # the ring has dropped what 3 needs
+            (lambda: post.truncate(-1), InputError, "cannot truncate"),
+            (lambda: post.truncate(25), InputError, "cannot truncate"),
+            (lambda: post.truncate(2.5), InputError, "whole number"),
+            (lambda: post.update(bad_theta), InputError, "NaN"),
+            (lambda: post.update(np.zeros(N + 1, np.float32)), ValueError, "shape"),
+            (lambda: post.update(np.zeros(N, np.int32)), TypeError, "floating point"),
+            (lambda: post.sample(2, scale=float("nan")), ValueError, "scale"),
+            (lambda: SWAGPosterior.create(store, N, max_rank=4, overwrite=True), LockedError, "writer"),
+            (lambda: SWAGPosterior.open(store), LockedError, "writer"),
+        ]
+        if self.tier.persistent:  # a second store object on the same path, in this process
+            refusals.append((lambda: SWAGPosterior.open(self.tier.open(tmp_path)), LockedError,
+                             "already has a writer in this process|already open in this process"))
+        for call, error, message in refusals:
+            with pytest.raises(error, match=message):
+                call()
+            assert _digest_tree(tmp_path) == files, f"{message}: files changed"
+            assert _live(post) == live, f"{message}: the live posterior changed"
+        post.close()
+        again = SWAGPosterior.open(store, readonly=True)
+        assert _live(again) == live
         again.close()
-        again.store.close()
+        store.close()
 
-
-@pytest.mark.parametrize("tier", [t for t in PERSISTENT if t in ("mmap", "pmem", "zarr")])
-def test_create_on_a_full_disk_keeps_the_old_posterior(tier, tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    with _small_tmpfs(tmp_path / "fs", 16) as fs:
-        store = open_store(tier, fs / "p")
+    def test_overwrite_refused_by_the_file_size_limit_keeps_the_old_posterior(self, tmp_path):
+        """With a small max_rank the moments (32 bytes a parameter) are the largest file: it is checked too."""
+        self.require("files")
+        store = self.tier.open(tmp_path)
         old = SWAGPosterior.create(store, N, max_rank=4)
         for theta in _thetas(5):
             old.update(theta)
         old.close()
-        files = _digest_tree(fs / "p")
-        with pytest.raises(StoreError, match="too small|free space"):
-            SWAGPosterior.create(store, 200_000, max_rank=40, overwrite=True)
-        assert _digest_tree(fs / "p") == files
+        files = _digest_tree(tmp_path)
+        n_params = 60_000  # log ≈ 0.7 MB, moments ≈ 1.9 MB
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+        try:
+            with pytest.raises(StoreError, match="swag.moments.*ulimit -f.*Nothing was changed"):
+                SWAGPosterior.create(store, n_params, max_rank=2, overwrite=True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert _digest_tree(tmp_path) == files
         assert SWAGPosterior.open(store, readonly=True).n_collected == 5
-        store.close()
 
+    @pytest.mark.parametrize("how", ["symlink", "hardlink"])
+    def test_no_file_of_a_posterior_is_written_through_a_link(self, how, tmp_path):
+        """Each file the writer owns, replaced by a link to a file outside: opening for writing is refused
+        and the outside file keeps every byte (a hard link is refused where the tier writes in place)."""
+        self.require("files")
+        if self.tier.kind == "zarr" and how == "hardlink":
+            pytest.skip("zarr replaces its objects by rename (a hard link is not written through); the open shard "
+                        "file itself is hard-linked into the log by design")
+        root = tmp_path / ("posterior.zarr" if self.tier.kind == "zarr" else self.tier.name)
+        store = self.tier.open(tmp_path)
+        post = SWAGPosterior.create(store, N, max_rank=4, checkpoint_every=2)
+        for theta in _thetas(5):
+            post.update(theta)
+        post.close()
+        store.close()
+        owned = _owned_files(self.tier.kind, root)
+        assert {p.name for p in owned} >= ({"swag.log.npy", "swag.count.npy", "swag.moments.npy"} if self.tier.kind != "zarr"
+                                           else {"0"})
+        for file in owned:
+            outside = tmp_path / "outside"
+            os.replace(file, outside)
+            if how == "symlink":
+                file.symlink_to(outside)
+            else:
+                os.link(outside, file)
+            before = outside.read_bytes()
+            with pytest.raises(StoreError, match="symbolic link|hard link"):
+                st = self.tier.open(tmp_path)
+                try:
+                    writer = SWAGPosterior.open(st)
+                    for theta in _thetas(6, seed=1):
+                        writer.update(theta)
+                    writer.close()
+                finally:
+                    st.close()
+            assert outside.read_bytes() == before, f"{file.name} was written through a {how}"
+            file.unlink()
+            os.replace(outside, file)
+
+    @pytest.mark.parametrize("codec", CODECS)
+    def test_a_full_disk_is_a_store_error_that_counts_nothing(self, codec, tmp_path):
+        self.require("files")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        n_params = 40_000
+        thetas = (np.random.default_rng(3).standard_normal((30, n_params)) * 0.1).astype(np.float32)
+        with _small_tmpfs(tmp_path / "fs", 24) as fs:
+            store = self.tier.open(fs)
+            post = SWAGPosterior.create(store, n_params, max_rank=8, checkpoint_every=4, codec=codec)
+            kept: list[np.ndarray] = []
+            for theta in thetas[:5]:
+                post.update(theta)
+                kept.append(theta)
+            post.flush()
+            filler = _fill(fs)
+            refused = 0
+            for theta in thetas[5:25]:
+                try:
+                    post.update(theta)
+                    post.n_collected  # the row is written behind the call: this waits for it
+                except StoreError as exc:
+                    assert post.n_collected == len(kept), "a refused update was counted"
+                    assert "free space" in str(exc) and str(fs) in str(exc), exc
+                    refused += 1
+                    print(f"refused at {len(kept)}: {exc}")
+                    filler.unlink()  # free space, then record the same iterate again
+                    post.update(theta)
+                    post.n_collected
+                    filler = _fill(fs)
+                kept.append(theta)
+                assert post.n_collected == len(kept)
+            try:
+                post.close()
+            except StoreError as exc:  # a close on a full disk says so, in the tier's terms
+                assert "free space" in str(exc)
+                filler.unlink()
+                post.close()
+            filler.unlink(missing_ok=True)
+            store.close()
+            assert (refused == 0) == (self.tier.kind != "zarr"), "only zarr's shards and checkpoints take new space"
+            again = SWAGPosterior.open(self.tier.open(fs), readonly=True)
+            ref = np.asarray(kept, np.float64)
+            assert again.n_collected == len(kept)
+            np.testing.assert_allclose(again.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_array_equal(again.kept_rows(), ref[-8:].astype(np.float32))
+            again.close()
+            again.store.close()
+
+    def test_create_on_a_full_disk_keeps_the_old_posterior(self, tmp_path):
+        self.require("files")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        with _small_tmpfs(tmp_path / "fs", 16) as fs:
+            store = self.tier.open(fs)
+            old = SWAGPosterior.create(store, N, max_rank=4)
+            for theta in _thetas(5):
+                old.update(theta)
+            old.close()
+            files = _digest_tree(fs)
+            with pytest.raises(StoreError, match="too small|free space"):
+                SWAGPosterior.create(store, 200_000, max_rank=40, overwrite=True)
+            assert _digest_tree(fs) == files
+            assert SWAGPosterior.open(store, readonly=True).n_collected == 5
+            store.close()
+
+
+globals().update(per_tier(HostileContract))

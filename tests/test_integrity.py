@@ -13,6 +13,7 @@ import pytest
 
 from nvmlib.backends import open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
+from contract import TierCase, per_tier
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, COUNT, FORMAT, META, MOMENTS, SHIFT
 from nvmlib.posterior.log import LOG
@@ -47,79 +48,6 @@ def tamper(store, name: str, row: int, fn) -> None:
 
 
 # ---- defect 3: tampering and damage -----------------------------------------------------------
-def test_count_plus_three_is_recovered_exactly(persistent_tier):
-    _, opener = persistent_tier
-    with opener() as store:
-        th = collected(store)
-        raw = store.read_rows(COUNT, 0, 2)
-        raw[0] += 3
-        store.write_rows(COUNT, 0, raw)
-        store.persist(COUNT)
-        post = SWAGPosterior.open(store)
-        assert post.n_collected == 13
-        assert_exact(post, th)
-        post.close()
-        assert SWAGPosterior.open(store, readonly=True).n_collected == 13  # close() saved nothing wrong
-
-
-@pytest.mark.parametrize("field", ["n_params", "capacity"])
-def test_edited_meta_is_refused(persistent_tier, field):
-    _, opener = persistent_tier
-    with opener() as store:
-        collected(store)
-        raw = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
-        edited = raw.replace(f'"{field}": '.encode(), f'"{field}": 1'.encode(), 1)  # 40 -> 140, 8 -> 18
-        store.write_rows(META, 0, np.frombuffer(edited[:len(raw)], np.uint8))
-        store.persist(META)
-        with pytest.raises(PosteriorError, match="swag.meta .* fails its checksum"):
-            SWAGPosterior.open(store, readonly=True)
-
-
-def test_edited_shift_is_refused(persistent_tier):
-    _, opener = persistent_tier
-    with opener() as store:
-        collected(store)
-        tamper(store, SHIFT, 3, lambda b: b.__setitem__(0, b[0] + 1.0))
-        with pytest.raises(PosteriorError, match="swag.shift fails its checksum"):
-            SWAGPosterior.open(store, readonly=True)
-
-
-def test_flipped_bit_in_a_kept_row_is_refused_on_read(persistent_tier):
-    _, opener = persistent_tier
-    with opener() as store:
-        th = collected(store)
-        slot = 10 % 9  # iterate 10 of a ring of 8 kept (+1 spare) slots
-        tamper(store, LOG, slot, lambda b: b.view(np.uint8).__setitem__((0, 17), b.view(np.uint8)[0, 17] ^ 4))
-        post = SWAGPosterior.open(store, readonly=True)
-        assert_exact_moments = np.testing.assert_allclose
-        assert_exact_moments(post.mean(), th.mean(0), rtol=1e-12)  # the moments are intact
-        for read in (post.kept_rows, lambda: post.sample(2, seed=0), lambda: post.iterates(10, 11)):
-            with pytest.raises(PosteriorError, match="iterate 10 .* fails its checksum"):
-                read()
-        np.testing.assert_array_equal(post.iterates(11, 13), th[11:13])
-
-
-def test_moments_and_commit_of_another_posterior_are_refused(persistent_tier, tmp_path):
-    _, opener = persistent_tier
-    other = open_store("mmap", tmp_path / "other")
-    collected(other, seed=1)
-    with opener() as store:
-        collected(store)
-        for name in (MOMENTS, COMMIT):
-            store.write_rows(name, 0, other.read_rows(name, 0, 2))
-            store.persist(name)
-        with pytest.raises(PosteriorError, match="belongs to another posterior"):
-            SWAGPosterior.open(store, readonly=True)
-
-
-def test_a_posterior_has_one_layout_on_every_tier(store, tmp_path):
-    """Log rows and moments are padded alike wherever the posterior lies (not per tier), so the
-    arrays of one posterior fit another's (the test above copies them from the mmap tier)."""
-    shapes = []
-    for st in (open_store("mmap", tmp_path / "reference"), store):
-        SWAGPosterior.create(st, N, max_rank=4, dtype="float64").close()
-        shapes.append({name: st.shape(name) for name in st.names()})
-    assert shapes[1] == shapes[0]
 
 
 def test_truncated_log_file_is_refused_not_regrown(tmp_path):
@@ -158,51 +86,9 @@ def test_zero_filled_meta_of_an_interrupted_create(tmp_path):
 
 
 # ---- defect 1: a failed train-state save must not cost the resume point ----------------------
-def test_close_after_a_checkpoint_keeps_the_previous_one(persistent_tier):
-    _, opener = persistent_tier
-    th = iterates(9, N)
-    with opener() as store:
-        post = SWAGPosterior.create(store, N, max_rank=8, dtype="float64", checkpoint_every=4)
-        marks = [i + 1 for i, t in enumerate(th) if post.update(t)]
-        assert marks == [1, 5, 9]
-        post.close()  # what train's error path does when saving the state of update 9 fails
-        post = SWAGPosterior.open(store)
-        post.truncate(5)  # --resume from the last saved state
-        assert post.n_collected == 5
-        assert_exact(post, th)
-        post.close()
 
 
 # ---- defect 8: truncate to 0 or 1, and a fractional count -------------------------------------
-@pytest.mark.parametrize("to", [0, 1, 2])
-def test_truncate_to_the_start(store, to):
-    th = iterates(20, N)
-    post = SWAGPosterior.create(store, N, max_rank=12, dtype="float64", checkpoint_every=3)
-    for t in th[:10]:
-        post.update(t)
-    post.truncate(to)
-    assert post.n_collected == to
-    if to:
-        assert_exact(post, th[:to])
-    for t in th[to:15]:
-        post.update(t)
-    assert_exact(post, th[:15])
-    post.close()
-    again = SWAGPosterior.open(store)
-    assert again.n_collected == 15
-    assert_exact(again, th[:15])
-    again.close()
-
-
-@pytest.mark.parametrize("bad", [1.5, "3", True, -1, 99])
-def test_truncate_refuses_a_bad_count(store, bad):
-    post = SWAGPosterior.create(store, N, max_rank=4)
-    for t in iterates(5, N):
-        post.update(t)
-    with pytest.raises(InputError, match="truncate"):
-        post.truncate(bad)
-    assert post.n_collected == 5
-    post.close()
 
 
 def test_truncate_in_a_wrapped_ring_refuses_the_dropped_rows():
@@ -275,24 +161,6 @@ def test_train_state_on_a_full_disk_names_the_cause_and_keeps_the_old_one(mount)
     assert state.read_bytes() == b"old state" and [p.name for p in mount.iterdir()] == ["train_state.pt"]
 
 
-@pytest.mark.parametrize("tier", ["mmap", "pmem", "pmem-devdax"])
-def test_readonly_open_on_a_readonly_mount(mount, tier):
-    from conftest import TIER_OPENERS
-    if tier not in TIER_OPENERS:
-        pytest.skip(f"{tier} is not available here")
-    with TIER_OPENERS[tier](mount) as store:
-        th = collected(store, T=5, max_rank=3, checkpoint_every=1)
-    del store
-    gc.collect()  # the writer's mappings: a mount with a file mapped for writing cannot become read-only
-    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-    with TIER_OPENERS[tier](mount, readonly=True) as store:
-        post = SWAGPosterior.open(store, readonly=True)
-        assert_exact(post, th)
-        post.close()
-        with pytest.raises((StoreError, PosteriorError), match="read-only|Read-only"):
-            SWAGPosterior.open(store)
-
-
 # ---- defect 10: a devdax table entry outside the device -----------------------------------------
 def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
     """The table is rewritten with a valid checksum but an extent at offset −4096: the open must be
@@ -313,3 +181,136 @@ def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
             f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), readonly=True)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 1 and "StoreError" in run.stderr and "invalid entry for 'swag.log'" in run.stderr, run.stderr
+
+
+class IntegrityContract(TierCase):
+    """Damaged, tampered or truncated posteriors on a tier: recovered exactly or refused."""
+
+    def test_count_plus_three_is_recovered_exactly(self, reopen):
+        self.require("persistent")
+        with reopen() as store:
+            th = collected(store)
+            raw = store.read_rows(COUNT, 0, 2)
+            raw[0] += 3
+            store.write_rows(COUNT, 0, raw)
+            store.persist(COUNT)
+            post = SWAGPosterior.open(store)
+            assert post.n_collected == 13
+            assert_exact(post, th)
+            post.close()
+            assert SWAGPosterior.open(store, readonly=True).n_collected == 13  # close() saved nothing wrong
+
+    @pytest.mark.parametrize("field", ["n_params", "capacity"])
+    def test_edited_meta_is_refused(self, reopen, field):
+        self.require("persistent")
+        with reopen() as store:
+            collected(store)
+            raw = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
+            edited = raw.replace(f'"{field}": '.encode(), f'"{field}": 1'.encode(), 1)  # 40 -> 140, 8 -> 18
+            store.write_rows(META, 0, np.frombuffer(edited[:len(raw)], np.uint8))
+            store.persist(META)
+            with pytest.raises(PosteriorError, match="swag.meta .* fails its checksum"):
+                SWAGPosterior.open(store, readonly=True)
+
+    def test_edited_shift_is_refused(self, reopen):
+        self.require("persistent")
+        with reopen() as store:
+            collected(store)
+            tamper(store, SHIFT, 3, lambda b: b.__setitem__(0, b[0] + 1.0))
+            with pytest.raises(PosteriorError, match="swag.shift fails its checksum"):
+                SWAGPosterior.open(store, readonly=True)
+
+    def test_flipped_bit_in_a_kept_row_is_refused_on_read(self, reopen):
+        self.require("persistent")
+        with reopen() as store:
+            th = collected(store)
+            slot = 10 % 9  # iterate 10 of a ring of 8 kept (+1 spare) slots
+            tamper(store, LOG, slot, lambda b: b.view(np.uint8).__setitem__((0, 17), b.view(np.uint8)[0, 17] ^ 4))
+            post = SWAGPosterior.open(store, readonly=True)
+            assert_exact_moments = np.testing.assert_allclose
+            assert_exact_moments(post.mean(), th.mean(0), rtol=1e-12)  # the moments are intact
+            for read in (post.kept_rows, lambda: post.sample(2, seed=0), lambda: post.iterates(10, 11)):
+                with pytest.raises(PosteriorError, match="iterate 10 .* fails its checksum"):
+                    read()
+            np.testing.assert_array_equal(post.iterates(11, 13), th[11:13])
+
+    def test_moments_and_commit_of_another_posterior_are_refused(self, reopen, tmp_path):
+        self.require("persistent")
+        other = open_store("mmap", tmp_path / "other")
+        collected(other, seed=1)
+        with reopen() as store:
+            collected(store)
+            for name in (MOMENTS, COMMIT):
+                store.write_rows(name, 0, other.read_rows(name, 0, 2))
+                store.persist(name)
+            with pytest.raises(PosteriorError, match="belongs to another posterior"):
+                SWAGPosterior.open(store, readonly=True)
+
+    def test_close_after_a_checkpoint_keeps_the_previous_one(self, reopen):
+        self.require("persistent")
+        th = iterates(9, N)
+        with reopen() as store:
+            post = SWAGPosterior.create(store, N, max_rank=8, dtype="float64", checkpoint_every=4)
+            marks = [i + 1 for i, t in enumerate(th) if post.update(t)]
+            assert marks == [1, 5, 9]
+            post.close()  # what train's error path does when saving the state of update 9 fails
+            post = SWAGPosterior.open(store)
+            post.truncate(5)  # --resume from the last saved state
+            assert post.n_collected == 5
+            assert_exact(post, th)
+            post.close()
+
+    def test_a_posterior_has_one_layout_on_every_tier(self, store, tmp_path):
+        """Log rows and moments are padded alike wherever the posterior lies (not per tier), so the
+        arrays of one posterior fit another's (the test above copies them from the mmap tier)."""
+        shapes = []
+        for st in (open_store("mmap", tmp_path / "reference"), store):
+            SWAGPosterior.create(st, N, max_rank=4, dtype="float64").close()
+            shapes.append({name: st.shape(name) for name in st.names()})
+        assert shapes[1] == shapes[0]
+
+    @pytest.mark.parametrize("to", [0, 1, 2])
+    def test_truncate_to_the_start(self, store, to):
+        th = iterates(20, N)
+        post = SWAGPosterior.create(store, N, max_rank=12, dtype="float64", checkpoint_every=3)
+        for t in th[:10]:
+            post.update(t)
+        post.truncate(to)
+        assert post.n_collected == to
+        if to:
+            assert_exact(post, th[:to])
+        for t in th[to:15]:
+            post.update(t)
+        assert_exact(post, th[:15])
+        post.close()
+        again = SWAGPosterior.open(store)
+        assert again.n_collected == 15
+        assert_exact(again, th[:15])
+        again.close()
+
+    @pytest.mark.parametrize("bad", [1.5, "3", True, -1, 99])
+    def test_truncate_refuses_a_bad_count(self, store, bad):
+        post = SWAGPosterior.create(store, N, max_rank=4)
+        for t in iterates(5, N):
+            post.update(t)
+        with pytest.raises(InputError, match="truncate"):
+            post.truncate(bad)
+        assert post.n_collected == 5
+        post.close()
+
+    def test_readonly_open_on_a_readonly_mount(self, mount):
+        self.require("readonly_mount")
+        with self.tier.open(mount) as store:
+            th = collected(store, T=5, max_rank=3, checkpoint_every=1)
+        del store
+        gc.collect()  # the writer's mappings: a mount with a file mapped for writing cannot become read-only
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        with self.tier.open(mount, readonly=True) as store:
+            post = SWAGPosterior.open(store, readonly=True)
+            assert_exact(post, th)
+            post.close()
+            with pytest.raises((StoreError, PosteriorError), match="read-only|Read-only"):
+                SWAGPosterior.open(store)
+
+
+globals().update(per_tier(IntegrityContract))

@@ -3,7 +3,7 @@ the real library does to a caller: its stdout banner, fixed load addresses, one 
 its process-wide POSIX lock and aborts, mapstore's volatility, readers and resume across processes.
 
 The Store contract (tests/test_tiers.py, test_swag.py) and the crash tests (test_crash.py) run on
-the pymm tier too wherever IBM PyMM imports (conftest.TIER_OPENERS). Tests that need PyMM skip,
+the pymm tier too wherever IBM PyMM imports (contract.TIERS). Tests that need PyMM skip,
 with the reason, where it does not import; the "PyMM" section of docs/tiers.md says how to build it.
 """
 from __future__ import annotations

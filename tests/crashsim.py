@@ -70,15 +70,25 @@ def _tear(old: np.ndarray, new: np.ndarray, unit: int, rng: random.Random) -> np
     return out
 
 
-def crash_states(ops: list[Op], count: int, seed: int = 0, tear: int | None = 512) -> Iterator[CrashState]:
-    """`count` crash states of the recorded `ops`, drawn at random crash points (seeded)."""
+def crash_points(ops: list[Op], count: int, rng: random.Random) -> Iterator[int]:
+    """`count` crash points (0..len(ops)): rounds of every point once, each round in a random
+    order, so `count` >= len(ops) + 1 visits every point."""
+    points = list(range(len(ops) + 1))
+    while count > 0:
+        rng.shuffle(points)
+        yield from points[:count]
+        count -= len(points)
+
+
+def crash_states(ops: list[Op], count: int, seed: int = 0,
+                 tear: int | None = 512) -> Iterator[CrashState]:
+    """`count` crash states of the recorded `ops` (seeded), at the points of `crash_points`."""
     rng = random.Random(seed)
     last_persist: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
         if op.kind == "persist":
             last_persist.setdefault(op.name, []).append(i)
-    for _ in range(count):
-        point = rng.randint(0, len(ops))
+    for point in crash_points(ops, count, rng):
         arrays: dict[str, np.ndarray] = {}
         pending: list[int] = []
         for i, op in enumerate(ops[:point]):
