@@ -41,7 +41,8 @@ from nvmlib.backends.base import ALIGN, Store, aligned_empty, check_fits, padded
 from nvmlib.checksum import digest, identity_seed, new_identity
 from nvmlib.codec import check_codec
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
-from nvmlib.log import INDEX, LOG, REPLAY_ROWS, Batch, Runs, layout, log_bytes, log_class
+from nvmlib.log import (ASSUMED_RATIO, INDEX, LOG, REPLAY_ROWS, Batch, Runs, layout, log_bytes,
+                        log_class)
 
 FORMAT = 3
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
@@ -197,11 +198,14 @@ class SWAGPosterior:
 
     # ---- creating and opening -----------------------------------------------------------
     @staticmethod
-    def required_bytes(n_params: int, rows: int, dtype: str = "float32", codec: str | None = None) -> int:
-        """Bytes a posterior of `rows` kept iterates needs on a tier (the log reserves room for the
-        next row, and a compressed log for incompressible rows and a chunk more)."""
+    def required_bytes(n_params: int, rows: int, dtype: str = "float32", codec: str | None = None,
+                       grows: bool = False) -> int:
+        """Bytes a posterior of `rows` kept iterates needs on a tier (the log has room for the next
+        row, a compressed log for a chunk more): a compressed log's records counted at
+        log.ASSUMED_RATIO of raw rows where the tier grows (Store.grows), else at their worst
+        case."""
         log = log_bytes({"n_params": n_params, "capacity": rows, "dtype": dtype,
-                         **layout(n_params, rows, dtype, codec, chunk_for(rows))})
+                         **layout(n_params, rows, dtype, codec, chunk_for(rows))}, grows)
         return log + (4 * padded_len(n_params, "float64", ALIGN) + n_params) * 8 + 8 * 4096
 
     @classmethod
@@ -253,9 +257,11 @@ class SWAGPosterior:
                                          "or choose another path")
             old = [n for n in NAMES if n in store]  # or a torn create's
             moments_len = padded_len(int(n_params), "float64", ALIGN)
-            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, codec),
-                       f"a posterior of {cap} iterates × {n_params} parameters ({dtype}"
-                       f"{', ' + codec + ' reserves room for incompressible rows' if codec else ''})",
+            room = "" if codec is None else (
+                f", {codec} at {ASSUMED_RATIO}x less than raw rows" if store.grows else
+                f", {codec} with room for incompressible rows: {store.describe()} does not grow")
+            check_fits(store, cls.required_bytes(int(n_params), cap, dtype, codec, store.grows),
+                       f"a posterior of {cap} iterates × {n_params} parameters ({dtype}{room})",
                        reclaimable=sum(store.nbytes(n) for n in old))
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
                     **layout(int(n_params), cap, dtype, codec, chunk_for(cap)),
@@ -268,7 +274,7 @@ class SWAGPosterior:
             for name in old:
                 store.delete(name)
             for name, (shape, dt) in arrays.items():
-                store.create(name, shape, dt)
+                store.create(name, shape, dt, sparse=name in log_class(meta).SPARSE)
             post = cls(store, meta, readonly=False)
             post._checkpoint(force=True)
             raw = _encode_meta(meta)
@@ -374,16 +380,16 @@ class SWAGPosterior:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the posterior reserves on its tier."""
-        return sum(self.store.nbytes(n) for n in NAMES if n in self.store)
+        """Bytes the posterior occupies on its tier now (its files' blocks, what `du` counts,
+        where the tier can tell): a compressed log's grow with its records on a tier that grows."""
+        self._settle()
+        return sum(self.store.occupied(n) for n in NAMES if n in self.store)
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes the posterior holds on its tier: nbytes for raw rows; for a compressed log, the
-        records it keeps (not the room reserved for incompressible ones)."""
-        self._settle()
-        return self.nbytes - sum(self.store.nbytes(n) for n in (LOG, INDEX) if n in self.store) + \
-            self.log.stored_bytes(self._count - self.rank, self._count)
+        """The same as nbytes (a compressed log occupies what it stores); the records alone:
+        `post.log.stored_bytes(first, stop)`."""
+        return self.nbytes
 
     def __repr__(self) -> str:
         return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} rank={self.rank} "
