@@ -262,7 +262,7 @@ class SWAGPosterior:
                 f", {codec} with room for incompressible rows: {store.describe()} does not grow")
             check_fits(store, cls.required_bytes(int(n_params), cap, dtype, codec, store.grows),
                        f"a posterior of {cap} iterates × {n_params} parameters ({dtype}{room})",
-                       reclaimable=sum(store.nbytes(n) for n in old))
+                       reclaimable=sum(store.occupied(n) for n in old))
             meta = {"format": FORMAT, "n_params": int(n_params), "max_rank": max_rank, "capacity": cap,
                     **layout(int(n_params), cap, dtype, codec, chunk_for(cap)),
                     "moments_len": moments_len, "dtype": dtype, "model": model,
