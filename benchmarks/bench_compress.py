@@ -11,6 +11,11 @@ load and the disk drift), after an untimed warm-up, and the median is reported. 
 the raw and the zstd log of the same iterates (O_DIRECT reads: the device is read, not the page
 cache), again interleaved.
 
+What the posterior occupies on the disk is measured from its files' blocks (st_blocks, what `du`
+counts; not `stored_bytes`), raw against delta-zstd, for the whole log of the iterates and for a
+ring of --ring K of them (which wraps: 2K iterates are recorded): the log's files against K raw
+rows (K × n_params × 4 bytes), and the whole posterior's directory against the raw one's.
+
 The codec alone (in memory, no I/O) is timed too, encoding and decoding on 1, 2 and all cores:
 where its rate per core sits against the device's bandwidth says how many cores the compressed
 log needs to collect faster than raw rows can be written.
@@ -21,7 +26,8 @@ pass, the sample comparison is repeated with reads throttled to --read-limit MB/
 blkio throttle on DIR's device (needs root and /sys/fs/cgroup/blkio; skipped with a note otherwise).
 
 Usage: python benchmarks/bench_compress.py [DIR] [--models model_2fc,model_4fc] [--rows 48]
-                                           [--samples 16] [--repeat 3] [--read-limit 250] [--json out.json]
+                                           [--samples 16] [--repeat 3] [--read-limit 250] [--ring 50]
+                                           [--disk-only] [--json out.json]
 """
 from __future__ import annotations
 
@@ -40,9 +46,11 @@ from tqdm import tqdm
 from bench_swag import dd_bandwidth, write_json
 from nvmlib.paper import data, models
 from nvmlib.backends import open_store
-from nvmlib.posterior.codec import DeltaCodec
-from nvmlib.posterior import SWAGPosterior
+from nvmlib.backends.files import occupied_bytes
 from nvmlib.paper.train import machine_facts
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.codec import DeltaCodec
+from nvmlib.posterior.log import INDEX, LOG
 
 REGIMES = {"paper": (1e-4, 0.0, 0), "swag": (0.05, 0.9, 200)}  # lr, momentum, warm-up steps
 
@@ -80,6 +88,34 @@ def collect(where: Path, rows: np.ndarray, codec: str | None, threads: int) -> t
     post.close()
     store.close()
     return seconds, stored
+
+
+def disk_bytes(where: Path, rows: np.ndarray, codec: str | None, ring: int | None) -> tuple[int, int]:
+    """(bytes the log's files occupy, bytes every file of the posterior occupies) on the disk
+    (st_blocks) after recording `rows` into a fresh mmap posterior: the whole log, or a ring of `ring`."""
+    shutil.rmtree(where, ignore_errors=True)
+    with open_store("mmap", where) as store:
+        post = SWAGPosterior.create(store, rows.shape[1], max_rank=ring, capacity=len(rows), codec=codec)
+        for row in rows:
+            post.update(row)
+        post.close()
+    log = occupied_bytes(*(where / f"{name}.npy" for name in (LOG, INDEX)))
+    return log, occupied_bytes(*where.iterdir())
+
+
+def footprint(root: Path, rows: np.ndarray, ring: int) -> list[dict]:
+    """The disk the raw and the delta-zstd log of `rows` occupy, whole and as a ring of `ring` kept
+    iterates (recording 2 × ring of them, so that it wraps), against the raw rows they keep."""
+    out = []
+    for kept, data in ((None, rows), (ring, rows[:2 * ring])):
+        raw_log, raw_all = disk_bytes(root / "disk-raw", data, None, kept)
+        log, every = disk_bytes(root / "disk-zstd", data, "delta-zstd", kept)
+        rows_bytes = (kept or len(data)) * rows.shape[1] * rows.dtype.itemsize
+        out.append({"log": "whole" if kept is None else f"ring of {kept}", "iterates": len(data),
+                    "raw_rows_bytes": rows_bytes, "raw_log_disk": raw_log, "raw_posterior_disk": raw_all,
+                    "zstd_log_disk": log, "zstd_posterior_disk": every, "log_vs_raw_rows": rows_bytes / log,
+                    "posterior_vs_raw_posterior": raw_all / every})
+    return out
 
 
 def codec_rates(rows: np.ndarray, codec: str, threads: int) -> tuple[float, float]:
@@ -144,6 +180,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--read-limit", type=int, default=250, help="MB/s of the throttled device (0: none)")
+    parser.add_argument("--ring", type=int, default=50, help="iterates a ring keeps in the disk measurement")
+    parser.add_argument("--disk-only", action="store_true", help="measure the disk footprint only (no timings)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-compress-"))
@@ -155,7 +193,16 @@ def main() -> None:
     settings = [(None, cores)] + [(c, n) for c in ("delta-zstd", "delta-lz4") for n in sorted({1, 2, cores})]
     for model_name in args.models.split(","):
         for regime in REGIMES:
-            rows = iterates(model_name, regime, args.rows)
+            rows = iterates(model_name, regime, max(args.rows, 2 * args.ring))
+            for disk in footprint(root, rows, args.ring):
+                report.setdefault("disk", []).append({"model": model_name, "regime": regime, **disk})
+                print(f"{model_name:9s} {regime:5s} {disk['log']:10s} ({disk['iterates']} iterates) on the disk: "
+                      f"raw rows {disk['raw_rows_bytes'] / 1e6:.1f} MB, raw log {disk['raw_log_disk'] / 1e6:.1f} MB, "
+                      f"zstd log {disk['zstd_log_disk'] / 1e6:.1f} MB = {disk['log_vs_raw_rows']:.2f}x less than "
+                      f"the raw rows; whole posterior {disk['posterior_vs_raw_posterior']:.2f}x less")
+            if args.disk_only:
+                continue
+            rows = rows[:args.rows]
             raw_row = rows.shape[1] * 4
             for codec, threads in settings:  # warm-up: compile and load the kernels, start the threads
                 collect(root / "warm-up", rows[:4], codec, threads)

@@ -29,7 +29,7 @@ class Op:
 
 
 class Recorder(DramStore):
-    """A DRAM store that records every create, write_rows and persist."""
+    """A DRAM store that records every create, write_rows (and release) and persist."""
 
     kind = "recorder"
 
@@ -37,9 +37,16 @@ class Recorder(DramStore):
         super().__init__()
         self.ops: list[Op] = []
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
-        super().create(name, shape, dtype)
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
+        super().create(name, shape, dtype, sparse)
         self.ops.append(Op("create", name, data=np.zeros(shape, dtype)))
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Recorded as a write of zeros (what released rows read as), durable when persisted."""
+        super().release(name, start, stop)
+        zeros = np.zeros((stop - start,) + self.shape(name)[1:], self.dtype(name))
+        self.ops.append(Op("write", name, start, zeros))
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         super().write_rows(name, start, rows)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from contract import TIERS
-from nvmlib.posterior.codec import DeltaCodec
-from nvmlib.errors import InputError, PosteriorError
-from nvmlib.posterior.log import BLOCK, INDEX, LOG
+from nvmlib.errors import InputError, PosteriorError, StoreError
 from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.codec import DeltaCodec
+from nvmlib.posterior.log import ASSUMED_RATIO, BLOCK, INDEX, LOG
 
 N, K, T = 3000, 6, 23  # a ring of 6 kept iterates (chunks of 2) that wraps several times
 
@@ -133,3 +133,45 @@ def test_a_bad_thread_count_is_refused_before_anything_is_written(tmp_path, monk
     post = SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd")
     assert post.log.codec._pool._max_workers == 2
     post.close()
+
+
+@pytest.mark.parametrize("max_rank", [K, None])
+def test_the_log_occupies_the_records_it_keeps(store, max_rank):
+    """Where the tier grows, the compressed log's blocks are those of its records (a ring: its kept
+    chunks, the dropped ones handed back), not the worst case; elsewhere the worst case, whole."""
+    n, t = 20_000, 40
+    rows = walk("float32", t, n)
+    post = SWAGPosterior.create(store, n, max_rank=max_rank, capacity=t, codec="delta-zstd", checkpoint_every=3)
+    for row in rows:
+        post.update(row)
+    post.flush()
+    index = post.log._index(0, post.log.slots)
+    blocks = {int(r[0]): -(-int(r[2]) // BLOCK) * BLOCK for r in index if post.log._valid(r)}
+    kept = sum(b for i, b in blocks.items() if i >= t - (max_rank or t))
+    live = sum(b for i, b in blocks.items() if i >= t - (max_rank or t) - post.log.chunk)
+    if not store.grows:
+        assert store.occupied(LOG) >= store.nbytes(LOG)
+    else:
+        assert kept <= store.occupied(LOG) <= live + (64 << 10), (kept, store.occupied(LOG), live)
+        assert store.occupied(LOG) < store.nbytes(LOG) * 0.8
+    assert post.kept_rows().tobytes() == rows[-(max_rank or t):].tobytes()
+    assert post.nbytes == post.stored_bytes >= store.occupied(LOG) + store.occupied(INDEX)
+    post.close()
+
+
+def test_the_room_check_assumes_a_ratio_where_the_tier_grows(tmp_path):
+    """The room a compressed log is checked for: records at ASSUMED_RATIO of raw rows where the tier
+    grows (each record is checked again as it is written), the worst case where it does not."""
+    n, rows, chunk = 2_797_010, 600, 32
+    raw = SWAGPosterior.required_bytes(n, rows)
+    worst = SWAGPosterior.required_bytes(n, rows, codec="delta-zstd")
+    grows = SWAGPosterior.required_bytes(n, rows, codec="delta-zstd", grows=True)
+    assert grows < raw < worst
+    row = -(-n * 4 // BLOCK) * BLOCK
+    assert abs(grows - (raw - (rows + 1) * row + (rows + chunk) * row / ASSUMED_RATIO)) < 1e6
+    store = TIERS["mmap"].open(tmp_path)
+    free = store.free_bytes()
+    too_many = int(free * ASSUMED_RATIO / (n * 4)) + 100
+    with pytest.raises(StoreError, match=f"at {ASSUMED_RATIO}x less than raw rows"):
+        SWAGPosterior.create(store, n, capacity=too_many, codec="delta-zstd")
+    assert not list(tmp_path.rglob("*.npy")), "a refused create left files"

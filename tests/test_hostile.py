@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import resource
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from contract import TierCase, per_tier
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
+from nvmlib.posterior.log import LOG
 
 CODECS = [None, "delta-zstd"]
 N = 96
@@ -217,8 +219,11 @@ class HostileContract(TierCase):
                 filler.unlink()
                 post.close()
             filler.unlink(missing_ok=True)
+            grows = store.grows
             store.close()
-            assert (refused == 0) == (self.tier.kind != "zarr"), "only zarr's shards and checkpoints take new space"
+            # raw rows take no new space; zarr's shards and a compressed log's records (where the
+            # tier grows) do, as they are written
+            assert (refused > 0) == (self.tier.kind == "zarr" or (codec is not None and grows)), refused
             again = SWAGPosterior.open(self.tier.open(fs), readonly=True)
             ref = np.asarray(kept, np.float64)
             assert again.n_collected == len(kept)
@@ -226,6 +231,60 @@ class HostileContract(TierCase):
             np.testing.assert_array_equal(again.kept_rows(), ref[-8:].astype(np.float32))
             again.close()
             again.store.close()
+
+    @pytest.mark.parametrize("max_rank", [6, None])
+    def test_a_compressed_log_grows_until_the_disk_is_full_and_loses_nothing(self, max_rank, tmp_path):
+        """A compressed log takes space record by record: on a disk that fills up, the record that
+        does not fit is refused with a StoreError (n_collected unchanged), and a reopen after the
+        writer is gone without a close holds exactly the iterates counted before it; a ring, which
+        occupies its kept chunks, goes on in the room it has."""
+        self.require("files")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        n_params, T = 50_000, 80
+        rng = np.random.default_rng(5)
+        steps = [rng.standard_normal(n_params)] + [rng.standard_normal((T - 1, n_params)) * 1e-4]
+        thetas = np.cumsum(np.vstack(steps), 0).astype(np.float32)  # about 2x compressible
+        with _small_tmpfs(tmp_path / "fs", 24) as fs:
+            store = self.tier.open(fs)
+            if not store.grows:
+                store.close()
+                pytest.skip(f"the {self.tier.kind} tier takes every array's whole size at create")
+            post = SWAGPosterior.create(store, n_params, max_rank=max_rank, capacity=T,
+                                        checkpoint_every=3, codec="delta-zstd")
+            assert store.occupied(LOG) < store.nbytes(LOG) / 100, "the log reserved room for its records"
+            for theta in thetas[:4]:
+                post.update(theta)
+            post.flush()
+            room = 3 << 20  # what the filler leaves: room for ~30 records, not T
+            with open(fs / "filler", "wb") as f:
+                f.truncate(shutil.disk_usage(fs).free - room)
+                os.posix_fallocate(f.fileno(), 0, f.seek(0, 2))
+            kept, why = 4, None
+            for theta in thetas[4:]:
+                try:
+                    post.update(theta)
+                    post.n_collected  # the record is written behind the call: this waits for it
+                except StoreError as exc:
+                    why = exc
+                    break
+                kept += 1
+            if max_rank is not None:
+                assert why is None and kept == T, why
+                assert post.kept_rows().tobytes() == thetas[-max_rank:].tobytes()
+                post.close()
+                return
+            assert why is not None and "free space" in str(why) and str(fs) in str(why), why
+            assert post.n_collected == kept and 10 < kept < T, kept
+            assert post.kept_rows().tobytes() == thetas[:kept].tobytes()
+            store.unlock(LOG)  # the writer is gone without a close: reopen from what is on the disk
+            ref = thetas[:kept].astype(np.float64)
+            again = SWAGPosterior.open(self.tier.open(fs), readonly=True)
+            assert again.n_collected == kept
+            np.testing.assert_allclose(again.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(again.variance(), ref.var(0), rtol=1e-6, atol=1e-9)
+            assert again.kept_rows().tobytes() == thetas[:kept].tobytes()
+            again.close()
 
     def test_create_on_a_full_disk_keeps_the_old_posterior(self, tmp_path):
         self.require("files")

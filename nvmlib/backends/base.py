@@ -27,6 +27,8 @@ class Store(ABC):
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
     shared: ClassVar[bool] = False  # other machines can open it by its URL (a dask worker reads the log there)
+    grows: bool = False  # create(sparse=True) takes no space up front: allocate() gives it as rows
+    # are written, release() hands it back; where False, every array takes its whole size at create
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None
@@ -39,13 +41,17 @@ class Store(ABC):
 
     # ---- arrays -------------------------------------------------------------------------
     @abstractmethod
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
-        """Make a new zero-filled array; StoreError if it exists or does not fit."""
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
+        """Make a new zero-filled array; StoreError if it exists or does not fit. sparse: where
+        the tier `grows`, take no space yet (rows take it with `allocate`; the caller checks the
+        room)."""
 
-    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str) -> None:
+    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str,
+                   sparse: bool = False) -> None:
         """A new array whose rows are written in order, as a log's are (a tier may lay it out
         for that: zarr in shards); create() where the tier has no such layout."""
-        self.create(name, shape, dtype)
+        self.create(name, shape, dtype, sparse)
 
     @abstractmethod
     def array(self, name: str) -> np.ndarray:
@@ -110,6 +116,21 @@ class Store(ABC):
     def free_bytes(self) -> int | None:
         """Bytes still available on the tier, or None when unknown."""
         return None
+
+    # ---- growth (tiers that `grow`) -------------------------------------------------------
+    def allocate(self, name: str, start: int, stop: int) -> None:
+        """Give rows start..stop−1 of a sparse array their space before they are written:
+        StoreError naming the tier and asking to free space when it has none (nothing is written
+        then). A no-op where every array took its whole size at create."""
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Hand the space of rows start..stop−1 back to the tier (they read as zeros, or as
+        before where the tier cannot hand space back); the next write there allocates it again."""
+
+    def occupied(self, name: str) -> int:
+        """Bytes array `name` takes on the tier now: its blocks (what `du` counts) where the tier
+        can tell, else its size."""
+        return self.nbytes(name)
 
     def describe(self) -> str:
         return f"{self.kind} tier" + (f" at {self.path}" if self.path else "")

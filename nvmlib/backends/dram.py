@@ -1,7 +1,10 @@
 """DRAM tier: numpy arrays in RAM (also the paper's "DRAM + Optane memory mode" setting)."""
 from __future__ import annotations
 
+import ctypes
+import mmap
 import threading
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +24,31 @@ def _mem_available() -> int | None:
     return None
 
 
+@cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+def _pages(arr: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+    """(address, length) of the whole pages inside rows start..stop−1 of `arr` (which starts
+    on a page)."""
+    row = arr.strides[0] if arr.ndim else arr.itemsize
+    lo, hi = start * row, min(stop * row, arr.nbytes)
+    lo += -lo % mmap.PAGESIZE
+    hi -= hi % mmap.PAGESIZE if hi < arr.nbytes else 0
+    return arr.ctypes.data + lo, max(0, hi - lo)
+
+
 class DramStore(Store):
-    """Arrays live in this process's memory; nothing survives the process."""
+    """Arrays live in this process's memory; nothing survives the process. A sparse array is memory
+    the kernel gives page by page as rows are written (`release`: MADV_REMOVE hands pages back)."""
 
     kind = "dram"
     persistent = False
+    grows = True
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         super().__init__(None, readonly)
@@ -33,15 +56,41 @@ class DramStore(Store):
         self._locked: set[str] = set()
         self._mutex = threading.Lock()
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
         self._check_writable()
         if name in self._arrays:
             raise StoreError(f"array {name!r} already exists in the dram tier")
+        if sparse:  # zero pages until written; no huge pages (they come and go 2 MB at a time)
+            self._arrays[name] = aligned_empty(tuple(shape), dtype)
+            return
         check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
         arr = aligned_empty(tuple(shape), dtype, huge=True)
         arr.fill(0)  # touch every page now, not on the first update (np.zeros maps lazily): on a VM a
         # first touch costs milliseconds per MB, which would otherwise land in the epochs
         self._arrays[name] = arr
+
+    def allocate(self, name: str, start: int, stop: int) -> None:
+        arr = self.array(name)
+        need = (stop - start) * (arr.strides[0] if arr.ndim else arr.itemsize)
+        free = _mem_available()
+        if free is not None and need > free:
+            raise StoreError(f"the dram tier has {free / 1e6:.3f} MB of memory available, not the "
+                             f"{need / 1e6:.3f} MB rows {start}..{stop - 1} of {name!r} need; free "
+                             "space in memory (close other programs) or choose a file tier")
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        addr, length = _pages(self.array(name), start, stop)
+        if length:
+            _libc().madvise(addr, length, mmap.MADV_REMOVE)  # shared anonymous memory: the pages go
+
+    def occupied(self, name: str) -> int:
+        arr = self.array(name)
+        pages = -(-arr.nbytes // mmap.PAGESIZE)
+        vec = np.zeros(max(pages, 1), np.uint8)
+        if arr.nbytes and _libc().mincore(arr.ctypes.data, arr.nbytes, vec.ctypes.data) != 0:
+            return arr.nbytes
+        return int(np.count_nonzero(vec & 1)) * mmap.PAGESIZE
 
     def array(self, name: str) -> np.ndarray:
         try:

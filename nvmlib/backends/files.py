@@ -1,6 +1,7 @@
 """Helpers shared by tiers that keep each array in a file of a directory."""
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -50,11 +51,42 @@ def reserve(fd: int, offset: int, length: int, path: Path) -> None:
     try:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(f"no space left on the device of {path} for {length / 1e6:.3f} MB; "
                              "free space or choose another path") from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
             raise
+
+
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
+
+
+def punch(fd: int, offset: int, length: int, path: Path) -> None:
+    """Free the blocks of [offset, offset + length) of a file (they read as zeros, the size stays);
+    nothing where the file system cannot (the blocks are then reused when written again)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    if length > 0 and libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
+            raise StoreError(f"cannot free bytes {offset}..{offset + length} of {path}: "
+                             f"{os.strerror(err)}")
+
+
+def occupied_bytes(*files: Path) -> int:
+    """Bytes the blocks of `files` take (st_blocks, each inode once: what `du` counts); a missing
+    file takes none."""
+    seen, total = set(), 0
+    for file in files:
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
 
 
 def os_error(exc: OSError, path: Path | str, doing: str, nbytes: int | None = None) -> StoreError:

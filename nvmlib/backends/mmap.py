@@ -5,6 +5,9 @@ Each file's data starts at byte 4096 and the posterior log's rows are padded to 
 CPU, and no page cache to fill when the log is larger than RAM. Other writes (counters,
 moments, or a file system without O_DIRECT) use pwrite; with cache="bounded" (the default)
 their large ranges are handed back with posix_fadvise(DONTNEED). Durability is fdatasync.
+A sparse array (a compressed log) is a file with holes: `allocate` gives rows their blocks with
+posix_fallocate before they are written (a full disk refuses there, not in the middle of a write),
+`release` punches them out again (fallocate PUNCH_HOLE).
 """
 from __future__ import annotations
 
@@ -14,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain
-from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header, os_error, prepare_dir,
-                                  read_all, write_all)
+from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header,
+                                  occupied_bytes, os_error, prepare_dir, punch, read_all, reserve,
+                                  write_all)
 from nvmlib.errors import StoreError
 
 SUFFIX = ".npy"
@@ -26,6 +30,7 @@ class MmapStore(Store):
     """Arrays as .npy files, readable by plain `np.load(..., mmap_mode="r")`."""
 
     kind = "mmap"
+    grows = True
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
                  cache: str = "bounded", preallocate: bool = True) -> None:
@@ -44,10 +49,12 @@ class MmapStore(Store):
     def _file(self, name: str) -> Path:
         return self.path / f"{name}{SUFFIX}"
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
         self._check_writable()
-        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
-        create_npy(self._file(name), tuple(shape), np.dtype(dtype), self.preallocate)
+        if not sparse:
+            check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
+        create_npy(self._file(name), tuple(shape), np.dtype(dtype), self.preallocate and not sparse)
 
     def array(self, name: str) -> np.ndarray:
         if name not in self._maps:
@@ -93,6 +100,23 @@ class MmapStore(Store):
     def _offset(self, name: str, row: int) -> int:
         arr = self.array(name)
         return arr.offset + row * (arr.strides[0] if arr.ndim else arr.itemsize)
+
+    def _span(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        """(file offset, bytes) of rows start..stop−1 of `name`."""
+        arr = self.array(name)
+        row = arr.strides[0] if arr.ndim else arr.itemsize
+        return self._offset(name, start), (stop - start) * row
+
+    def allocate(self, name: str, start: int, stop: int) -> None:
+        self._check_writable()
+        reserve(self._fd(name), *self._span(name, start, stop), self._file(name))
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        self._check_writable()
+        punch(self._fd(name), *self._span(name, start, stop), self._file(name))
+
+    def occupied(self, name: str) -> int:
+        return occupied_bytes(self._file(name))
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         self._check_writable()

@@ -6,7 +6,10 @@ device such as /dev/dax0.0): one device holds every array, after a small table a
 (two alternating slots, each with a sequence number and a crc32, so a torn table update
 leaves the previous table valid). Rows are copied with pmem_memcpy_nodrain and made durable
 with pmem_drain where pmem_is_pmem says the mapping is persistent memory, and with pmem_msync
-everywhere else, so the tier also runs on any file system.
+everywhere else, so the tier also runs on any file system. On fsdax a sparse array (a compressed
+log) is a file with holes; `allocate` gives rows their blocks with posix_fallocate before they are
+copied in (a store into a hole of a full file system would be a SIGBUS, not an error), `release`
+punches them out. A device does not grow: its arrays take their whole extent at create.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, open_plain, private_dir
-from nvmlib.backends.files import create_npy, disk_free, fsync_dir, npy_header, prepare_dir
+from nvmlib.backends.files import (create_npy, disk_free, fsync_dir, npy_header, occupied_bytes,
+                                  prepare_dir, punch, reserve)
 from nvmlib.backends.libpmem import Mapping, lib
 from nvmlib.errors import StoreError
 
@@ -57,9 +61,12 @@ def _round_up(n: int, to: int = ALIGN) -> int:
 class FileLayout:
     """fsdax: one .npy file per array in a directory, each file one mapping."""
 
+    grows = True
+
     def __init__(self, path: Path, readonly: bool) -> None:
         self.path = prepare_dir(path, readonly)
         self.readonly = readonly
+        self._fds: dict[str, int] = {}  # descriptors for allocate and release
 
     def file(self, name: str) -> Path:
         return self.path / f"{name}{SUFFIX}"
@@ -75,10 +82,32 @@ class FileLayout:
         offset, shape, dtype = npy_header(file)
         return Mapping(file, readonly=self.readonly), Extent(offset, shape, dtype)
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        create_npy(self.file(name), shape, dtype)
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype, sparse: bool) -> None:
+        create_npy(self.file(name), shape, dtype, preallocate=not sparse)
+
+    def _fd(self, name: str) -> int:
+        if name not in self._fds:
+            self._fds[name] = open_plain(self.file(name), os.O_RDWR)
+        return self._fds[name]
+
+    def allocate(self, name: str, offset: int, length: int) -> None:
+        reserve(self._fd(name), offset, length, self.file(name))
+
+    def release(self, name: str, offset: int, length: int) -> None:
+        punch(self._fd(name), offset, length, self.file(name))
+
+    def occupied(self, name: str, extent: Extent) -> int:
+        return occupied_bytes(self.file(name))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def delete(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
         self.file(name).unlink(missing_ok=True)
         fsync_dir(self.path)
 
@@ -93,7 +122,10 @@ class FileLayout:
 
 
 class DeviceLayout:
-    """devdax: one mapping of the whole device, a table of extents at its start."""
+    """devdax: one mapping of the whole device, a table of extents at its start; an array takes its
+    whole extent at create (a device does not grow)."""
+
+    grows = False
 
     def __init__(self, path: Path, readonly: bool) -> None:
         self.path = Path(path).expanduser()
@@ -184,7 +216,7 @@ class DeviceLayout:
             raise StoreError(f"the device {self.path} holds no array {name!r}")
         return self.map, self.table[name]
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype, sparse: bool) -> None:
         with self._locked():
             self.seq, table = self._read()
             if name in table:
@@ -214,6 +246,17 @@ class DeviceLayout:
         used = sum(_round_up(e.nbytes) for e in self.table.values())
         return self.map.length - DATA_START - used
 
+    def allocate(self, name: str, offset: int, length: int) -> None:
+        """Nothing to do: the extent is the array's since its create."""
+
+    release = allocate
+
+    def occupied(self, name: str, extent: Extent) -> int:
+        return _round_up(extent.nbytes)
+
+    def close(self) -> None:
+        """The device's mapping lives as long as the store's views."""
+
     def lock_path(self, name: str) -> Path:
         return device_lock_path(self.path, name)
 
@@ -239,6 +282,7 @@ class PmemStore(Store):
         if device is None:
             device = path.exists() and stat.S_ISCHR(path.stat().st_mode)
         self._layout = DeviceLayout(path, readonly) if device else FileLayout(path, readonly)
+        self.grows = self._layout.grows  # fsdax files grow; a device's extents do not
         super().__init__(self._layout.path, readonly)
         self._open: dict[str, tuple[Mapping, Extent]] = {}
         self._dirty: dict[str, tuple[int, int]] = {}  # byte range written by write_rows since persist
@@ -253,16 +297,36 @@ class PmemStore(Store):
             self._open[name] = self._layout.open(name)
         return self._open[name]
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
         self._check_writable()
         if name in self._layout.names():
             raise StoreError(f"array {name!r} already exists on {self.describe()}; delete it first")
         dtype = np.dtype(dtype)
-        check_fits(self, int(np.prod(shape)) * dtype.itemsize, f"array {name!r}")
-        self._layout.create(name, tuple(int(n) for n in shape), dtype)
+        sparse = sparse and self.grows
+        if not sparse:
+            check_fits(self, int(np.prod(shape)) * dtype.itemsize, f"array {name!r}")
+        self._layout.create(name, tuple(int(n) for n in shape), dtype, sparse)
         mapping, e = self._entry(name)
-        if mapping.is_pmem:  # page tables now, not one fault per page on the hot path
+        if mapping.is_pmem and not sparse:  # page tables now, not a fault per page on the hot path
             mapping.populate(e.offset, e.nbytes)
+
+    def _span(self, name: str, start: int, stop: int) -> tuple[int, int]:
+        """(offset in the mapping, bytes) of rows start..stop−1 of `name`."""
+        e = self._entry(name)[1]
+        row = e.nbytes // max(e.shape[0] if e.shape else 1, 1)
+        return e.offset + start * row, (stop - start) * row
+
+    def allocate(self, name: str, start: int, stop: int) -> None:
+        self._check_writable()
+        self._layout.allocate(name, *self._span(name, start, stop))
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        self._check_writable()
+        self._layout.release(name, *self._span(name, start, stop))
+
+    def occupied(self, name: str) -> int:
+        return self._layout.occupied(name, self._entry(name)[1])
 
     def array(self, name: str) -> np.ndarray:
         mapping, e = self._entry(name)
@@ -336,4 +400,5 @@ class PmemStore(Store):
         for name in list(self._open):
             self.persist(name)
         self._open.clear()
+        self._layout.close()
         super().close()

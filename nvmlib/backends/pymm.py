@@ -354,7 +354,10 @@ class PymmStore(Store):
             raise StoreError(f"the shelf {self.shelf_name!r} at {self.path} holds no array {name!r}")
         return item
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
+        """A new zero-filled array on the shelf, whole from the start (sparse is ignored: a shelf
+        does not grow, so a compressed log there takes its worst case)."""
         self._check_writable()
         if name in self.names():
             raise StoreError(f"array {name!r} already exists on shelf {self.shelf_name!r}; delete it first")

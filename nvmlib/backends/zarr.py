@@ -40,8 +40,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
 from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain, refuse_links
-from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, os_error, prepare_dir, read_all, reserve,
-                                  write_all)
+from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, occupied_bytes, os_error,
+                                  prepare_dir, punch, read_all, reserve, write_all)
 from nvmlib.errors import LockedError, StoreError
 
 OPEN, STATE = ".open", ".state"
@@ -91,6 +91,7 @@ class ZarrStore(Store):
     (`storage_options` go to fsspec: credentials, endpoint...)."""
 
     kind = "zarr"
+    grows = True  # a log's shards are written as they fill; release deletes whole ones
     shared = True  # a dask worker opens it by its URL
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False,
@@ -127,17 +128,20 @@ class ZarrStore(Store):
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+               sparse: bool = False) -> None:
         self._check_new(name, shape, dtype)
         chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
         self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
                                 compressors=None, fill_value=0)
         self._sync_new(name)
 
-    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str) -> None:
+    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str,
+                   sparse: bool = False) -> None:
         """A log in whole shards (about shard_bytes each), written row after row beside them in an
-        open shard that is sealed when it fills (see write_rows)."""
-        self._check_new(name, shape, dtype)
+        open shard that is sealed when it fills (see write_rows); its rows take their space as
+        they are written, so a sparse log is checked for room row by row, not here."""
+        self._check_new(name, shape, dtype, check_room=not sparse)
         rows, cols = shape
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
         self.group.create_array(name + OPEN, shape=(shard, cols), dtype=dtype, chunks=(1, cols),
@@ -151,11 +155,13 @@ class ZarrStore(Store):
         for key in (name + OPEN, name + STATE, name):
             self._sync_new(key)
 
-    def _check_new(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str) -> None:
+    def _check_new(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
+                   check_room: bool = True) -> None:
         self._check_writable()
         if name in self:
             raise StoreError(f"array {name!r} already exists in {self.url}")
-        check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
+        if check_room:
+            check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
 
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
@@ -194,6 +200,36 @@ class ZarrStore(Store):
         self._flushed.discard(name)
         if self.local:
             fsync_dir(self.path)
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        """Hand back the space of rows start..stop−1 of a local log (they read as zeros): the
+        shards wholly inside are deleted, the rows of others punched out of their files. Nothing
+        elsewhere (an object store rewrites whole objects)."""
+        log = self._log(name)
+        if not self.local or log is None:
+            return
+        R, row_bytes, current = log[0], log[2], (self._written.get(name) or self._state(name))[0]
+        for shard in range(start // R, (stop - 1) // R + 1 if stop > start else 0):
+            a, b = max(start, shard * R) - shard * R, min(stop, (shard + 1) * R) - shard * R
+            file = self._shard_file(name, shard)
+            if a == 0 and b == self._rows_in(name, shard) and shard != current:
+                file.unlink(missing_ok=True)
+                continue
+            # in nvmlib's layout (uncompressed rows in order) part of a shard is a byte range of
+            # its file, and of the open shard's, whose rows are read from there
+            for path in (file, self._open_file(name, shard)) if shard == current else (file,):
+                if path.exists():
+                    fd = open_plain(path, os.O_RDWR, one_name=False)
+                    try:
+                        punch(fd, a * row_bytes, (b - a) * row_bytes, path)
+                    finally:
+                        os.close(fd)
+
+    def occupied(self, name: str) -> int:
+        if not self.local:
+            return self.nbytes(name)
+        keys = [self.path / key for key in (name, name + OPEN, name + STATE)]
+        return occupied_bytes(*(p for key in keys for p in key.rglob("*") if p.is_file()))
 
     def shard_rows(self, name: str) -> int:
         """Rows per shard of log `name` (1 for arrays that are not sharded logs)."""
@@ -328,7 +364,7 @@ class ZarrStore(Store):
         size += -size % shard_chunk_bytes(self.array(name))  # the last inner chunk whole
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
-            reserve(fd, 0, size + len(index), path)
+            reserve(fd, size, len(index), path)  # the rows take their blocks when written (_put)
             write_all(fd, memoryview(index), size)
         except (OSError, StoreError) as exc:  # a full disk: no half-made shard file is left to be read
             os.close(fd)
@@ -379,6 +415,7 @@ class ZarrStore(Store):
         fd, direct, path = self._fd(name, shard)
         data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))  # rows have the log's dtype
         offset = i * self._log(name)[2]
+        reserve(fd, offset, data.nbytes, path)  # a full disk refuses here, before writing
         try:
             if direct is not None and DirectIO.fits(offset, data.nbytes):
                 direct.write(data, offset)  # the device's speed, no page cache to fill and flush
@@ -412,7 +449,8 @@ class ZarrStore(Store):
                 if a < b:
                     rows = aligned_empty((b - a, self.array(name).shape[1]), self.array(name).dtype)
                     self._read_shard(name, shard, a, b, rows)
-                    self._put(name, shard, a, rows)
+                    for x, y in _runs(rows.reshape(b - a, -1).any(1)):  # rows of zeros stay holes
+                        self._put(name, shard, a + x, rows[x:y])
             target = self._shard_file(name, shard)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.fsync(self._fd(name, shard)[0])  # the rows, before the link that publishes them
@@ -609,6 +647,12 @@ class ZarrStore(Store):
         self._open.clear()
         self._written.clear()
         super().close()
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[a, b) ranges where `mask` is True."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def _fsync_file(file: Path) -> None:

@@ -34,9 +34,10 @@ from nvmlib.posterior.codec import check_codec
 from nvmlib.posterior.layout import check_max_rank
 from nvmlib.paper.data import Split, load
 from nvmlib.errors import ConfigError, PosteriorError, StoreError
-from nvmlib.paper.models import MODELS, make_model, n_params
 from nvmlib.nn.swag import SWAG
+from nvmlib.paper.models import MODELS, make_model, n_params
 from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.log import ASSUMED_RATIO
 
 STATE_FORMAT = 1
 STATE_FILE = "train_state.pt"
@@ -281,9 +282,11 @@ def open_tier(config: TrainConfig) -> Store:
 def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> None:
     """StoreError naming the size needed when the tier cannot hold the run's posterior."""
     rows = config.max_rank or capacity
-    need = SWAGPosterior.required_bytes(n, rows, config.dtype, config.codec)
+    need = SWAGPosterior.required_bytes(n, rows, config.dtype, config.codec, store.grows)
+    guess = f" (its {config.codec} log counted at {ASSUMED_RATIO}x less than raw rows)" if \
+        config.codec and store.grows else ""
     what = (f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
-            f"its posterior needs {need / 1e9:.3f} GB")
+            f"its posterior needs {need / 1e9:.3f} GB{guess}")
     if config.shelf_size_mb is not None and need > config.shelf_size_mb * 2**20:
         raise StoreError(f"{what} but the shelf is {config.shelf_size_mb} MB; pass -s "
                          f"{math.ceil(need / 2**20)} or more, or keep fewer iterates (-K, -r, -e)")

@@ -40,11 +40,13 @@ def chunk_for(capacity: int) -> int:
     return int(min(MAX_CHUNK, max(2, capacity // 4)))
 
 
-def required_bytes(n_params: int, rows: int, dtype: str = "float32", codec: str | None = None) -> int:
-    """Bytes a posterior of `rows` kept iterates needs on a tier (the log reserves room for the
-    next row, and a compressed log for incompressible rows and a chunk more)."""
+def required_bytes(n_params: int, rows: int, dtype: str = "float32", codec: str | None = None,
+                   grows: bool = False) -> int:
+    """Bytes a posterior of `rows` kept iterates needs on a tier (the log has room for the next
+    row, a compressed log for a chunk more): a compressed log's records counted at
+    log.ASSUMED_RATIO of raw rows where the tier grows (Store.grows), else at their worst case."""
     log = log_bytes({"n_params": n_params, "capacity": rows, "dtype": dtype,
-                     **layout(n_params, rows, dtype, codec, chunk_for(rows))})
+                     **layout(n_params, rows, dtype, codec, chunk_for(rows))}, grows)
     return log + (4 * padded_len(n_params, "float64", ALIGN) + n_params) * 8 + 8 * 4096
 
 

@@ -15,13 +15,20 @@ DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.posterior.codec)
   capacity + chunk index slots and as many worst-case records of blocks, so that the keyframe of
   the oldest kept iterate and the record being written are never overwritten; between K and
   K + chunk − 1 iterates are physically kept, and the posterior uses the last K, as the raw log does.
+  On a tier that grows (Store.grows) the log is sparse: it occupies the records written, not the
+  worst case. Each record's blocks are allocated before it is written (a full tier refuses the
+  record there, with everything kept intact), and the blocks before the keyframe of the oldest
+  iterate still kept (the chunks the ring dropped) are released as the ring moves on, so a ring
+  occupies its kept chunks; the room is then checked record by record, not reserved.
 Both: a row written by write(t) verifies only once it is whole (a torn one fails its digest); reads
 report how many rows verified and why the next did not ("overwritten": a newer iterate took its
 slot; "fails its checksum": damaged).
 """
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
@@ -54,9 +61,22 @@ def layout(n_params: int, capacity: int, dtype: str, codec: str | None, chunk: i
     return {"codec": codec, "chunk": chunk, "record_blocks": blocks_of(record)}
 
 
-def log_bytes(meta: dict) -> int:
-    """Bytes the log's arrays reserve on the tier."""
-    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in log_class(meta).arrays(meta).values())
+# raw bytes per stored byte that a room check assumes of a compressed log on a tier that grows: the
+# lowest ratio measured on real iterates (1.60x, SWAG's regime, docs/compressed-log.md), less 22%
+ASSUMED_RATIO = 1.25
+
+
+def log_bytes(meta: dict, grows: bool = False) -> int:
+    """Bytes the log's arrays take on a tier; on one that grows (Store.grows), a compressed log's
+    records are counted at ASSUMED_RATIO of raw rows (each is refused if it finds no room)."""
+    arrays = log_class(meta).arrays(meta)
+    total = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in arrays.values())
+    if not (grows and meta.get("codec")):
+        return total
+    slots = arrays[INDEX][0][0]
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    raw = slots * padded_len(meta["n_params"], meta["dtype"], BLOCK) * itemsize
+    return total - arrays[LOG][0][0] * BLOCK + int(raw / ASSUMED_RATIO)
 
 
 def blocks_of(nbytes: int) -> int:
@@ -82,6 +102,8 @@ def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]
 
 class RawLog:
     """Rows of raw values, one per iterate, each with its trailer."""
+
+    SPARSE: frozenset[str] = frozenset()  # arrays made sparse where the tier grows: none (all used)
 
     def __init__(self, store: Store, meta: dict, ident: int) -> None:
         self.store, self.ident = store, ident
@@ -183,6 +205,7 @@ class DeltaLog:
     """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies."""
 
     FIELDS = 7  # index row: t, first block, bytes, keyframe, record digest, values digest, row digest
+    SPARSE = frozenset({LOG})  # the records take space as they are written
 
     def __init__(self, store: Store, meta: dict, ident: int) -> None:
         self.store, self.ident = store, ident
@@ -196,6 +219,8 @@ class DeltaLog:
         self._prev_t: int | None = None  # which iterate _prev holds (None: the next write is a keyframe)
         self._key = self._pos = 0  # keyframe of the open chunk; the block the next record starts on
         self._buf: np.ndarray | None = None  # the record being written, whole blocks
+        self._keys: list[tuple[int, int]] = []  # (keyframe, first block) of chunks not released
+        self._freed = 0  # blocks before this one (counting from the log's start) are released
 
     @staticmethod
     def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -221,23 +246,45 @@ class DeltaLog:
         flat[at:n_blocks * BLOCK] = 0
         seed = row_seed(self.ident, t)
         head = [t, self._pos, at, key, digest(flat[:at], seed), digest(self.row.view(np.uint8), seed)]
+        parts = spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks)
+        for a, b in parts:  # the room first: a full tier refuses the record before it is written
+            self.store.allocate(LOG, a, b)
         done = 0
-        for a, b in spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks):
+        for a, b in parts:
             self.store.write_rows(LOG, a, self._buf[done:done + b - a])
             done += b - a
         index = np.array(head, np.int64)
         self.store.write_rows(INDEX, t % self.slots, np.append(index, digest(index, self.ident))[None])
         self.row, self._prev = self._prev, self.row
+        if key == t:
+            self._keys.append((t, self._pos))
         self._prev_t, self._key, self._pos = t, key, self._pos + n_blocks
+        self._release(t - self.slots + self.chunk)
+
+    def _release(self, oldest: int) -> None:
+        """Release the blocks before the chunk of iterate `oldest`, the oldest a posterior that
+        has not counted the record just written keeps (a refused record leaves it that posterior),
+        back to the last ring's worth of blocks (older positions hold newer records now)."""
+        i = bisect.bisect_right(self._keys, (oldest, math.inf)) - 1  # the chunk `oldest` is in
+        if i < 0:
+            return
+        keep, lo = self._keys[i][1], max(self._freed, self._pos - self.blocks)
+        for a, b in spans(lo, keep, self.blocks, self.blocks):
+            self.store.release(LOG, a, b)
+        self._freed = max(self._freed, keep)
+        del self._keys[:i]
 
     def _restart(self, t: int) -> None:
         """Find where iterate t's record goes and its base (after a reopen, recovery or truncate):
         after iterate t−1's record, with that iterate decoded; a keyframe when t−1 is gone."""
-        self._prev_t, self._pos = None, 0
+        self._prev_t, self._pos, self._keys = None, 0, []
         if t == 0:
             return
         index = self._index(0, self.slots)
-        self._pos = max((record_end(r) for r in index if self._valid(r)), default=0)
+        valid = [r for r in index if self._valid(r)]
+        self._pos = max((record_end(r) for r in valid), default=0)
+        self._keys = sorted((int(r[0]), int(r[1])) for r in valid if r[0] == r[3] and r[0] < t)
+        self._freed = 0  # _release goes back a ring's worth: whatever lies outside the records kept
         for first, values, ok, _ in self.stream([(t - 1, t)]):
             if ok:
                 row = index[(t - 1) % self.slots]

@@ -24,7 +24,7 @@ import nvmlib.posterior.moments as moments
 from nvmlib.posterior.checksum import identity_seed
 from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
-from nvmlib.posterior.log import INDEX, LOG, Batch, Runs, log_class
+from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class
 from nvmlib.posterior.sampling import check_sampling, draw, low_rank
 
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
@@ -107,17 +107,21 @@ class SWAGPosterior:
                                          "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
                                          "or choose another path")
             old = [name for name in NAMES if name in store]  # or a torn create's
-            why = f", {codec} reserves room for incompressible rows" if codec else ""
-            check_fits(store, layout.required_bytes(n, cap, meta["dtype"], codec),
-                       f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{why})",
-                       reclaimable=sum(store.nbytes(name) for name in old))
+            room = "" if codec is None else (
+                f", {codec} at {ASSUMED_RATIO}x less than raw rows" if store.grows else
+                f", {codec} with room for incompressible rows: {store.describe()} does not grow")
+            check_fits(store, layout.required_bytes(n, cap, meta["dtype"], codec, store.grows),
+                       f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{room})",
+                       reclaimable=sum(store.occupied(name) for name in old))
             arrays = layout.arrays(meta)
             for name, (shape, dt) in arrays.items():
                 layout.check_file_size_limit(store, name, int(np.prod(shape)) * np.dtype(dt).itemsize)
             for name in old:
                 store.delete(name)
+            sparse = log_class(meta).SPARSE
             for name, (shape, dt) in arrays.items():
-                (store.create_log if name == LOG else store.create)(name, shape, dt)
+                (store.create_log if name == LOG else store.create)(name, shape, dt,
+                                                                    sparse=name in sparse)
             post = cls(store, meta, readonly=False)
             post._journal.checkpoint(0, force=True)
             layout.write_meta(store, meta)
@@ -214,16 +218,16 @@ class SWAGPosterior:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the posterior reserves on its tier."""
-        return sum(self.store.nbytes(name) for name in NAMES if name in self.store)
+        """Bytes the posterior occupies on its tier now (its files' blocks, what `du` counts,
+        where the tier can tell): a compressed log's grow with its records on a tier that grows."""
+        self._settle()
+        return sum(self.store.occupied(name) for name in NAMES if name in self.store)
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes the posterior holds on its tier: nbytes for raw rows; for a compressed log, the
-        records it keeps (not the room reserved for incompressible ones)."""
-        self._settle()
-        reserved = sum(self.store.nbytes(name) for name in (LOG, INDEX) if name in self.store)
-        return self.nbytes - reserved + self.log.stored_bytes(self._count - self.rank, self._count)
+        """The same as nbytes (a compressed log occupies what it stores); the records alone:
+        `post.log.stored_bytes(first, stop)`."""
+        return self.nbytes
 
     def __repr__(self) -> str:
         return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} "
