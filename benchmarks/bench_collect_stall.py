@@ -61,7 +61,8 @@ def run(directory: Path, steps: int, batch: int) -> dict:
     rest = collect[1:]
     return {"steps": steps, "batch": batch, "n_params": sum(p.numel() for p in model.parameters()),
             "collect_ms": [round(v, 1) for v in collect], "checkpoint_steps": checkpoints,
-            "step_median_ms": float(np.median(step)), "collect_median_ms": float(np.median(collect)),
+            "step_median_ms": float(np.median(step)),
+            "collect_median_ms": float(np.median(collect)),
             "collect_max_ms": max(collect), "collect_max_after_first_ms": max(rest),
             "max_over_median": max(collect) / float(np.median(collect)),
             "max_over_median_after_first": max(rest) / float(np.median(rest)),
@@ -70,7 +71,8 @@ def run(directory: Path, steps: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dir", nargs="?", help="a directory on the device to measure (default: a temp dir)")
+    parser.add_argument("dir", nargs="?", help="a directory on the device to measure "
+                        "(default: a temp dir)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--json", help="write the results here")
@@ -84,13 +86,14 @@ def main() -> None:
         shutil.rmtree(directory / "posterior", ignore_errors=True)
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
-    print(f"ResNet-18 ({result['n_params']:,} parameters), batch {args.batch}, {args.steps} steps, "
-          f"mmap tier; dd write {result['dd_write_MBps']:.0f} / {result['dd_write_MBps_after']:.0f} "
+    r = result
+    print(f"ResNet-18 ({r['n_params']:,} parameters), batch {args.batch}, {args.steps} steps, "
+          f"mmap tier; dd write {r['dd_write_MBps']:.0f} / {r['dd_write_MBps_after']:.0f} "
           "MB/s (before / after)")
-    print(f"step (no collect): median {result['step_median_ms']:.0f} ms")
-    print(f"collect: median {result['collect_median_ms']:.1f} ms, max {result['collect_max_ms']:.0f} ms "
-          f"({result['max_over_median']:.1f}x); after the first: max "
-          f"{result['collect_max_after_first_ms']:.0f} ms ({result['max_over_median_after_first']:.1f}x)")
+    print(f"step (no collect): median {r['step_median_ms']:.0f} ms")
+    print(f"collect: median {r['collect_median_ms']:.1f} ms, max {r['collect_max_ms']:.0f} ms "
+          f"({r['max_over_median']:.1f}x); after the first: max "
+          f"{r['collect_max_after_first_ms']:.0f} ms ({r['max_over_median_after_first']:.1f}x)")
     print(f"checkpoints at steps {result['checkpoint_steps']}; close {result['close_ms']:.0f} ms")
     print("collects (ms):", result["collect_ms"])
     if args.json:

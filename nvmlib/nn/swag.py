@@ -132,8 +132,8 @@ class SWAG:
         try:
             post: SWAGPosterior | ShardedPosterior = (
                 ShardedPosterior.open(tier, path, n_params, **store_options) if sharded
-                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly, moments=moments,
-                                        device=params[0].device))
+                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly,
+                                        moments=moments, device=params[0].device))
             stored = post.meta.get("model") or ""
             if "#" in stored and stored.rsplit("#", 1)[1] != fingerprint(model):
                 post.close()

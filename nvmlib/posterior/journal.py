@@ -5,8 +5,8 @@ then the moments go to the older slot, then its commit record. The last two step
 update that takes the checkpoint, on the journal's own thread, from a snapshot of the moments
 copied there (`behind=True`): that update returns once the log and count are durable, and the
 snapshot's write is waited for by the next checkpoint, flush, truncate, recovery or close. One
-checkpoint is in flight at a time, so the rows since the last durable one stay in the log. A torn record or slot fails its
-checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
+checkpoint is in flight at a time, so the rows since the last durable one stay in the log.
+A torn record or slot fails its checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
 of the rows appended after it that verify, up to the count (checkpoint_every <= capacity / 2 keeps
 them in the log). Every digest is seeded with the posterior's identity, so files of two posteriors
 never mix.
@@ -91,7 +91,8 @@ class Journal:
         self.seq, self.ckpt_count = seq, count
 
     def _commit(self, seq: int, count: int, block: np.ndarray) -> None:
-        """Write the moments `block` of `count` updates into slot seq % 2, then its commit record."""
+        """Write the moments `block` of `count` updates into slot seq % 2, then its commit
+        record."""
         slot = seq % 2
         self.store.write_rows(MOMENTS, slot, block[None])
         self.store.persist(MOMENTS)
@@ -226,8 +227,8 @@ class Journal:
             self.log.persist()
 
     def close(self) -> None:
-        """Stop the journal's thread, once the checkpoint in flight is written (close() waits for it,
-        and raises what failed, by its last checkpoint)."""
+        """Stop the journal's thread once the checkpoint in flight is written (the posterior's
+        close() has waited for it, and raised what failed, at its last checkpoint)."""
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
