@@ -147,7 +147,7 @@ def test_a_posterior_of_another_model_is_refused_before_training(tmp_path):
 def test_a_path_another_run_is_writing_is_refused_before_training(tmp_path):
     path = tmp_path / "post"
     code = ("import sys, time, torch; from nvmlib import SWAG; "
-            f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); s.collect(); "
+            f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); s.collect(); s.flush(); "
             "print('open', flush=True); time.sleep(120)")
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:

@@ -76,7 +76,8 @@ class SWAG:
     codec="delta-zstd" (or "delta-lz4") stores compressed XOR-deltas of consecutive iterates.
     dtype: how iterates are stored; by default the widest parameter dtype, which holds every
     parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
-    Drawn models keep each parameter's own dtype.
+    Drawn models keep each parameter's own dtype. moments: where the float64 sums live while
+    collecting (SWAGPosterior.create): "device" keeps them on the model's device (a GPU's).
 
     Under torch.distributed (distributed="auto", nvmlib.nn.sharded): a DDP model (wrapper unwrapped)
     is recorded by global rank 0 alone, the other ranks only count their collects; a sharded one
@@ -87,7 +88,7 @@ class SWAG:
                  max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
                  dtype: str | None = None, checkpoint_every: int = 100, name: str | None = None,
                  overwrite: bool = False, codec: str | None = None, distributed: str = "auto",
-                 **store_options: Any) -> None:
+                 moments: str = "auto", **store_options: Any) -> None:
         model, params, where, layout = _place(model, path, distributed, write=True)
         if params is None:
             self._setup(model, [], None, False, None)
@@ -100,7 +101,8 @@ class SWAG:
         try:
             post = SWAGPosterior.create(store, sum(p.numel() for p in params), max_rank, dtype, checkpoint_every,
                                         capacity=capacity, model=f"{name or type(model).__name__}#{fingerprint(model)}",
-                                        overwrite=overwrite, codec=codec)
+                                        overwrite=overwrite, codec=codec, moments=moments,
+                                        device=params[0].device)
             if layout is not None:
                 write_layout(path, layout)
         except BaseException:
@@ -112,7 +114,7 @@ class SWAG:
     @classmethod
     def open(cls, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
              store: Store | None = None, readonly: bool = False, distributed: str = "auto",
-             **store_options: Any) -> "SWAG":
+             moments: str = "auto", **store_options: Any) -> "SWAG":
         """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture.
         The directory of a sharded run opens, read-only, as the posterior of the full model."""
         model, params, where, _ = _place(model, path, distributed, write=not readonly)
@@ -130,7 +132,8 @@ class SWAG:
         try:
             post: SWAGPosterior | ShardedPosterior = (
                 ShardedPosterior.open(tier, path, n_params, **store_options) if sharded
-                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly))
+                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly,
+                                        moments=moments, device=params[0].device))
             stored = post.meta.get("model") or ""
             if "#" in stored and stored.rsplit("#", 1)[1] != fingerprint(model):
                 post.close()
@@ -158,9 +161,11 @@ class SWAG:
 
     # ---- collecting ---------------------------------------------------------------------
     def collect(self) -> bool:
-        """Record the model's parameters now as one iterate; True when this wrote a checkpoint
-        (everything collected so far is durable). On a GPU the copy is asynchronous, except for
-        an update that checkpoints, which waits so that its True means what it says."""
+        """Record the model's parameters now as one iterate; True when this took a checkpoint:
+        every iterate collected so far is durable (rows and count; the moments' checkpoint is
+        written behind training), a point to save a train state at and resume from. On a GPU
+        the copy is asynchronous, except for an update that checkpoints, which waits so that
+        its True means what it says."""
         if self._post is None:  # a replica: global rank 0 records these parameters
             self._idle += 1
             return False

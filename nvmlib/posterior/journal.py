@@ -1,8 +1,12 @@
 """A posterior's durable progress: the count of written rows, two checkpoint slots, and recovery.
 
 Durability order: an update's row, then its count; at a checkpoint the log and count are persisted,
-then the moments go to the older slot, then its commit record. A torn record or slot fails its
-checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
+then the moments go to the older slot, then its commit record. The last two steps run behind the
+update that takes the checkpoint, on the journal's own thread, from a snapshot of the moments
+copied there (`behind=True`): that update returns once the log and count are durable, and the
+snapshot's write is waited for by the next checkpoint, flush, truncate, recovery or close. One
+checkpoint is in flight at a time, so the rows since the last durable one stay in the log.
+A torn record or slot fails its checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
 of the rows appended after it that verify, up to the count (checkpoint_every <= capacity / 2 keeps
 them in the log). Every digest is seeded with the posterior's identity, so files of two posteriors
 never mix.
@@ -11,8 +15,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from nvmlib.backends.base import Store
-from nvmlib.errors import PosteriorError, SnapshotError
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from nvmlib.backends.base import Store, aligned_empty
+from nvmlib.errors import PosteriorError, SnapshotError, StoreError
 from nvmlib.posterior.checksum import digest
 from nvmlib.posterior.layout import COMMIT, COUNT, MOMENTS, SHIFT
 from nvmlib.posterior.log import REPLAY_ROWS, RawLog, DeltaLog
@@ -31,8 +37,14 @@ class Journal:
         self.log = log
         self.moments = moments
         self.readonly = readonly
-        self.seq = 0  # of the newest checkpoint
+        self.seq = 0  # of the newest checkpoint (taken: it may still be being written)
         self.ckpt_count = 0  # updates it covers
+        self._durable = (0, 0)  # (seq, count) of the newest checkpoint known to be written
+        self._pool: ThreadPoolExecutor | None = None  # writes checkpoints behind updates
+        self._copy: Future | None = None  # the snapshot of the moments, while it is copied
+        self._write: Future | None = None  # the checkpoint in flight
+        self._frozen: np.ndarray | None = None  # the snapshot it writes
+        self.failed = False  # the last checkpoint written behind failed: write the next inline
 
     # ---- the count -------------------------------------------------------------------------
     def read_count(self) -> int | None:
@@ -55,17 +67,33 @@ class Journal:
         self.store.persist(SHIFT)
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def checkpoint(self, count: int, force: bool = False) -> None:
+    def checkpoint(self, count: int, force: bool = False, behind: bool = False) -> None:
         """Persist log and count, then the moments into the older slot, then its commit record.
         Without `force`, a count already checkpointed is not written again: the other slot keeps
-        the checkpoint before it (the one a saved train state may point to)."""
+        the checkpoint before it (the one a saved train state may point to). `behind`: the moments
+        are copied and written on the journal's thread; wait() (or the next checkpoint) waits for
+        them and raises what failed."""
+        self.wait()
         if not force and count == self.ckpt_count:
             return
         self.log.persist()
         self.store.persist(COUNT)
         seq = self.seq + 1
+        if not behind:
+            self._commit(seq, count, self.moments.snapshot())
+            self.seq, self.ckpt_count = self._durable = seq, count
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-checkpoint")
+            self._frozen = aligned_empty((2, self.moments.padded), np.float64)
+        self._copy = self._pool.submit(self.moments.snapshot, self._frozen)
+        self._write = self._pool.submit(self._commit, seq, count, self._frozen)
+        self.seq, self.ckpt_count = seq, count
+
+    def _commit(self, seq: int, count: int, block: np.ndarray) -> None:
+        """Write the moments `block` of `count` updates into slot seq % 2, then its commit
+        record."""
         slot = seq % 2
-        block = self.moments.block
         self.store.write_rows(MOMENTS, slot, block[None])
         self.store.persist(MOMENTS)
         head = np.array([seq, count, digest(block, self.ident),
@@ -73,11 +101,45 @@ class Journal:
         record = np.append(head, digest(head, self.ident)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
         self.store.persist(COMMIT)
-        self.seq, self.ckpt_count = seq, count
+
+    def copied(self) -> None:
+        """Wait until the snapshot of a checkpoint in flight is copied: the moments may change."""
+        if self._copy is not None:
+            self._copy.result()
+            self._copy = None
+
+    def poll(self) -> None:
+        """Raise what failed in the checkpoint written behind, if it is done (never waits)."""
+        if self._write is not None and self._write.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the checkpoint in flight. If it failed, the journal goes back to the checkpoint
+        before it (its count is still recorded: the log holds every row since) and StoreError says
+        so; the next checkpoint is then written inline."""
+        write, self._write = self._write, None
+        if write is None:
+            return
+        try:
+            self.copied()
+            write.result()
+        except BaseException as exc:
+            failed = self.ckpt_count
+            self.seq, self.ckpt_count = self._durable
+            self.failed = True
+            if isinstance(exc, StoreError):
+                raise StoreError(f"{exc}. The checkpoint of {failed} updates, written behind "
+                                 f"training, failed: the updates are recorded, but a crash would "
+                                 f"rebuild them from the checkpoint of {self.ckpt_count} updates "
+                                 "and the rows after it") from exc
+            raise
+        self._durable = self.seq, self.ckpt_count
+        self.failed = False
 
     def forget_after(self, count: int) -> None:
         """Clear commit records of more than `count` updates (written, though their persist failed):
         no record may outlive its update."""
+        self.wait()
         for slot, record in enumerate(self.store.read_rows(COMMIT, 0, 2)):
             if record[1] > count:
                 self.store.write_rows(COMMIT, slot, np.zeros((1, 6), np.int64))
@@ -85,6 +147,7 @@ class Journal:
     def checkpoints(self, bound: int | None, problems: list[str]) -> list[Checkpoint]:
         """The valid commit records, newest first, at or before `bound` (None: any); what is wrong
         with the others goes to `problems`."""
+        self.wait()
         valid = []
         for slot, r in enumerate(self.store.read_rows(COMMIT, 0, 2)):
             seq, count, d_moments, d_shift, ident, check = (int(x) for x in r)
@@ -111,7 +174,7 @@ class Journal:
             bound = max((c[1] for c in candidates), default=0)
             candidates = [c for c in candidates if c[1] <= bound]
         moments = self.moments
-        empty = np.zeros_like(moments.block)
+        empty = np.zeros((2, moments.padded))
         if exact:  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
             candidates.append((0, 0, digest(empty, self.ident), -1))
         for seq, count, d_moments, d_shift in candidates:
@@ -125,8 +188,8 @@ class Journal:
                 problems.append(f"{SHIFT} fails its checksum: the first iterate, which every moment is "
                                 "relative to, is damaged")
                 continue
-            moments.block[:] = block
-            moments.shift[:] = shift
+            moments.load(block)
+            moments.set_shift(shift)
             reached = self.replay(count, bound, problems)
             if reached < bound and (exact or reached < count):
                 continue
@@ -134,7 +197,7 @@ class Journal:
                     and moments.shift.tobytes() != shift.tobytes()):
                 self.write_shift()
             newest = max((c[0] for c in self.checkpoints(None, [])), default=0)
-            self.seq, self.ckpt_count = seq or newest, count
+            self.seq, self.ckpt_count = self._durable = seq or newest, count
             return reached
         what = "; ".join(dict.fromkeys(problems)) or "no commit record was ever written"
         raise PosteriorError(f"the posterior on {self.store.describe()} cannot be rebuilt to {bound} "
@@ -147,7 +210,7 @@ class Journal:
         for first, rows, ok, why in self.log.stream([(start, stop)], step):
             for i in range(ok):
                 if first + i == 0:
-                    self.moments.shift[:] = rows[0]
+                    self.moments.set_shift(rows[0])
                 self.moments.add(rows[i])
             if why:
                 if self.readonly and "overwritten" in why:
@@ -162,3 +225,10 @@ class Journal:
         new ones; persisted before the count or checkpoint that relies on it."""
         if self.log.discard(start, stop):
             self.log.persist()
+
+    def close(self) -> None:
+        """Stop the journal's thread once the checkpoint in flight is written (the posterior's
+        close() has waited for it, and raised what failed, at its last checkpoint)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None

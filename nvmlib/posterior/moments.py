@@ -2,11 +2,13 @@
 
 `stage` casts θ into the log's row buffer and finds any value that is not finite there (NaN,
 Inf, or an overflow of the log's dtype) in the same pass; `add` adds a stored row to the
-shifted float64 moments Σ(θ−θ₀) and Σ(θ−θ₀)², which `Moments` holds. numba has no float16, so float16 goes through
-numpy (exactly: float16 → float32 is lossless).
+shifted float64 moments Σ(θ−θ₀) and Σ(θ−θ₀)², which `HostMoments` holds (the `Moments`
+interface has other homes for them: a torch device, moments_torch; the tier, moments_store).
+numba has no float16, so float16 goes through numpy (exactly: float16 → float32 is lossless).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -49,16 +51,73 @@ def add(row: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> N
 PARALLEL_MIN = 1 << 16  # parameters from which a row is added on two threads
 
 
-class Moments:
-    """A posterior's running sums, relative to its first iterate θ₀ (`shift`): `block` holds
-    [Σ(θ−θ₀), Σ(θ−θ₀)²] in float64, padded as the store's checkpoint slots are."""
+class Moments(ABC):
+    """A posterior's running sums relative to its first iterate θ₀ (`shift`, host float64):
+    [Σ(θ−θ₀), Σ(θ−θ₀)²] in float64, as a checkpoint slot holds them (padded to `padded`).
+    Where the sums live is the implementation's: HostMoments (RAM), TorchMoments (a torch
+    device), StoreMoments (nvmlib.posterior.moments_store: the tier)."""
 
     def __init__(self, n_params: int, padded: int) -> None:
-        self.n_params = n_params
+        self.n_params, self.padded = n_params, padded
+        self.shift = np.zeros(n_params)
+
+    @abstractmethod
+    def add(self, row: np.ndarray) -> None:
+        """Add a stored row (the log's dtype) to the sums."""
+
+    @abstractmethod
+    def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Σ(θ−θ₀) and Σ(θ−θ₀)² of parameters a..b−1, host float64."""
+
+    @abstractmethod
+    def snapshot(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The sums as a checkpoint slot holds them, (2, padded) float64 on the host: copied into
+        `out`, or (None) an array not to be changed (the sums themselves where they are on the
+        host)."""
+
+    @abstractmethod
+    def load(self, block: np.ndarray) -> None:
+        """Make the sums those of a checkpoint slot's `block` ((2, padded) host float64)."""
+
+    def set_shift(self, values: np.ndarray) -> None:
+        """Make θ₀ `values` (the first iterate)."""
+        self.shift[:] = values
+
+    def mean(self, count: int) -> np.ndarray:
+        """θ̄ after `count` iterates (float64)."""
+        return self.shift + self.sums(0, self.n_params)[0] / count
+
+    def variance(self, count: int) -> np.ndarray:
+        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
+        s1, s2 = self.sums(0, self.n_params)
+        m = s1 / count
+        return np.maximum(s2 / count - m * m, 0.0)
+
+    def clear(self) -> None:
+        """The sums of no iterates."""
+        self.load(np.zeros((2, self.padded)))
+        self.set_shift(np.zeros(self.n_params))
+
+    def saved(self) -> tuple[np.ndarray, np.ndarray]:
+        """A copy to restore() (a refused call changes nothing)."""
+        return self.snapshot(np.empty((2, self.padded))), self.shift.copy()
+
+    def restore(self, saved: tuple[np.ndarray, np.ndarray]) -> None:
+        self.load(saved[0])
+        self.set_shift(saved[1])
+
+    def close(self) -> None:
+        """Release what the sums hold (threads, device memory)."""
+
+
+class HostMoments(Moments):
+    """The sums in RAM (16 bytes a parameter), added by the numba kernels."""
+
+    def __init__(self, n_params: int, padded: int) -> None:
+        super().__init__(n_params, padded)
         self.block = aligned_empty((2, padded), np.float64)
         self.block[:] = 0
         self.s1, self.s2 = self.block[0, :n_params], self.block[1, :n_params]
-        self.shift = np.zeros(n_params)
         self._pool: ThreadPoolExecutor | None = None
 
     def add(self, row: np.ndarray) -> None:
@@ -75,26 +134,17 @@ class Moments:
     def _add(self, row: np.ndarray, a: int, b: int) -> None:
         add(row[a:b], self.shift[a:b], self.s1[a:b], self.s2[a:b])
 
-    def mean(self, count: int) -> np.ndarray:
-        """θ̄ after `count` iterates (float64)."""
-        return self.shift + self.s1 / count
+    def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.s1[a:b], self.s2[a:b]
 
-    def variance(self, count: int) -> np.ndarray:
-        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
-        m = self.s1 / count
-        return np.maximum(self.s2 / count - m * m, 0.0)
+    def snapshot(self, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.block
+        np.copyto(out, self.block)
+        return out
 
-    def clear(self) -> None:
-        """The sums of no iterates."""
-        self.block[:] = 0
-        self.shift[:] = 0
-
-    def saved(self) -> tuple[np.ndarray, np.ndarray]:
-        """A copy to restore() (a refused call changes nothing)."""
-        return self.block.copy(), self.shift.copy()
-
-    def restore(self, saved: tuple[np.ndarray, np.ndarray]) -> None:
-        self.block[:], self.shift[:] = saved
+    def load(self, block: np.ndarray) -> None:
+        self.block[:] = block
 
     def close(self) -> None:
         if self._pool is not None:

@@ -11,7 +11,7 @@ kept_rows then move to a newer snapshot by themselves).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from nvmlib.posterior.checksum import identity_seed
 from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class
+from nvmlib.posterior.moments_torch import TorchMoments
 from nvmlib.posterior.sampling import check_sampling, draw, low_rank
 
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
@@ -56,12 +57,32 @@ def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
                       "store the posterior as float32 or float64. The posterior was not changed")
 
 
+MOMENTS_KINDS = ("auto", "host", "device")
+
+
+def _check_moments(kind: Any, device: Any) -> None:
+    """Refuse, before anything is written, moments that cannot be placed."""
+    if kind not in MOMENTS_KINDS:
+        raise InputError(f"moments={kind!r} is not one of {', '.join(MOMENTS_KINDS)}")
+    if kind == "device" and device is None:
+        raise InputError('moments="device" keeps the sums on a torch device: pass device= '
+                         "(the model's, e.g. \"cuda:0\")")
+
+
+def _moments(kind: str, n_params: int, padded: int, device: Any) -> moments.Moments:
+    """The running sums of `kind` (see SWAGPosterior.create)."""
+    if kind == "device":
+        return TorchMoments(n_params, padded, device)
+    return moments.HostMoments(n_params, padded)
+
+
 class SWAGPosterior:
     """SWAG: N(θ̄, scale·(Σ_diag + D Dᵀ/(K−1))) from iterates kept on a memory tier."""
 
     required_bytes = staticmethod(layout.required_bytes)
 
-    def __init__(self, store: Store, meta: dict, readonly: bool) -> None:
+    def __init__(self, store: Store, meta: dict, readonly: bool, moments: str = "auto",
+                 device: Any = None) -> None:
         self.store = store
         self.meta = meta
         self.n_params: int = meta["n_params"]
@@ -71,7 +92,7 @@ class SWAGPosterior:
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
         self._count = 0
-        self._moments = moments.Moments(self.n_params, meta["moments_len"])
+        self._moments = _moments(moments, self.n_params, meta["moments_len"], device)
         self.log = log_class(meta)(store, meta, identity_seed(meta["id"]))
         self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
         self._io: ThreadPoolExecutor | None = None
@@ -83,7 +104,8 @@ class SWAGPosterior:
     def create(cls, store: Store, n_params: int, max_rank: int | None = None,
                dtype: str = "float32", checkpoint_every: int = 100, capacity: int | None = None,
                model: str | None = None, overwrite: bool = False,
-               codec: str | None = None) -> "SWAGPosterior":
+               codec: str | None = None, moments: str = "auto", device: Any = None
+               ) -> "SWAGPosterior":
         """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
 
         codec: None keeps raw rows; "delta-zstd" or "delta-lz4" stores each iterate as the
@@ -91,8 +113,14 @@ class SWAGPosterior:
         that each start with a keyframe (layout.chunk_for: a quarter of the kept iterates, 2 to 32).
 
         overwrite=True replaces a posterior already there, but only after every check the new one
-        must pass (arguments, free space, the file size limit): a refused create deletes nothing."""
+        must pass (arguments, free space, the file size limit): a refused create deletes nothing.
+
+        moments: where the float64 sums (16 bytes a parameter) live while collecting: "host" (RAM,
+        the numba kernels), "device" (a torch device, `device`, e.g. the model's GPU: the host then
+        only writes rows and checkpoints), or "auto" (host). Not part of the posterior's format:
+        open() may choose another."""
         meta = layout.new_meta(n_params, max_rank, dtype, checkpoint_every, capacity, model, codec)
+        _check_moments(moments, device)
         n, cap = meta["n_params"], meta["capacity"]
         store.lock(LOG)
         try:
@@ -122,7 +150,7 @@ class SWAGPosterior:
             for name, (shape, dt) in arrays.items():
                 (store.create_log if name == LOG else store.create)(name, shape, dt,
                                                                     sparse=name in sparse)
-            post = cls(store, meta, readonly=False)
+            post = cls(store, meta, readonly=False, moments=moments, device=device)
             post._journal.checkpoint(0, force=True)
             layout.write_meta(store, meta)
         except BaseException:
@@ -132,10 +160,12 @@ class SWAGPosterior:
 
     @classmethod
     def open(cls, store: Store, n_params: int | None = None, model: str | None = None,
-             readonly: bool = False) -> "SWAGPosterior":
+             readonly: bool = False, moments: str = "auto", device: Any = None) -> "SWAGPosterior":
         """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint.
 
-        readonly=True: a reader; it sees one consistent snapshot even while a writer collects."""
+        readonly=True: a reader; it sees one consistent snapshot even while a writer collects.
+        moments, device: where the sums live, as for create()."""
+        _check_moments(moments, device)
         meta = read_meta(store)
         if n_params is not None and meta["n_params"] != n_params:
             raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
@@ -149,7 +179,7 @@ class SWAGPosterior:
                 raise PosteriorError(f"{store.describe()} was opened read-only: open the posterior "
                                      "with readonly=True, or open the store for writing")
             store.lock(LOG)
-        post = cls(store, meta, readonly)
+        post = cls(store, meta, readonly, moments, device)
         try:
             layout.check_shapes(store, meta)
             post._open_snapshot()
@@ -239,11 +269,16 @@ class SWAGPosterior:
 
         The row is written on a pool thread; it is still in flight when update() returns, unless
         the update checkpoints, and settles at the next call (so writing the row overlaps the next
-        training step). Returns True when this update also wrote a checkpoint: everything up to it
-        is durable, a point training can resume from. A crash can lose only updates after the last
-        checkpoint, and a reopen rebuilds a consistent posterior of the rows that reached the tier.
+        training step). Returns True when this update took a checkpoint: its row and every one
+        before it, and the count, are then durable, a point training can resume from (a crash
+        rebuilds it from the checkpoint before and the rows after it). The moments of the
+        checkpoint are copied and written behind training; the next checkpoint, flush() and close()
+        wait for them, and if writing them failed, the next update() (or flush/close) raises
+        StoreError and records nothing. A crash can lose only updates after the last checkpoint,
+        and a reopen rebuilds a consistent posterior of the rows that reached the tier.
         """
         self._check_open(write=True)  # settles the previous update's row
+        self._journal.poll()
         vec = _as_vector(theta, self.n_params)
         if self.max_rank is None and self._count >= self.capacity:
             raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; "
@@ -253,13 +288,14 @@ class SWAGPosterior:
             raise _not_finite(vec, self.dtype)
         # the row is stamped (or encoded) and written on a pool thread while the moments are added
         self._pending = self._pool().submit(self.log.write, self._count)
+        self._journal.copied()  # a checkpoint's snapshot of the moments is taken before they move
         if self._count == 0:
-            self._moments.shift[:] = row
+            self._moments.set_shift(row)
         self._moments.add(row)
         if self._count == 0 or self._count + 1 - self._journal.ckpt_count >= self.checkpoint_every:
             self._settle()
             try:
-                self._journal.checkpoint(self._count)
+                self._journal.checkpoint(self._count, behind=not self._journal.failed)
             except BaseException:
                 self._uncount()
                 raise
@@ -293,6 +329,8 @@ class SWAGPosterior:
             if self._count == 0:
                 self._journal.write_shift()
         except BaseException as exc:
+            with suppress(StoreError):  # a checkpoint behind failed too: the next one is inline
+                self._journal.wait()
             self._journal.recover(self._count, exact=True)  # checkpoint + replay of the rows before it
             if isinstance(exc, StoreError):  # the row was written behind the update() call that gave it
                 raise StoreError(f"{exc}. Iterate {self._count}, given to the last update() call, "
@@ -309,7 +347,8 @@ class SWAGPosterior:
         return self._io
 
     def flush(self) -> None:
-        """Checkpoint now: everything collected so far becomes durable."""
+        """Checkpoint now, and wait for a checkpoint written behind: everything collected so far
+        becomes durable."""
         self._check_open(write=True)
         self._journal.checkpoint(self._count)
 
@@ -317,6 +356,7 @@ class SWAGPosterior:
         """Make the live state the posterior after `count` (<= now) updates: the empty one, or a
         checkpoint plus replay. Refused (PosteriorError) when the log no longer holds what that
         needs; the live moments, shift and counters are then exactly as they were."""
+        self._journal.wait()
         with self._unchanged_on_error():
             if count == 0:
                 self._moments.clear()
@@ -485,6 +525,7 @@ class SWAGPosterior:
                 self.store.unlock(LOG)
             if self._io is not None:
                 self._io.shutdown()
+            self._journal.close()
             self._moments.close()
             self.log.close()
             self._closed = True

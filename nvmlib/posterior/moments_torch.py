@@ -1,0 +1,45 @@
+"""The moments on a torch device (`moments="device"`): the float64 sums of a CUDA model's
+posterior stay on its GPU, so that the host thread only writes rows and checkpoints.
+
+The same arithmetic as the host kernels, d = θ − θ₀ in float64 then Σd and Σd², as torch
+operations on the device; a checkpoint copies the sums to the host. Runs on CPU tensors too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from nvmlib.posterior.moments import Moments
+
+
+class TorchMoments(Moments):
+    """[Σ(θ−θ₀), Σ(θ−θ₀)²] as a (2, padded) float64 tensor on `device`."""
+
+    def __init__(self, n_params: int, padded: int, device: torch.device | str) -> None:
+        super().__init__(n_params, padded)
+        self.device = torch.device(device)
+        self.block = torch.zeros((2, padded), dtype=torch.float64, device=self.device)
+        self._shift = torch.zeros(n_params, dtype=torch.float64, device=self.device)
+
+    def set_shift(self, values: np.ndarray) -> None:
+        super().set_shift(values)
+        self._shift.copy_(torch.from_numpy(self.shift))
+
+    def add(self, row: np.ndarray) -> None:
+        """Add a stored row: one copy to the device, then the float64 sums there."""
+        d = torch.from_numpy(row).to(self.device, torch.float64) - self._shift
+        self.block[0, :self.n_params].add_(d)
+        self.block[1, :self.n_params].add_(d * d)
+
+    def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.block[:, a:b].cpu().numpy()
+        return s[0], s[1]
+
+    def snapshot(self, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.block.cpu().numpy()
+        torch.from_numpy(out).copy_(self.block)
+        return out
+
+    def load(self, block: np.ndarray) -> None:
+        self.block.copy_(torch.from_numpy(np.ascontiguousarray(block, np.float64)))
