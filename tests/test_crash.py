@@ -42,7 +42,7 @@ from nvmlib.posterior.layout import META
 tier, tmp, fresh, codec = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "fresh", sys.argv[4] or None
 from nvmlib.posterior import moments  # compile (or load) the update kernels before the clock starts
 moments.stage(np.zeros(1, np.float32), np.zeros(1, np.float32))
-moments.add(np.zeros(1, np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
+moments.add_rows(np.zeros((1, 1), np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
 store = TIER_OPENERS[tier](tmp)
 if fresh or META not in store:
     post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY}, overwrite=True,
