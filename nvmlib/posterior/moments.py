@@ -9,9 +9,11 @@ layer take (`parallel=True`); each element's sums see its rows in order, so a ba
 same bits as its rows added one at a time, whatever the number of threads. numba has no float16,
 so float16 goes through numpy (exactly: float16 → float32 is lossless).
 
-Threads: NUMBA_NUM_THREADS, at most the cores this process may run on (`THREADS`). The omp and tbb
-layers take kernels from several threads at once; the workqueue layer does not, so there every
-launch is serialised by a lock.
+Threads (`THREADS`): all but one of the cores this process may run on, the one left to the thread
+that writes (and digests) rows behind the kernels: measured on 2 shared cores, a kernel on both
+made update() slower (omp threads waiting on a busy core starve the writer); NUMBA_NUM_THREADS,
+when set, is used instead (capped at the cores). The omp and tbb layers take kernels from several
+threads at once; the workqueue layer does not, so there every launch is serialised by a lock.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from nvmlib.backends.base import aligned_empty
 
 BLOCK = 1 << 16  # parameters a thread takes at a time
 TILE = 8192  # parameters whose sums stay in L2 while a batch's rows are added to them
-THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, len(os.sched_getaffinity(0))))
+CORES = len(os.sched_getaffinity(0))
+THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS,
+                     CORES if "NUMBA_NUM_THREADS" in os.environ else CORES - 1))
 _LAUNCH = threading.Lock()  # serialises kernel launches on a threading layer that is not threadsafe
 _threadsafe: bool | None = None  # whether the layer numba loaded takes concurrent launches
 
