@@ -47,7 +47,7 @@ from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import META
 from nvmlib.posterior import moments
 moments.stage(np.zeros(1, np.float32), np.zeros(1, np.float32))
-moments.add(np.zeros(1, np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
+moments.add_rows(np.zeros((1, 1), np.float32), np.zeros(1), np.zeros(1), np.zeros(1))
 
 
 def collect(tier, tmp, fresh, codec, fifo):

@@ -206,12 +206,11 @@ class Journal:
     def replay(self, start: int, stop: int, problems: list[str]) -> int:
         """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify;
         the count reached. A reader whose rows a running writer overwrote gets SnapshotError."""
-        step = REPLAY_ROWS * self.moments.n_params * self.log.row.dtype.itemsize
+        step = REPLAY_ROWS * self.moments.n_params * self.log.dtype.itemsize
         for first, rows, ok, why in self.log.stream([(start, stop)], step):
-            for i in range(ok):
-                if first + i == 0:
-                    self.moments.set_shift(rows[0])
-                self.moments.add(rows[i])
+            if first == 0 and ok:
+                self.moments.set_shift(rows[0])
+            self.moments.add_rows(rows[:ok])
             if why:
                 if self.readonly and "overwritten" in why:
                     raise SnapshotError(why)

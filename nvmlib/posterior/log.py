@@ -43,6 +43,8 @@ TRAILER = 16  # bytes ending every raw row: int64 t, int64 digest
 BLOCK = 4096  # bytes of a block of the compressed log (O_DIRECT's alignment)
 CHUNK_BYTES = 128 << 20  # bytes read per step of a streamed pass
 REPLAY_ROWS = 64  # rows per read when a recovery replays the log
+STAGING_BYTES = 512 << 20  # bytes of the writer's ring of staged rows (3 to MAX_STAGED rows)
+MAX_STAGED = 16
 
 Batch = tuple[int, np.ndarray, int, str]  # (first iterate, values, how many verify, why the next does not)
 Runs = list[tuple[int, int]]  # [t0, t1) ranges of iterates, read in this order
@@ -59,6 +61,13 @@ def layout(n_params: int, capacity: int, dtype: str, codec: str | None, chunk: i
         return {"codec": None, "row_len": row_len_for(n_params, dtype)}
     record = DeltaCodec.bound(np.dtype(dtype), n_params)
     return {"codec": codec, "chunk": chunk, "record_blocks": blocks_of(record)}
+
+
+def staged_rows(n_params: int, dtype: str) -> int:
+    """Rows a writer stages: iterates wait there, written, until the moments add them as a batch
+    (3 at least: the row being staged, the one being written, and a delta log's base)."""
+    return int(min(MAX_STAGED, max(3, STAGING_BYTES // (n_params * np.dtype(dtype).itemsize))))
+
 
 
 # raw bytes per stored byte that a room check assumes of a compressed log on a tier that grows: the
@@ -101,28 +110,30 @@ def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]
 
 
 class RawLog:
-    """Rows of raw values, one per iterate, each with its trailer."""
+    """Rows of raw values, one per iterate, each with its trailer. `rows` is a writer's ring of
+    `staged` rows where iterates are staged (iterate t in row t % staged) before write(t)."""
 
     SPARSE: frozenset[str] = frozenset()  # arrays made sparse where the tier grows: none (all used)
 
-    def __init__(self, store: Store, meta: dict, ident: int) -> None:
+    def __init__(self, store: Store, meta: dict, ident: int, staged: int = 0) -> None:
         self.store, self.ident = store, ident
         self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
         self.slots, self.row_len = meta["capacity"] + 1, meta["row_len"]
-        self._row = aligned_empty((self.row_len,), self.dtype)  # the next row, padded with zeros
-        self._row[self.n_params:] = 0
-        self.row = self._row[:self.n_params]  # where the next iterate is staged
+        self._rows = aligned_empty((staged, self.row_len), self.dtype)  # padded with zeros
+        self._rows[:, self.n_params:] = 0
+        self.rows = self._rows[:, :self.n_params]
 
     @staticmethod
     def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         return {LOG: ((meta["capacity"] + 1, meta["row_len"]), meta["dtype"])}
 
     def write(self, t: int) -> None:
-        """Stamp the staged row as iterate t and write it to its slot."""
-        raw = self._row.view(np.uint8)
+        """Stamp staged row t % staged as iterate t and write it to its slot."""
+        row = self._rows[t % len(self._rows)]
+        raw = row.view(np.uint8)
         tail = np.array([t, digest(raw[:self.n_params * self.dtype.itemsize], row_seed(self.ident, t))], np.int64)
         raw[-TRAILER:] = tail.view(np.uint8)
-        self.store.write_rows(LOG, t % self.slots, self._row[None, :])
+        self.store.write_rows(LOG, t % self.slots, row[None, :])
 
     def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
         """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does not."""
@@ -202,20 +213,22 @@ class RawLog:
 
 
 class DeltaLog:
-    """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies."""
+    """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies;
+    iterates are staged in `rows` as for RawLog."""
 
     FIELDS = 7  # index row: t, first block, bytes, keyframe, record digest, values digest, row digest
     SPARSE = frozenset({LOG})  # the records take space as they are written
 
-    def __init__(self, store: Store, meta: dict, ident: int) -> None:
+    def __init__(self, store: Store, meta: dict, ident: int, staged: int = 0) -> None:
         self.store, self.ident = store, ident
         self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
         self.chunk, self.record_blocks = meta["chunk"], meta["record_blocks"]
         self.slots = meta["capacity"] + self.chunk
         self.blocks = self.slots * self.record_blocks
         self.codec = DeltaCodec(meta["codec"], self.dtype, self.n_params)
-        self.row = np.empty(self.n_params, self.dtype)  # where the next iterate is staged
+        self.rows = np.empty((staged, self.n_params), self.dtype)
         self._prev = np.empty(self.n_params, self.dtype)  # the iterate written last, the next one's base
+        self._base = self._prev  # where a restart decodes the base (never a staged row)
         self._prev_t: int | None = None  # which iterate _prev holds (None: the next write is a keyframe)
         self._key = self._pos = 0  # keyframe of the open chunk; the block the next record starts on
         self._buf: np.ndarray | None = None  # the record being written, whole blocks
@@ -229,13 +242,14 @@ class DeltaLog:
 
     # ---- writing ------------------------------------------------------------------------
     def write(self, t: int) -> None:
-        """Encode the staged row as iterate t (a delta of iterate t−1, or a keyframe), write its
-        record, then its index row."""
+        """Encode staged row t % staged as iterate t (a delta of iterate t−1, or a keyframe), write
+        its record, then its index row."""
         if self._prev_t != t - 1:
             self._restart(t)
+        row = self.rows[t % len(self.rows)]
         delta = self._prev_t == t - 1 and t - self._key < self.chunk
         key = self._key if delta else t
-        parts = self.codec.encode(self.row, self._prev if delta else None)
+        parts = self.codec.encode(row, self._prev if delta else None)
         if self._buf is None:
             self._buf = aligned_empty((self.record_blocks, BLOCK), np.uint8)
         flat, at = self._buf.reshape(-1), 0
@@ -245,17 +259,17 @@ class DeltaLog:
         n_blocks = blocks_of(at)
         flat[at:n_blocks * BLOCK] = 0
         seed = row_seed(self.ident, t)
-        head = [t, self._pos, at, key, digest(flat[:at], seed), digest(self.row.view(np.uint8), seed)]
-        parts = spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks)
-        for a, b in parts:  # the room first: a full tier refuses the record before it is written
+        head = [t, self._pos, at, key, digest(flat[:at], seed), digest(row.view(np.uint8), seed)]
+        blocks = spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks)
+        for a, b in blocks:  # the room first: a full tier refuses the record before it is written
             self.store.allocate(LOG, a, b)
         done = 0
-        for a, b in parts:
+        for a, b in blocks:
             self.store.write_rows(LOG, a, self._buf[done:done + b - a])
             done += b - a
         index = np.array(head, np.int64)
         self.store.write_rows(INDEX, t % self.slots, np.append(index, digest(index, self.ident))[None])
-        self.row, self._prev = self._prev, self.row
+        self._prev = row  # the base of iterate t + 1, staged over only by iterate t + staged
         if key == t:
             self._keys.append((t, self._pos))
         self._prev_t, self._key, self._pos = t, key, self._pos + n_blocks
@@ -277,7 +291,7 @@ class DeltaLog:
     def _restart(self, t: int) -> None:
         """Find where iterate t's record goes and its base (after a reopen, recovery or truncate):
         after iterate t−1's record, with that iterate decoded; a keyframe when t−1 is gone."""
-        self._prev_t, self._pos, self._keys = None, 0, []
+        self._prev_t, self._pos, self._prev, self._keys = None, 0, self._base, []
         if t == 0:
             return
         index = self._index(0, self.slots)

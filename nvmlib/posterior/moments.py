@@ -1,37 +1,93 @@
-"""The per-update arithmetic of the posterior, fused into single passes (numba, no GIL).
+"""The per-update arithmetic of the posterior: numba kernels on every core (no GIL).
 
-`stage` casts θ into the log's row buffer and finds any value that is not finite there (NaN,
-Inf, or an overflow of the log's dtype) in the same pass; `add` adds a stored row to the
-shifted float64 moments Σ(θ−θ₀) and Σ(θ−θ₀)², which `HostMoments` holds (the `Moments`
-interface has other homes for them: a torch device, moments_torch; the tier, moments_store).
-numba has no float16, so float16 goes through numpy (exactly: float16 → float32 is lossless).
+`stage` casts θ into a row buffer of the log's dtype and finds any value that is not finite there
+(NaN, Inf, or an overflow of the log's dtype) in the same pass; `add_rows` adds a batch of stored
+rows to the shifted float64 moments Σ(θ−θ₀) and Σ(θ−θ₀)², which `Moments` holds, reading and
+writing the sums once per batch (36 bytes of memory traffic per parameter for one row, 4 + 40/B
+per row for B rows). Both split the parameters into blocks that the threads of numba's threading
+layer take (`parallel=True`); each element's sums see its rows in order, so a batch gives the
+same bits as its rows added one at a time, whatever the number of threads. numba has no float16,
+so float16 goes through numpy (exactly: float16 → float32 is lossless).
+
+Threads (`THREADS`): all but one of the cores this process may run on, the one left to the thread
+that writes (and digests) rows behind the kernels: measured on 2 shared cores, a kernel on both
+made update() slower (omp threads waiting on a busy core starve the writer); NUMBA_NUM_THREADS,
+when set, is used instead (capped at the cores). The omp and tbb layers take kernels from several
+threads at once; the workqueue layer does not, so there every launch is serialised by a lock.
 """
 from __future__ import annotations
 
+import os
+import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 
 from nvmlib.backends.base import aligned_empty
 
+BLOCK = 1 << 16  # parameters a thread takes at a time
+TILE = 8192  # parameters whose sums stay in L2 while a batch's rows are added to them
+CORES = len(os.sched_getaffinity(0))
+THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS,
+                     CORES if "NUMBA_NUM_THREADS" in os.environ else CORES - 1))
+_LAUNCH = threading.Lock()  # serialises kernel launches on a threading layer that is not threadsafe
+_threadsafe: bool | None = None  # whether the layer numba loaded takes concurrent launches
+
 
 @numba.njit(nogil=True, cache=True)
-def _stage(src: np.ndarray, dst: np.ndarray) -> bool:
+def _stage_block(src: np.ndarray, dst: np.ndarray) -> bool:
     bad = False
-    for i in range(src.shape[0]):  # no early exit: the loop vectorises
+    for i in range(src.shape[0]):  # from 0 and no early exit: the loop vectorises
         dst[i] = src[i]
         bad |= not np.isfinite(dst[i])
     return not bad
 
 
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _stage(src: np.ndarray, dst: np.ndarray) -> bool:
+    n = src.shape[0]
+    bad = 0
+    for b in numba.prange((n + BLOCK - 1) // BLOCK):
+        lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
+        if not _stage_block(src[lo:hi], dst[lo:hi]):
+            bad += 1
+    return bad == 0
+
+
 @numba.njit(nogil=True, cache=True)
-def _add(row: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
-    for i in range(row.shape[0]):
-        d = np.float64(row[i]) - shift[i]
-        s1[i] += d
-        s2[i] += d * d
+def _add_block(rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: np.ndarray,
+               s2: np.ndarray, lo: int, hi: int) -> None:
+    ring = rows.shape[0]
+    for a in range(lo, hi, TILE):
+        m = min(hi, a + TILE) - a
+        t1, t2, sh = s1[a:a + m], s2[a:a + m], shift[a:a + m]
+        for r in range(count):
+            row = rows[(first + r) % ring, a:a + m]
+            for i in range(m):  # from 0: the loop vectorises
+                d = np.float64(row[i]) - sh[i]
+                t1[i] += d
+                t2[i] += d * d
+
+
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _add_rows(rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: np.ndarray,
+              s2: np.ndarray) -> None:
+    n = shift.shape[0]
+    for b in numba.prange((n + BLOCK - 1) // BLOCK):
+        _add_block(rows, first, count, shift, s1, s2, b * BLOCK, min(n, (b + 1) * BLOCK))
+
+
+def _launch(kernel, *args):  # type: ignore[no-untyped-def]
+    """Run a parallel kernel on THREADS threads (numba's count is per calling thread)."""
+    global _threadsafe
+    numba.set_num_threads(THREADS)
+    if _threadsafe:
+        return kernel(*args)
+    with _LAUNCH:
+        out = kernel(*args)
+        _threadsafe = numba.threading_layer() != "workqueue"
+    return out
 
 
 def stage(src: np.ndarray, dst: np.ndarray) -> bool:
@@ -40,30 +96,39 @@ def stage(src: np.ndarray, dst: np.ndarray) -> bool:
         with np.errstate(over="ignore", invalid="ignore"):
             dst[...] = src
         return bool(np.isfinite(dst).all())
-    return bool(_stage(src, dst))
+    return bool(_launch(_stage, src, dst))
 
 
-def add(row: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> None:
-    """s1 += row − shift and s2 += (row − shift)², elementwise in float64."""
-    _add(row.astype(np.float32) if row.dtype == np.float16 else row, shift, s1, s2)
-
-
-PARALLEL_MIN = 1 << 16  # parameters from which a row is added on two threads
+def add_rows(rows: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray, first: int = 0,
+             count: int | None = None) -> None:
+    """s1 += row − shift and s2 += (row − shift)², in float64, for rows first, first+1, … of the
+    (B, n) array `rows` (`count` of them, all by default; indices modulo B: a ring), in order."""
+    count = len(rows) if count is None else count
+    if count:
+        if rows.dtype == np.float16:
+            rows = rows.astype(np.float32)
+        _launch(_add_rows, rows, first, count, shift, s1, s2)
 
 
 class Moments(ABC):
     """A posterior's running sums relative to its first iterate θ₀ (`shift`, host float64):
     [Σ(θ−θ₀), Σ(θ−θ₀)²] in float64, as a checkpoint slot holds them (padded to `padded`).
     Where the sums live is the implementation's: HostMoments (RAM), TorchMoments (a torch
-    device), StoreMoments (nvmlib.posterior.moments_store: the tier)."""
+    device, nvmlib.posterior.moments_torch)."""
 
     def __init__(self, n_params: int, padded: int) -> None:
         self.n_params, self.padded = n_params, padded
         self.shift = np.zeros(n_params)
 
     @abstractmethod
+    def add_rows(self, rows: np.ndarray, first: int = 0, count: int | None = None) -> None:
+        """Add stored rows (the log's dtype) in one pass over the sums: rows first, first+1, …
+        (`count` of them, all by default) of the (B, n_params) array `rows`, indices modulo B (a
+        ring of staged rows), in order."""
+
     def add(self, row: np.ndarray) -> None:
-        """Add a stored row (the log's dtype) to the sums."""
+        """Add one stored row."""
+        self.add_rows(row[None])
 
     @abstractmethod
     def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +172,7 @@ class Moments(ABC):
         self.set_shift(saved[1])
 
     def close(self) -> None:
-        """Release what the sums hold (threads, device memory)."""
+        """Release what the sums hold (device memory); the host kernels run on numba's threads."""
 
 
 class HostMoments(Moments):
@@ -118,21 +183,9 @@ class HostMoments(Moments):
         self.block = aligned_empty((2, padded), np.float64)
         self.block[:] = 0
         self.s1, self.s2 = self.block[0, :n_params], self.block[1, :n_params]
-        self._pool: ThreadPoolExecutor | None = None
 
-    def add(self, row: np.ndarray) -> None:
-        """Add a stored row; a large one's second half on a thread (the kernel releases the GIL)."""
-        if self.n_params < PARALLEL_MIN:
-            return self._add(row, 0, self.n_params)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-moments")
-        half = self.n_params // 2
-        other = self._pool.submit(self._add, row, half, self.n_params)
-        self._add(row, 0, half)
-        other.result()
-
-    def _add(self, row: np.ndarray, a: int, b: int) -> None:
-        add(row[a:b], self.shift[a:b], self.s1[a:b], self.s2[a:b])
+    def add_rows(self, rows: np.ndarray, first: int = 0, count: int | None = None) -> None:
+        add_rows(rows, self.shift, self.s1, self.s2, first, count)
 
     def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         return self.s1[a:b], self.s2[a:b]
@@ -145,7 +198,3 @@ class HostMoments(Moments):
 
     def load(self, block: np.ndarray) -> None:
         self.block[:] = block
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()

@@ -25,11 +25,13 @@ class TorchMoments(Moments):
         super().set_shift(values)
         self._shift.copy_(torch.from_numpy(self.shift))
 
-    def add(self, row: np.ndarray) -> None:
-        """Add a stored row: one copy to the device, then the float64 sums there."""
-        d = torch.from_numpy(row).to(self.device, torch.float64) - self._shift
-        self.block[0, :self.n_params].add_(d)
-        self.block[1, :self.n_params].add_(d * d)
+    def add_rows(self, rows: np.ndarray, first: int = 0, count: int | None = None) -> None:
+        """Add stored rows, each copied to the device once, then the float64 sums there."""
+        count = len(rows) if count is None else count
+        for r in range(first, first + count):
+            d = torch.from_numpy(rows[r % len(rows)]).to(self.device, torch.float64) - self._shift
+            self.block[0, :self.n_params].add_(d)
+            self.block[1, :self.n_params].add_(d * d)
 
     def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.block[:, a:b].cpu().numpy()

@@ -11,7 +11,7 @@ kept_rows then move to a newer snapshot by themselves).
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
@@ -24,7 +24,7 @@ import nvmlib.posterior.moments as moments
 from nvmlib.posterior.checksum import identity_seed
 from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
-from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class
+from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
 from nvmlib.posterior.moments_torch import TorchMoments
 from nvmlib.posterior.sampling import check_sampling, draw, low_rank
 
@@ -92,8 +92,10 @@ class SWAGPosterior:
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
         self._count = 0
+        self._folded = 0  # updates the moments hold: the rows after it wait in the log's staged ring
         self._moments = _moments(moments, self.n_params, meta["moments_len"], device)
-        self.log = log_class(meta)(store, meta, identity_seed(meta["id"]))
+        staged = 0 if readonly else staged_rows(self.n_params, meta["dtype"])
+        self.log = log_class(meta)(store, meta, identity_seed(meta["id"]), staged)
         self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
         self._io: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the write of row self._count, while in flight
@@ -194,7 +196,7 @@ class SWAGPosterior:
         """A read-only view of the log as it stood after `count` updates, without moments or
         recovery: for a process that only reads kept rows (a dask worker, nvmlib.dask)."""
         post = cls(store, meta, readonly=True)
-        post._count = count
+        post._count = post._folded = count
         return post
 
     def _open_snapshot(self) -> None:
@@ -203,7 +205,7 @@ class SWAGPosterior:
         for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
             before = journal.state()
             try:
-                self._count = journal.recover(journal.read_count(), exact=False)
+                self._count = self._folded = journal.recover(journal.read_count(), exact=False)
                 break
             except PosteriorError:
                 if (not self.readonly or (journal.state() == before and attempt > 0)
@@ -267,9 +269,11 @@ class SWAGPosterior:
     def update(self, theta: Any) -> bool:
         """Record one iterate: append its row to the log and add it to the moments.
 
-        The row is written on a pool thread; it is still in flight when update() returns, unless
-        the update checkpoints, and settles at the next call (so writing the row overlaps the next
-        training step). Returns True when this update took a checkpoint: its row and every one
+        The row is cast into the log's ring of staged rows while the previous one is still being
+        written, then written on a pool thread; it is in flight when update() returns, unless the
+        update checkpoints, and settles at the next call (so writing the row overlaps the next
+        training step). The moments add the written rows as a batch, once the ring is full or when
+        anything reads them. Returns True when this update took a checkpoint: its row and every one
         before it, and the count, are then durable, a point training can resume from (a crash
         rebuilds it from the checkpoint before and the rows after it). The moments of the
         checkpoint are copied and written behind training; the next checkpoint, flush() and close()
@@ -277,23 +281,29 @@ class SWAGPosterior:
         StoreError and records nothing. A crash can lose only updates after the last checkpoint,
         and a reopen rebuilds a consistent posterior of the rows that reached the tier.
         """
-        self._check_open(write=True)  # settles the previous update's row
+        self._check_usable(write=True)
         self._journal.poll()
         vec = _as_vector(theta, self.n_params)
-        if self.max_rank is None and self._count >= self.capacity:
-            raise PosteriorError(f"the log is full: it was created for {self.capacity} iterates; "
-                                 "create the posterior with a larger capacity or a max_rank (ring)")
-        row = self.log.row  # the moments are of what the tier stores: cast first
+        if self.max_rank is None and self._count + (self._pending is not None) >= self.capacity:
+            self._settle()  # whether the log is full depends on the row in flight
+            if self._count >= self.capacity:
+                raise PosteriorError(f"the log is full: it was created for {self.capacity} "
+                                     "iterates; create the posterior with a larger capacity or a "
+                                     "max_rank (ring)")
+        t = self._count + (self._pending is not None)
+        row = self.log.rows[t % len(self.log.rows)]  # the moments are of what the tier stores
         if not moments.stage(vec, row):
             raise _not_finite(vec, self.dtype)
-        # the row is stamped (or encoded) and written on a pool thread while the moments are added
-        self._pending = self._pool().submit(self.log.write, self._count)
-        self._journal.copied()  # a checkpoint's snapshot of the moments is taken before they move
-        if self._count == 0:
+        self._settle()  # the previous row: a failure raises here, and this one is not recorded
+        if t == 0:
             self._moments.set_shift(row)
-        self._moments.add(row)
-        if self._count == 0 or self._count + 1 - self._journal.ckpt_count >= self.checkpoint_every:
+        # stamped (or encoded) and written on a pool thread while the rows before it are added
+        self._pending = self._pool().submit(self.log.write, t)
+        if t - self._folded >= len(self.log.rows) - 1:
+            self._fold()
+        if t == 0 or t + 1 - self._journal.ckpt_count >= self.checkpoint_every:
             self._settle()
+            self._fold()
             try:
                 self._journal.checkpoint(self._count, behind=not self._journal.failed)
             except BaseException:
@@ -319,7 +329,7 @@ class SWAGPosterior:
         return max(1, self.checkpoint_every - (self._count - self._journal.ckpt_count))
 
     def _settle(self) -> None:
-        """Wait for the row in flight; then count it, or undo its moments exactly if it failed."""
+        """Wait for the row in flight; then count it (the moments add it later), or drop it."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -329,9 +339,6 @@ class SWAGPosterior:
             if self._count == 0:
                 self._journal.write_shift()
         except BaseException as exc:
-            with suppress(StoreError):  # a checkpoint behind failed too: the next one is inline
-                self._journal.wait()
-            self._journal.recover(self._count, exact=True)  # checkpoint + replay of the rows before it
             if isinstance(exc, StoreError):  # the row was written behind the update() call that gave it
                 raise StoreError(f"{exc}. Iterate {self._count}, given to the last update() call, "
                                  f"was not recorded: n_collected stays {self._count}; record it "
@@ -339,6 +346,14 @@ class SWAGPosterior:
             raise
         self._count += 1
         self._journal.write_count(self._count)
+
+    def _fold(self) -> None:
+        """Add the counted rows that wait in the staged ring to the moments, in one pass over them."""
+        if self._count > self._folded:  # a writer's (a reader's moments come from the tier)
+            self._journal.copied()  # a checkpoint's snapshot of the moments is taken before they move
+            staged = self.log.rows
+            self._moments.add_rows(staged, self._folded % len(staged), self._count - self._folded)
+            self._folded = self._count
 
     def _pool(self) -> ThreadPoolExecutor:
         """The thread that writes rows to the tier."""
@@ -363,17 +378,19 @@ class SWAGPosterior:
                 self._count = 0
             else:
                 self._count = self._journal.recover(count, exact=True)
+            self._folded = self._count
 
     @contextmanager
     def _unchanged_on_error(self) -> Iterator[None]:
         """Restore the live moments and counters if the block raises (a refused call changes
         nothing)."""
-        saved = self._moments.saved(), self._count, self._journal.seq, self._journal.ckpt_count
+        j = self._journal
+        saved = self._moments.saved(), self._count, self._folded, j.seq, j.ckpt_count
         try:
             yield
         except BaseException:
             self._moments.restore(saved[0])
-            self._count, self._journal.seq, self._journal.ckpt_count = saved[1:]
+            self._count, self._folded, j.seq, j.ckpt_count = saved[1:]
             raise
 
     def truncate(self, count: int) -> None:
@@ -517,6 +534,7 @@ class SWAGPosterior:
         try:
             if not self.readonly:
                 self._settle()
+                self._fold()
                 self._journal.checkpoint(self._count)  # nothing when this count is checkpointed
                 for name in self.log.arrays(self.meta):
                     self.store.publish(name)
@@ -536,13 +554,18 @@ class SWAGPosterior:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_open(self, write: bool = False) -> None:
+    def _check_usable(self, write: bool = False) -> None:
         if self._closed:
             raise PosteriorError("this posterior was closed; reopen it with SWAGPosterior.open(store)")
         if write and self.readonly:
             raise PosteriorError("this posterior was opened read-only; open it with readonly=False "
                                  "to write")
+
+    def _check_open(self, write: bool = False) -> None:
+        """Usable, with the row in flight settled and every counted row in the moments."""
+        self._check_usable(write)
         self._settle()
+        self._fold()
 
     def _check_nonempty(self) -> None:
         self._check_open()
