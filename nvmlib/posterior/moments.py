@@ -75,14 +75,14 @@ class Moments:
     def _add(self, row: np.ndarray, a: int, b: int) -> None:
         add(row[a:b], self.shift[a:b], self.s1[a:b], self.s2[a:b])
 
-    def mean(self, count: int) -> np.ndarray:
-        """θ̄ after `count` iterates (float64)."""
-        return self.shift + self.s1 / count
+    def mean(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
+        """θ̄ after `count` iterates (float64), of parameters a..b−1 (all: b None)."""
+        return self.shift[a:b] + self.s1[a:b] / count
 
-    def variance(self, count: int) -> np.ndarray:
-        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
-        m = self.s1 / count
-        return np.maximum(self.s2 / count - m * m, 0.0)
+    def variance(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64), of parameters a..b−1 (all: b None)."""
+        m = self.s1[a:b] / count
+        return np.maximum(self.s2[a:b] / count - m * m, 0.0)
 
     def clear(self) -> None:
         """The sums of no iterates."""
