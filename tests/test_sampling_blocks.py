@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from nvmlib import SWAG
 from nvmlib.backends import open_store
 from nvmlib.errors import InputError, PosteriorError, StoreError
 from nvmlib.posterior import SWAGPosterior
@@ -121,3 +123,30 @@ def test_a_store_without_room_or_a_bad_name_is_refused_before_writing(tmp_path):
             post.sample(30, out=out)  # 30 × 131195 float32 = 15.7 MB
         assert out.names() == []
     post.close()
+
+
+def test_predict_and_sample_models_beyond_the_memory_budget_draw_on_a_scratch_store(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    swag = SWAG(model, "mmap", tmp_path / "post", max_rank=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(20, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        swag.collect()
+    loader = [x[:10], x[10:]]
+    held = swag.predict(loader, S=5, seed=2)
+    np.testing.assert_array_equal(swag.predict(loader, S=5, seed=2, memory_budget=0), held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["post"]  # the scratch store is gone
+    drawn = swag.sample_models(3, seed=4, memory_budget=100)
+    assert len([p for p in tmp_path.iterdir() if ".draws-" in p.name]) == 1
+    thetas = swag.sample(3, seed=4)
+    for model_s, theta in zip(drawn, thetas):
+        got = torch.nn.utils.parameters_to_vector(model_s.parameters()).detach().numpy()
+        np.testing.assert_array_equal(got, theta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["post"]
+    with pytest.raises(InputError, match="memory_budget=-1"):
+        swag.predict(loader, S=2, memory_budget=-1)
+    swag.close()
