@@ -25,7 +25,8 @@ from nvmlib import SWAG
 root, S, K = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 torch.manual_seed(0)
-model = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(4096, 4096), torch.nn.ReLU())])
+layers = [m for _ in range(6) for m in (torch.nn.Linear(4096, 4096), torch.nn.ReLU())]
+model = torch.nn.Sequential(*layers)
 n = sum(p.numel() for p in model.parameters())
 opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 x = torch.randn(64, 4096)

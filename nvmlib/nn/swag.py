@@ -255,7 +255,8 @@ class SWAG:
         """The S draws of one pass over the log: in memory when S × n_params float32 fit
         memory_budget (memory_budget_bytes), else written to a scratch store beside the posterior
         (same tier kind, a new directory next to its path, removed at the end) and read a row at
-        a time. A posterior without a directory (dram, a URL) or of a sharded run draws in memory."""
+        a time. A posterior without a directory (dram, a URL) or of a sharded run draws in
+        memory."""
         budget = memory_budget_bytes(memory_budget)
         post = self.posterior
         path = None if self.store is None else self.store.path
@@ -273,7 +274,8 @@ class SWAG:
             shutil.rmtree(where, ignore_errors=True)
 
     def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
-                      update_bn: bool = True, memory_budget: float | None = None) -> Iterator[nn.Module]:
+                      update_bn: bool = True,
+                      memory_budget: float | None = None) -> Iterator[nn.Module]:
         """S distinct models drawn from one pass over the log, each a new copy of the wrapped model
         (which is never changed) in eval mode, its BatchNorm statistics recomputed on bn_loader:
         list() of them holds S models' memory. Draws larger than memory_budget (bytes; default a

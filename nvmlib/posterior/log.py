@@ -107,9 +107,11 @@ class RawLog:
         raw = rows.reshape(len(rows), -1).view(np.uint8)
         tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
         nbytes = self.n_params * self.dtype.itemsize
-        return self.check(tails, t0, lambda i: digest(raw[i, :nbytes], row_seed(self.ident, t0 + i)))
+        return self.check(tails, t0,
+                          lambda i: digest(raw[i, :nbytes], row_seed(self.ident, t0 + i)))
 
-    def check(self, tails: np.ndarray, t0: int, values_digest: Callable[[int], int] | None) -> tuple[int, str]:
+    def check(self, tails: np.ndarray, t0: int,
+              values_digest: Callable[[int], int] | None) -> tuple[int, str]:
         """How many rows whose trailers are `tails` (iterates t0, t0+1, ...) hold their iterate and,
         unless values_digest is None, the digest values_digest(i) of row i's values; why the next
         one does not."""
@@ -198,7 +200,8 @@ class Columns:
         self.log, self.start = log, start
         self.parts = spans(start, stop, log.slots, log.slots)
         width = TRAILER // log.dtype.itemsize
-        tails = [log.store.read_cols(LOG, a, b, log.row_len - width, log.row_len) for a, b in self.parts]
+        tails = [log.store.read_cols(LOG, a, b, log.row_len - width, log.row_len)
+                 for a, b in self.parts]
         self.tails = np.ascontiguousarray(np.concatenate(tails)).view(np.int64).reshape(-1, 2)
         self.digests = [Digest(row_seed(log.ident, t)) for t in range(start, stop)]
         self.at = 0  # the parameter the next block starts at
@@ -221,7 +224,8 @@ class Columns:
         """How many rows verify, and why the next does not: before any block is read, their
         iterates only; once every parameter is read, their digests too."""
         whole = self.at == self.log.n_params
-        return self.log.check(self.tails, self.start, (lambda i: self.digests[i].value()) if whole else None)
+        digests = (lambda i: self.digests[i].value()) if whole else None
+        return self.log.check(self.tails, self.start, digests)
 
 
 class DeltaLog:

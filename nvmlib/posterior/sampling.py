@@ -181,7 +181,8 @@ class Draws:
             whole = np.zeros((self.rows, BLOCK), self.dtype)
             whole[:, :b - a] = block
             block = whole
-        self.store.write_rows(self.name, a // BLOCK * self.rows, block.astype(self.dtype, copy=False))
+        block = block.astype(self.dtype, copy=False)
+        self.store.write_rows(self.name, a // BLOCK * self.rows, block)
 
     def write_row(self, r: int, row: np.ndarray) -> None:
         """Row r, (n,)."""
@@ -228,4 +229,5 @@ class Draws:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        return f"<Draws {self.rows} × {self.n} {self.dtype} as {self.name} on {self.store.describe()}>"
+        return (f"<Draws {self.rows} × {self.n} {self.dtype} as {self.name} on "
+                f"{self.store.describe()}>")
