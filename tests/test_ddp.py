@@ -21,6 +21,7 @@ pytest.importorskip("lightning")
 from nvmlib import SWAG, SWAGPosterior, open_store  # noqa: E402
 from nvmlib.errors import ConfigError, PosteriorError  # noqa: E402
 from nvmlib.nn.sharded import ShardedPosterior, rank_dir  # noqa: E402
+from nvmlib.posterior.sampling import Noise  # noqa: E402
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -121,14 +122,14 @@ def test_fsdp_ranks_draw_one_z2(runs, sharded):
     that rank's coordinates: one z₂ for all ranks, so the shards of a draw belong together."""
     post = sharded.posterior
     S, K, scale = 3, 4, 0.5
-    seed_z1, seed_z2 = np.random.SeedSequence(7).spawn(2)
-    z2 = np.random.default_rng(seed_z2).standard_normal((K, S)).astype(np.float32)
+    noise = Noise(7, S, K, np.float32)
+    z2 = noise.z2.numpy()
     full = (z2.T @ (post.kept_rows() - post.mean()).astype(np.float32)) / math.sqrt(K - 1)
     parts = []
     for rank in (0, 1):
         with SWAGPosterior.open(open_store("mmap", rank_dir(runs / "fsdp", rank, 2), readonly=True),
                                 readonly=True) as local:
-            z1 = np.random.default_rng(seed_z1).standard_normal((S, local.n_params), dtype=np.float32)
+            z1 = noise.z1(0, local.n_params)  # a rank draws z₁ of its own (local) vector
             draw = result(runs, "fsdp", rank)["draw"]
             parts.append((draw - local.mean()) / math.sqrt(scale) - np.sqrt(local.variance()) * z1)
             local.store.close()

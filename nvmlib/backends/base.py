@@ -87,6 +87,16 @@ class Store(ABC):
         out[...] = src
         return out
 
+    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Copy array[start:stop, col0:col1] into `out` (allocated when None) and return it: a
+        block of columns of some rows, what a pass over parameter blocks reads."""
+        src = self.array(name)[start:stop, col0:col1]
+        if out is None:
+            return np.array(src)
+        out[...] = src
+        return out
+
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
 

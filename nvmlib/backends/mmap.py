@@ -154,6 +154,25 @@ class MmapStore(Store):
             os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
         return out
 
+    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        """Each row's columns col0..col1−1 read at their offset (O_DIRECT where they are whole
+        blocks): a block of parameters of every kept row reads only that block."""
+        arr = self.array(name)
+        if out is None:
+            out = aligned_empty((stop - start, col1 - col0), arr.dtype)
+        fd, nbytes = self._fd(name), (col1 - col0) * arr.dtype.itemsize
+        for i in range(stop - start):
+            off = self._offset(name, start + i) + col0 * arr.dtype.itemsize
+            direct = self._direct_io(name, off, nbytes)
+            if direct is not None:
+                direct.read(out[i], off)
+                continue
+            read_all(fd, memoryview(out[i]).cast("B"), off, self._file(name))
+            if self.cache == "bounded" and nbytes >= DROP_MIN:
+                os.posix_fadvise(fd, off, nbytes, os.POSIX_FADV_DONTNEED)
+        return out
+
     def persist(self, name: str) -> None:
         if self.readonly:
             return

@@ -447,8 +447,9 @@ class ZarrStore(Store):
         else:
             for a, b in ((0, lo), (hi, self._rows_in(name, shard))):  # a partial shard
                 if a < b:
-                    rows = aligned_empty((b - a, self.array(name).shape[1]), self.array(name).dtype)
-                    self._read_shard(name, shard, a, b, rows)
+                    cols = self.array(name).shape[1]
+                    rows = aligned_empty((b - a, cols), self.array(name).dtype)
+                    self._read_shard(name, shard, a, b, 0, cols, rows)
                     for x, y in _runs(rows.reshape(b - a, -1).any(1)):  # rows of zeros stay holes
                         self._put(name, shard, a + x, rows[x:y])
             target = self._shard_file(name, shard)
@@ -480,31 +481,45 @@ class ZarrStore(Store):
     def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         if self._log(name) is None:
             return super().read_rows(name, start, stop, out)
+        return self._read_log(name, start, stop, 0, self.array(name).shape[1], out)
+
+    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
+        if self._log(name) is None:
+            return super().read_cols(name, start, stop, col0, col1, out)
+        return self._read_log(name, start, stop, col0, col1, out)
+
+    def _read_log(self, name: str, start: int, stop: int, c0: int, c1: int,
+                  out: np.ndarray | None) -> np.ndarray:
+        """Rows start..stop−1, columns c0..c1−1, of log `name`: from its shards, and from the open
+        shard for the rows its record names."""
         R = self.shard_rows(name)
         if out is None:
-            log = self.array(name)
-            out = aligned_empty((stop - start, log.shape[1]), log.dtype)
+            out = aligned_empty((stop - start, c1 - c0), self.array(name).dtype)
         for _ in range(100):  # the writer may move on to the next shard while we read: read again
             state = self._state(name)
             for shard in range(start // R, (stop - 1) // R + 1 if stop > start else 0):
                 a, b = max(start, shard * R), min(stop, (shard + 1) * R)
-                self._read_shard(name, shard, a - shard * R, b - shard * R, out[a - start:b - start])
+                self._read_shard(name, shard, a - shard * R, b - shard * R, c0, c1,
+                                 out[a - start:b - start])
             shard, lo, hi = state
             a, b = max(start, shard * R + lo), min(stop, shard * R + hi)
             if shard >= 0 and a < b:
-                out[a - start:b - start] = self._open_rows(name, shard, a - shard * R, b - shard * R)
+                out[a - start:b - start] = self._open_rows(name, shard, a - shard * R,
+                                                           b - shard * R, c0, c1)
             if self._state(name)[0] == shard:
                 return out
         raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
 
-    def _read_shard(self, name: str, shard: int, a: int, b: int, out: np.ndarray) -> None:
-        """Rows a..b−1 of shard `shard` of the log into `out`. A local shard in the layout this tier
-        writes (its index says so) is read at the rows' offsets with O_DIRECT, like the mmap tier's
-        log; any other through zarr."""
+    def _read_shard(self, name: str, shard: int, a: int, b: int, c0: int, c1: int,
+                    out: np.ndarray) -> None:
+        """Rows a..b−1 (columns c0..c1−1) of shard `shard` of the log into `out`. A local shard in
+        the layout this tier writes (its index says so) is read at the rows' offsets with O_DIRECT,
+        like the mmap tier's log; any other through zarr."""
         R, _, row_bytes = self._log(name)
         log = self.array(name)
         if not self.local:
-            out[...] = log[shard * R + a:shard * R + b]
+            out[...] = log[shard * R + a:shard * R + b, c0:c1]
             return
         file = self._shard_file(name, shard)
         index = shard_index(log, self._rows_in(name, shard))
@@ -516,31 +531,50 @@ class ZarrStore(Store):
         try:
             size = os.fstat(fd).st_size
             if size < len(index) or os.pread(fd, len(index), size - len(index)) != index:
-                out[...] = log[shard * R + a:shard * R + b]  # another layout: zarr reads it
+                out[...] = log[shard * R + a:shard * R + b, c0:c1]  # another layout: zarr reads it
                 return
-            direct = DirectIO.open(file, readonly=True) if DirectIO.fits(a * row_bytes, out.nbytes) else None
-            if direct is None:
-                read_all(fd, memoryview(out).cast("B"), a * row_bytes, file)
-            else:
-                try:
-                    direct.read(out, a * row_bytes)
-                finally:
+            # whole rows are one range; a block of columns is one range per row
+            whole = c1 - c0 == log.shape[1]
+            ranges = [(a * row_bytes, out)] if whole else [
+                ((a + i) * row_bytes + c0 * log.dtype.itemsize, out[i]) for i in range(b - a)]
+            direct = None
+            try:
+                for offset, part in ranges:
+                    if not DirectIO.fits(offset, part.nbytes):
+                        read_all(fd, memoryview(part).cast("B"), offset, file)
+                        continue
+                    direct = direct or DirectIO.open(file, readonly=True)
+                    if direct is None:
+                        read_all(fd, memoryview(part).cast("B"), offset, file)
+                    else:
+                        direct.read(part, offset)
+            finally:
+                if direct is not None:
                     direct.close()
         finally:
             os.close(fd)
 
-    def _open_rows(self, name: str, shard: int, a: int, b: int) -> np.ndarray:
-        """Rows a..b−1 of open shard `shard`: from its file, or else from the side array (where a
-        writer through a URL puts them, and an older nvmlib did)."""
+    def _open_rows(self, name: str, shard: int, a: int, b: int, c0: int, c1: int) -> np.ndarray:
+        """Rows a..b−1 (columns c0..c1−1) of open shard `shard`: from its file, or else from the
+        side array (where a writer through a URL puts them, and an older nvmlib did)."""
         log = self.array(name)
+        dtype, row_bytes = log.dtype.newbyteorder("<"), self._log(name)[2]
         if self.local:
+            file = self._open_file(name, shard)
             try:
-                rows = np.fromfile(self._open_file(name, shard), log.dtype.newbyteorder("<"), (b - a) * log.shape[1],
-                                   offset=a * self._log(name)[2])
-                return rows.reshape(b - a, log.shape[1])
+                fd = os.open(file, os.O_RDONLY)
             except FileNotFoundError:  # the writer moved on meanwhile (read_rows reads again), or see above
-                pass
-        return self.array(name + OPEN)[a:b]
+                fd = None
+            if fd is not None:
+                rows = np.empty((b - a, c1 - c0), dtype)
+                try:
+                    for i in range(b - a):
+                        read_all(fd, memoryview(rows[i]).cast("B"),
+                                 (a + i) * row_bytes + c0 * dtype.itemsize, file)
+                finally:
+                    os.close(fd)
+                return rows
+        return self.array(name + OPEN)[a:b, c0:c1]
 
     # ---- durability ---------------------------------------------------------------------
     def _mark(self, key: str, start: int, stop: int) -> None:

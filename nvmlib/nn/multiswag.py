@@ -63,15 +63,20 @@ class MultiSWAG:
         return len(self.runs)
 
     def predict_runs(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                     seed: int = 0, update_bn: bool = True) -> list[np.ndarray]:
-        """Each run's BMA (N, classes) over S samples; run i draws with its own seed from `seed`."""
+                     seed: int = 0, update_bn: bool = True,
+                     memory_budget: float | None = None) -> list[np.ndarray]:
+        """Each run's BMA (N, classes) over S samples; run i draws with its own seed from `seed`
+        (memory_budget: as SWAG.predict, for each run's S draws in turn)."""
         seeds = np.random.SeedSequence(seed).generate_state(len(self.runs))
-        return [run.predict(loader, S, bn_loader, scale, int(s), update_bn) for run, s in zip(self.runs, seeds)]
+        return [run.predict(loader, S, bn_loader, scale, int(s), update_bn,
+                            memory_budget=memory_budget) for run, s in zip(self.runs, seeds)]
 
     def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int = 0, update_bn: bool = True) -> np.ndarray:
-        """The BMA over all M × S models (N, classes) float64."""
-        return np.mean(self.predict_runs(loader, S, bn_loader, scale, seed, update_bn), axis=0)
+                seed: int = 0, update_bn: bool = True,
+                memory_budget: float | None = None) -> np.ndarray:
+        """The BMA over all M × S models (N, classes) float64; memory_budget as SWAG.predict."""
+        runs = self.predict_runs(loader, S, bn_loader, scale, seed, update_bn, memory_budget)
+        return np.mean(runs, axis=0)
 
     def close(self) -> None:
         for run in self.runs:

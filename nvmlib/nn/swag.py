@@ -10,22 +10,47 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import numbers
+import shutil
+import tempfile
+import uuid
+import weakref
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
-from nvmlib.errors import ConfigError, PosteriorError
+from nvmlib.errors import ConfigError, InputError, PosteriorError
 from nvmlib.nn.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
                             write_layout)
 from nvmlib.nn.predict import Loader, bma, check_bn, check_reiterable, gather, load
 from nvmlib.nn.staging import host_dtype, make_stager
 from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.sampling import Draws
+
+BUDGET_FRACTION = 0.25  # of the memory available: the default memory_budget of the drawn models
+SCRATCH_TIERS = ("mmap", "zarr", "pmem")  # tiers whose draws go to a scratch store of their kind
+
+
+def memory_budget_bytes(memory_budget: Any) -> float:
+    """The bytes drawn models may take in memory: memory_budget, or by default BUDGET_FRACTION of
+    the memory available now; InputError for a budget that is not a number >= 0."""
+    if memory_budget is None:
+        return psutil.virtual_memory().available * BUDGET_FRACTION
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) or not \
+            memory_budget >= 0:
+        raise InputError(f"memory_budget={memory_budget!r}: give the bytes the S drawn parameter "
+                         "vectors may take in memory (a number >= 0; None: a quarter of the "
+                         "memory available)")
+    return float(memory_budget)
+
 
 def fingerprint(model: nn.Module) -> str:
     """A short digest of the model's parameter names, shapes and dtypes: its architecture."""
@@ -229,14 +254,52 @@ class SWAG:
         """S parameter vectors (S, n_params) float32 from one streamed pass over the log."""
         return self.posterior.sample(S, scale=scale, seed=seed)
 
+    @contextmanager
+    def _drawn(self, S: int, scale: float, seed: int | None, memory_budget: Any,
+               executor: Any = None) -> Iterator[np.ndarray | Draws]:
+        """The S draws of one pass over the log: in memory when S × n_params float32 fit
+        memory_budget (memory_budget_bytes), else written to a scratch store beside the posterior
+        (same tier kind, a new directory next to its path, removed at the end) and read a row at
+        a time. A posterior without a directory (dram, a URL) or of a sharded run draws in
+        memory."""
+        budget = memory_budget_bytes(memory_budget)
+        post = self.posterior
+        path = None if self.store is None else self.store.path
+        if S * post.n_params * 4 <= budget or path is None or not isinstance(post, SWAGPosterior):
+            yield post.sample(S, scale=scale, seed=seed, executor=executor)
+            return
+        kind = self.store.kind if self.store.kind in SCRATCH_TIERS and path.is_dir() else "mmap"
+        beside = path.parent if path.is_dir() else Path(tempfile.gettempdir())  # a device: /tmp
+        where = beside / f".{path.name}.draws-{uuid.uuid4().hex[:12]}"
+        store = open_store(kind, where)
+        try:
+            yield post.sample(S, scale=scale, seed=seed, executor=executor, out=store)
+        finally:
+            store.close()
+            shutil.rmtree(where, ignore_errors=True)
+
     def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
-                      update_bn: bool = True) -> Iterator[nn.Module]:
+                      update_bn: bool = True,
+                      memory_budget: float | None = None) -> Iterator[nn.Module]:
         """S distinct models drawn from one pass over the log, each a new copy of the wrapped model
         (which is never changed) in eval mode, its BatchNorm statistics recomputed on bn_loader:
-        list() of them holds S models' memory."""
+        list() of them holds S models' memory. Draws larger than memory_budget (bytes; default a
+        quarter of the memory available) go to a scratch store beside the posterior, removed
+        once the models are all drawn (or the iterator is dropped)."""
         self._check_bn(bn_loader, update_bn)
-        thetas = self.sample(S, scale, seed)  # the pass over the log happens here, at the call
-        return (load(self._copy(), theta, bn_loader, update_bn) for theta in thetas)
+        scratch = ExitStack()
+        thetas = scratch.enter_context(self._drawn(S, scale, seed, memory_budget))  # the pass, now
+
+        def models() -> Iterator[nn.Module]:
+            try:
+                for theta in thetas:
+                    yield load(self._copy(), theta, bn_loader, update_bn)
+            finally:
+                scratch.close()
+
+        drawn = models()
+        weakref.finalize(drawn, scratch.close)
+        return drawn
 
     def mean_model(self, bn_loader: Loader | None = None, update_bn: bool = True) -> nn.Module:
         """The SWA solution θ̄ as a new model (BatchNorm statistics recomputed on bn_loader)."""
@@ -244,8 +307,13 @@ class SWAG:
         return load(self._copy(), self.posterior.mean(), bn_loader, update_bn)
 
     def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int | None = 0, update_bn: bool = True, executor: Any = None) -> np.ndarray:
+                seed: int | None = 0, update_bn: bool = True, executor: Any = None,
+                memory_budget: float | None = None) -> np.ndarray:
         """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models.
+
+        The S drawn parameter vectors stay in memory when they fit memory_budget (bytes; default a
+        quarter of the memory available), else they go to a scratch store beside the posterior and
+        the models are loaded one draw at a time (sample_models).
 
         executor: nvmlib.dask.DaskExecutor(client); the S models' BatchNorm refreshes and predictions
         then run on its workers (the loaders are gathered into tensors and sent once), and a posterior
@@ -254,17 +322,17 @@ class SWAG:
         self._check_bn(bn_loader, update_bn)
         check_reiterable(loader, "loader")
         shared = executor if executor is not None and self.store.shared else None
-        thetas = self.posterior.sample(S, scale=scale, seed=seed, executor=shared)
-        if executor is not None:
-            bn = gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None else None
-            return executor.bma(self.model, thetas, {"x": gather(loader)}, bn, update_bn)["x"]
-        if self._work is None:
-            self._work = self._copy()
-        try:
-            return bma(self._work, thetas, {"x": loader}, bn_loader, update_bn)["x"]
-        except BaseException:
-            self._work = None  # a failed BatchNorm refresh leaves its momenta unset
-            raise
+        with self._drawn(S, scale, seed, memory_budget, shared) as thetas:
+            if executor is not None:
+                bn = gather(bn_loader, "bn_loader") if update_bn and bn_loader is not None else None
+                return executor.bma(self.model, thetas, {"x": gather(loader)}, bn, update_bn)["x"]
+            if self._work is None:
+                self._work = self._copy()
+            try:
+                return bma(self._work, thetas, {"x": loader}, bn_loader, update_bn)["x"]
+            except BaseException:
+                self._work = None  # a failed BatchNorm refresh leaves its momenta unset
+                raise
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:

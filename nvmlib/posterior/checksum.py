@@ -16,6 +16,19 @@ def digest(data: np.ndarray | bytes, seed: int = 0) -> int:
     return xxhash.xxh3_64_intdigest(buf, seed) & MASK
 
 
+class Digest:
+    """digest(data, seed) of data given in parts, in order (a row read a block at a time)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._hash = xxhash.xxh3_64(seed=seed)
+
+    def update(self, part: np.ndarray) -> None:
+        self._hash.update(memoryview(np.ascontiguousarray(part)).cast("B"))
+
+    def value(self) -> int:
+        return self._hash.intdigest() & MASK
+
+
 def row_seed(ident: int, t: int) -> int:
     """The seed of iterate t's row: ties the row to its posterior and to its place in the run."""
     return digest(int(t).to_bytes(8, "little", signed=True), ident)

@@ -174,7 +174,7 @@ class Journal:
             bound = max((c[1] for c in candidates), default=0)
             candidates = [c for c in candidates if c[1] <= bound]
         moments = self.moments
-        empty = np.zeros((2, moments.padded))
+        empty = np.zeros((2, moments.padded))  # calloc'd: its pages take no memory until written
         if exact:  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
             candidates.append((0, 0, digest(empty, self.ident), -1))
         for seq, count, d_moments, d_shift in candidates:

@@ -30,12 +30,12 @@ import bisect
 import itertools
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, aligned_empty, padded_len
-from nvmlib.posterior.checksum import digest, row_seed
+from nvmlib.posterior.checksum import Digest, digest, row_seed
 from nvmlib.posterior.codec import DeltaCodec
 
 LOG, INDEX = "swag.log", "swag.index"
@@ -140,13 +140,25 @@ class RawLog:
         raw = rows.reshape(len(rows), -1).view(np.uint8)
         tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
         nbytes = self.n_params * self.dtype.itemsize
+        return self.check(tails, t0,
+                          lambda i: digest(raw[i, :nbytes], row_seed(self.ident, t0 + i)))
+
+    def check(self, tails: np.ndarray, t0: int,
+              values_digest: Callable[[int], int] | None) -> tuple[int, str]:
+        """How many rows whose trailers are `tails` (iterates t0, t0+1, ...) hold their iterate and,
+        unless values_digest is None, the digest values_digest(i) of row i's values; why the next
+        one does not."""
         for i, (t, check) in enumerate(tails):
             want = t0 + i
             if t != want:
                 return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {_missing(int(t), want)}"
-            if digest(raw[i, :nbytes], row_seed(self.ident, want)) != check:
+            if values_digest is not None and values_digest(i) != check:
                 return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
-        return len(rows), ""
+        return len(tails), ""
+
+    def columns(self, start: int, stop: int) -> "Columns":
+        """Blocks of parameters of iterates start..stop−1, read a block of every row at a time."""
+        return Columns(self, start, stop)
 
     def stream(self, runs: Runs, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
         """Batches of the iterates of `runs`, each read (into one of two reused buffers) while the
@@ -210,6 +222,43 @@ class RawLog:
 
     def close(self) -> None:
         """Nothing to release: the raw log holds no threads."""
+
+
+class Columns:
+    """Parameters [a, b) of every row of kept iterates start..stop−1 of a raw log, block after
+    block: the blocks read in order and covering the values once, each row's digest is summed up
+    over them and `verify` checks it (the trailers' iterates are checked at once)."""
+
+    def __init__(self, log: RawLog, start: int, stop: int) -> None:
+        self.log, self.start = log, start
+        self.parts = spans(start, stop, log.slots, log.slots)
+        width = TRAILER // log.dtype.itemsize
+        tails = [log.store.read_cols(LOG, a, b, log.row_len - width, log.row_len)
+                 for a, b in self.parts]
+        self.tails = np.ascontiguousarray(np.concatenate(tails)).view(np.int64).reshape(-1, 2)
+        self.digests = [Digest(row_seed(log.ident, t)) for t in range(start, stop)]
+        self.at = 0  # the parameter the next block starts at
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        """Parameters a..b−1 (a: where the block before ended) of every row, (rows, b − a)."""
+        if a != self.at or b > self.log.n_params:
+            raise ValueError(f"blocks are read in order: the next starts at {self.at}, not {a}")
+        out = aligned_empty((len(self.digests), b - a), self.log.dtype)
+        done = 0
+        for s0, s1 in self.parts:
+            self.log.store.read_cols(LOG, s0, s1, a, b, out[done:done + s1 - s0])
+            done += s1 - s0
+        for d, row in zip(self.digests, out):
+            d.update(row)
+        self.at = b
+        return out
+
+    def verify(self) -> tuple[int, str]:
+        """How many rows verify, and why the next does not: before any block is read, their
+        iterates only; once every parameter is read, their digests too."""
+        whole = self.at == self.log.n_params
+        digests = (lambda i: self.digests[i].value()) if whole else None
+        return self.log.check(self.tails, self.start, digests)
 
 
 class DeltaLog:

@@ -148,13 +148,15 @@ class Moments(ABC):
         """Make θ₀ `values` (the first iterate)."""
         self.shift[:] = values
 
-    def mean(self, count: int) -> np.ndarray:
-        """θ̄ after `count` iterates (float64)."""
-        return self.shift + self.sums(0, self.n_params)[0] / count
+    def mean(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
+        """θ̄ after `count` iterates (float64), of parameters a..b−1 (all: b None)."""
+        b = self.n_params if b is None else b
+        return self.shift[a:b] + self.sums(a, b)[0] / count
 
-    def variance(self, count: int) -> np.ndarray:
-        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64)."""
-        s1, s2 = self.sums(0, self.n_params)
+    def variance(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
+        """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64), of parameters a..b−1 (all: b None)."""
+        b = self.n_params if b is None else b
+        s1, s2 = self.sums(a, b)
         m = s1 / count
         return np.maximum(s2 / count - m * m, 0.0)
 

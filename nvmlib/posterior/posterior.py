@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
+from nvmlib.backends import open_store
 from nvmlib.backends.base import Store, check_fits
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
 import nvmlib.posterior.layout as layout
@@ -26,7 +27,8 @@ from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
 from nvmlib.posterior.moments_torch import TorchMoments
-from nvmlib.posterior.sampling import check_sampling, draw, low_rank
+from nvmlib.posterior.sampling import (DRAWS, SHAPE, Draws, Sink, check_sampling, draw,
+                                      draw_blocks, low_rank)
 
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
 T = TypeVar("T")
@@ -437,9 +439,17 @@ class SWAGPosterior:
         self._check_nonempty()
         return self._moments.variance(self._count)
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None,
-               executor: Any = None) -> np.ndarray:
+    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None,
+               out: Store | None = None, name: str = DRAWS) -> np.ndarray | Draws:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
+
+        The pass goes over blocks of parameters (sampling.BLOCK): each kept row's block is read
+        once, the block's draws computed and handed on, so with out= its memory is a few blocks ×
+        (K + S), whatever S and n_params. out: a store (any tier) to write the draws to, as the
+        array `name` (replacing one of that name): returns a Draws whose rows are read on demand,
+        equal to the in-memory draws of the same seed; refused (StoreError) before anything is
+        written when the store has no room. A compressed log decodes each kept row once into a
+        block-major copy beside the draws (on `out`, else in memory: K × n_params).
 
         With fewer than 2 kept rows only the diagonal part is used. executor: an object whose
         low_rank(posterior, z2, mean) computes D z₂ elsewhere (nvmlib.dask.DaskExecutor: where the
@@ -447,14 +457,83 @@ class SWAGPosterior:
         by a running writer draws again from a newer snapshot (refresh): the draws belong to the
         snapshot that n_collected, mean() and variance() show once this returns."""
         S, scale = check_sampling(S, scale)
-        return self._reading(lambda: self._draw(S, scale, seed, executor))
+        if out is not None:
+            self._check_out(out, name, S)
+        return self._reading(lambda: self._draw(S, scale, seed, executor, out, name))
 
-    def _draw(self, S: int, scale: float, seed: int | None, executor: Any) -> np.ndarray:
-        """sample() on the snapshot held, D z₂ from low_rank here or from the executor."""
+    def _check_out(self, out: Store, name: str, S: int) -> None:
+        """Refuse, before anything is written, an `out` that cannot take S draws as `name`."""
+        if name in NAMES:
+            raise InputError(f"name={name!r} is one of the posterior's own arrays: write the draws "
+                             f"under another name (the default is {DRAWS!r})")
+        if out.readonly:
+            raise StoreError(f"{out.describe()} was opened read-only: open a store for writing to "
+                             "take the draws")
+        self._settle()
+        need = Draws.nbytes(S, self.n_params)
+        if self.meta.get("codec") and self.rank >= 2:
+            need += Draws.nbytes(self.rank, self.n_params, self.dtype)
+        have = sum(out.nbytes(n) for n in (name, name + SHAPE) if n in out)
+        check_fits(out, need, f"{S} draws of {self.n_params} parameters (float32)",
+                   reclaimable=have)
+
+    def _draw(self, S: int, scale: float, seed: int | None, executor: Any, out: Store | None,
+              name: str) -> np.ndarray | Draws:
+        """sample() on the snapshot held, D z₂ from a block-wise pass here or from the executor;
+        the draws in memory, or as `name` on `out` (removed again if the pass fails)."""
         self._check_nonempty()
-        low = self.low_rank if executor is None else \
-            lambda z2, mean: torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
-        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, low)
+        draws = None if out is None else Draws.create(out, name, S, self.n_params)
+        held = np.empty((S, self.n_params), np.float32) if draws is None else None
+
+        def sink(a: int, b: int, part: np.ndarray) -> None:
+            if draws is None:
+                held[:, a:b] = part
+            else:
+                draws.write_block(a, b, part)
+
+        try:
+            if executor is None:
+                self._draw_blocks(S, scale, seed, sink, out, name)
+            else:
+                def low(z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+                    return torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
+
+                draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, low,
+                     sink)
+        except BaseException:
+            if draws is not None:
+                draws.delete()
+            raise
+        return held if draws is None else draws
+
+    def _draw_blocks(self, S: int, scale: float, seed: int | None, sink: Sink,
+                     out: Store | None, name: str) -> None:
+        """The local pass of sample() over parameter blocks; a raw log's kept rows read a block at
+        a time (and verified once all are read), a compressed log's decoded once into a
+        block-major copy (`name`.rows on `out`, or in memory)."""
+        count, K = self._count, self.rank
+        first = count - K
+
+        def stats(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+            return self._moments.mean(count, a, b), self._moments.variance(count, a, b)
+
+        args = (S, scale, seed, self.n_params, K, self.work_dtype, stats)
+        if K < 2:
+            return draw_blocks(*args, None, sink)
+        if not self.meta.get("codec"):
+            columns = self.log.columns(first, count)
+            self._verified(K, *columns.verify())
+            draw_blocks(*args, columns.read, sink)
+            return self._verified(K, *columns.verify())
+        copy = Draws.create(out if out is not None else open_store("dram"), name + ".rows", K,
+                            self.n_params, self.dtype)
+        try:
+            for t, rows in self.stream([(first, count)]):
+                for i, row in enumerate(rows):
+                    copy.write_row(t - first + i, row)
+            draw_blocks(*args, copy.read_block, sink)
+        finally:
+            copy.delete()
 
     @property
     def work_dtype(self) -> type:
@@ -479,13 +558,18 @@ class SWAGPosterior:
     def _checked(self, batch: Batch) -> tuple[int, np.ndarray]:
         """A streamed batch's (first iterate, rows), once all its rows verify."""
         first, rows, ok, why = batch
-        if ok < len(rows) or why:
+        self._verified(len(rows), ok, why)
+        return first, rows
+
+    def _verified(self, n: int, ok: int, why: str) -> None:
+        """Nothing when all n rows read verify (ok of them did, `why` says why the next did not);
+        else SnapshotError (a running writer overtook this reader) or PosteriorError."""
+        if ok < n or why:
             if self._overtaken(why):
                 raise SnapshotError(why + "; reopen the posterior for a newer snapshot")
             raise PosteriorError(why + f"; mean and variance are intact, but iterates "
                                  f"{self._count - self.rank}..{self._count} (sample, kept_rows) "
                                  "cannot be trusted")
-        return first, rows
 
     def _overtaken(self, why: str) -> bool:
         """Whether a row failed because a running writer moved past this reader's snapshot: the row

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
+from nvmlib.backends.base import Store
 from nvmlib.errors import InputError
 
 
@@ -38,30 +40,194 @@ def low_rank(batches: Iterable[tuple[int, np.ndarray]], z2: torch.Tensor, mean: 
     return acc
 
 
-def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.ndarray, K: int,
-         work: type, low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor]) -> np.ndarray:
-    """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n) float32: z₁ (S, n) and z₂ (K, S) come from
-    `seed` alone, so posteriors of the same iterates (one log, or the shards of one run) draw the
-    same models; low_rank(z2, θ̄) gives Σ_k z₂ₖ (θ_k − θ̄) and runs while σ⊙z₁ is drawn on a thread."""
-    S, scale = check_sampling(S, scale)
-    mean = mean.astype(work)
-    sigma = np.sqrt(variance).astype(work)
-    seed_z1, seed_z2 = np.random.SeedSequence(seed).spawn(2)
+BLOCK = 1 << 16  # parameters per block: of the diagonal noise's stream and of a block-wise pass
+Sink = Callable[[int, int, np.ndarray], None]  # takes the draws' parameters a..b−1, (S, b − a)
 
-    def diagonal() -> np.ndarray:
-        z1 = np.random.default_rng(seed_z1).standard_normal((S, len(mean)), dtype=work)
-        z1 *= sigma
-        return z1
 
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(diagonal)
-        if K >= 2:
-            z2 = torch.from_numpy(np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work))
-            acc = low_rank(z2, mean)
-            acc /= math.sqrt(K - 1)
-        out = pending.result()
-    if K >= 2:
-        out += acc.numpy()
+def blocks(n: int) -> list[tuple[int, int]]:
+    """The [a, b) blocks of BLOCK parameters (the last one shorter) of an n-parameter vector."""
+    return [(a, min(a + BLOCK, n)) for a in range(0, n, BLOCK)]
+
+
+class Noise:
+    """The draws' randomness, from the seed alone: z₂ (K, S), and z₁ block by block of the
+    parameter vector, block g from its own counter-based stream (Philox, keyed by the seed, its
+    counter starting at g·2¹⁹²), so z₁ does not depend on how a pass cuts the vector, on the tier,
+    or on how many processes draw it."""
+
+    def __init__(self, seed: int | None, S: int, K: int, work: type) -> None:
+        seed_z1, seed_z2 = np.random.SeedSequence(seed).spawn(2)
+        self.S, self.work = S, work
+        self.key = seed_z1.generate_state(2, np.uint64)
+        z2 = np.random.default_rng(seed_z2).standard_normal((K, S)).astype(work) if K >= 2 else None
+        self.z2 = None if z2 is None else torch.from_numpy(z2)
+
+    def z1(self, a: int, b: int) -> np.ndarray:
+        """z₁'s parameters a..b−1, (S, b − a) standard normals."""
+        out = np.empty((self.S, b - a), self.work)
+        for g in range(a // BLOCK, (b - 1) // BLOCK + 1):
+            stream = np.random.Generator(np.random.Philox(key=self.key, counter=g << 192))
+            z = stream.standard_normal((self.S, BLOCK), dtype=self.work)
+            lo, hi = max(a, g * BLOCK), min(b, (g + 1) * BLOCK)
+            out[:, lo - a:hi - a] = z[:, lo - g * BLOCK:hi - g * BLOCK]
+        return out
+
+
+def _combine(noise: Noise, a: int, b: int, mean: np.ndarray, variance: np.ndarray,
+             acc: np.ndarray | None, K: int, scale: float) -> np.ndarray:
+    """The draws' parameters a..b−1, θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, b − a) float32, from
+    that block's θ̄ (in the work dtype), Σ_diag and Σ_k z₂ₖ (θ_k − θ̄) (None: K < 2)."""
+    out = noise.z1(a, b)
+    out *= np.sqrt(variance).astype(noise.work)
+    if acc is not None:
+        acc /= math.sqrt(K - 1)
+        out += acc
     out *= math.sqrt(scale)
     out += mean
     return out.astype(np.float32, copy=False)
+
+
+def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.ndarray, K: int,
+         work: type, low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+         sink: Sink | None = None) -> np.ndarray | None:
+    """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)) with D z₂ of the whole vector from elsewhere:
+    low_rank(z2, θ̄) gives Σ_k z₂ₖ (θ_k − θ̄), (S, n) (a sharded posterior's ranks, a dask
+    cluster). z₁ and z₂ are Noise(seed), so these draws equal a local pass's to float32
+    rounding. Returns the (S, n) float32 draws, or gives them block by block to `sink`."""
+    S, scale = check_sampling(S, scale)
+    noise, n = Noise(seed, S, K, work), len(mean)
+    mean = mean.astype(work)
+    acc = None if noise.z2 is None else low_rank(noise.z2, mean).numpy()
+    out = np.empty((S, n), np.float32) if sink is None else None
+    for a, b in blocks(n):
+        part = _combine(noise, a, b, mean[a:b], variance[a:b], None if acc is None else acc[:, a:b],
+                        K, scale)
+        if out is None:
+            sink(a, b, part)
+        else:
+            out[:, a:b] = part
+    return out
+
+
+def draw_blocks(S: int, scale: float, seed: int | None, n: int, K: int, work: type,
+                stats: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+                rows: Callable[[int, int], np.ndarray] | None, sink: Sink) -> None:
+    """S draws, as `draw`, in one pass over parameter blocks: for block [a, b), stats(a, b) gives
+    its θ̄ and Σ_diag and rows(a, b) the K kept rows' parameters a..b−1 (K, b − a), read in block
+    order (None: K < 2); the draws' block goes to `sink` while the next block is read and
+    computed on a thread. Memory: a few blocks × (K + S), whatever S and n."""
+    S, scale = check_sampling(S, scale)
+    noise = Noise(seed, S, K, work)
+
+    def block(a: int, b: int) -> np.ndarray:
+        mean, variance = stats(a, b)
+        mean = mean.astype(work)
+        acc = None if noise.z2 is None or rows is None else \
+            low_rank([(0, rows(a, b))], noise.z2, mean, 0).numpy()
+        return _combine(noise, a, b, mean, variance, acc, K, scale)
+
+    edges = blocks(n)
+    with ThreadPoolExecutor(1, thread_name_prefix="nvmlib-draw") as pool:
+        pending = pool.submit(block, *edges[0])
+        for i, (a, b) in enumerate(edges):
+            part = pending.result()
+            if i + 1 < len(edges):
+                pending = pool.submit(block, *edges[i + 1])
+            sink(a, b, part)
+
+
+DRAWS = "swag.draws"  # the array sample(out=store) writes by default
+SHAPE = ".shape"  # suffix of the array that records a Draws' (rows, n)
+
+
+class Draws:
+    """A (rows, n) matrix on a store, block-major: array `name` of shape (blocks·rows, BLOCK) holds
+    row r's parameters [g·BLOCK, (g+1)·BLOCK) in its row g·rows + r (zeros past n), so a pass over
+    parameter blocks writes or reads one block of every row with one call; `name`.shape holds
+    (rows, n). Read-only to its users: len, shape, dtype, [int or slice] (numpy), iteration row
+    by row and np.asarray read the rows on demand."""
+
+    def __init__(self, store: Store, name: str = DRAWS) -> None:
+        self.store, self.name = store, name
+        self.rows, self.n = (int(v) for v in store.read_rows(name + SHAPE, 0, 2))
+        self.dtype = np.dtype(store.dtype(name))
+        self.shape = (self.rows, self.n)
+
+    @staticmethod
+    def nbytes(rows: int, n: int, dtype: Any = np.float32) -> int:
+        """Bytes the arrays of a (rows, n) Draws take on a tier."""
+        return len(blocks(n)) * rows * BLOCK * np.dtype(dtype).itemsize + 16
+
+    @classmethod
+    def create(cls, store: Store, name: str, rows: int, n: int, dtype: Any = np.float32) -> "Draws":
+        """A new (rows, n) matrix of zeros on `store`, replacing one of that name."""
+        for old in (name, name + SHAPE):
+            if old in store:
+                store.delete(old)
+        store.create(name + SHAPE, (2,), "int64")
+        store.write_rows(name + SHAPE, 0, np.array([rows, n], np.int64))
+        store.create(name, (len(blocks(n)) * rows, BLOCK), dtype)
+        return cls(store, name)
+
+    def delete(self) -> None:
+        """Remove the arrays from the store."""
+        for name in (self.name, self.name + SHAPE):
+            if name in self.store:
+                self.store.delete(name)
+
+    def write_block(self, a: int, b: int, block: np.ndarray) -> None:
+        """Parameters a..b−1 (a block of `blocks(n)`) of every row, (rows, b − a)."""
+        if b - a < BLOCK:
+            whole = np.zeros((self.rows, BLOCK), self.dtype)
+            whole[:, :b - a] = block
+            block = whole
+        block = block.astype(self.dtype, copy=False)
+        self.store.write_rows(self.name, a // BLOCK * self.rows, block)
+
+    def write_row(self, r: int, row: np.ndarray) -> None:
+        """Row r, (n,)."""
+        part = np.zeros((1, BLOCK), self.dtype)
+        for a, b in blocks(self.n):
+            part[0, :b - a] = row[a:b]
+            self.store.write_rows(self.name, a // BLOCK * self.rows + r, part)
+
+    def read_block(self, a: int, b: int) -> np.ndarray:
+        """Parameters a..b−1 (a block of `blocks(n)`) of every row, (rows, b − a), a new array."""
+        g = a // BLOCK
+        return self.store.read_rows(self.name, g * self.rows, (g + 1) * self.rows)[:, :b - a]
+
+    def row(self, r: int) -> np.ndarray:
+        """Row r, (n,)."""
+        if not -self.rows <= r < self.rows:
+            raise IndexError(f"row {r} of {self.rows}")
+        r %= self.rows
+        out = np.empty(self.n, self.dtype)
+        for a, b in blocks(self.n):
+            at = a // BLOCK * self.rows + r
+            out[a:b] = self.store.read_rows(self.name, at, at + 1)[0, :b - a]
+        return out
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if isinstance(key, slice):
+            picked = range(*key.indices(self.rows))
+            out = np.empty((len(picked), self.n), self.dtype)
+            for i, r in enumerate(picked):
+                out[i] = self.row(r)
+            return out
+        return self.row(operator.index(key))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self.row(r) for r in range(self.rows))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        for a, b in blocks(self.n):
+            out[:, a:b] = self.read_block(a, b)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return (f"<Draws {self.rows} × {self.n} {self.dtype} as {self.name} on "
+                f"{self.store.describe()}>")
