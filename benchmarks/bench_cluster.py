@@ -14,6 +14,7 @@ CPUs are shared and noisy: read the ratios within this run, not across runs.
 Usage: python benchmarks/bench_cluster.py [DIR] [--rows 650] [--samples 30] [--workers 1 2] [--repeats 3]
        [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_swag import dd_bandwidth  # this directory is on sys.path when a script here runs
 from tqdm import tqdm
 
-from bench_swag import dd_bandwidth  # this directory is on sys.path when a script here runs
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.paper.experiments import scaling
 from nvmlib.posterior.log import LOG
@@ -41,7 +42,10 @@ def fill(kind: str, path: Path, rows: int) -> tuple[SWAGPosterior, float]:
     store = open_store(kind, path)
     post = SWAGPosterior.create(store, N_PARAMS, max_rank=rows, checkpoint_every=50)
     rng = np.random.default_rng(0)
-    base, steps = rng.standard_normal(N_PARAMS, dtype=np.float32), rng.standard_normal((8, N_PARAMS), dtype=np.float32)
+    base, steps = (
+        rng.standard_normal(N_PARAMS, dtype=np.float32),
+        rng.standard_normal((8, N_PARAMS), dtype=np.float32),
+    )
     start = time.perf_counter()
     for t in tqdm(range(rows), desc=f"append {kind}", unit="row", leave=False):
         base += 1e-3 * steps[t % 8]
@@ -52,24 +56,40 @@ def fill(kind: str, path: Path, rows: int) -> tuple[SWAGPosterior, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", nargs="?", help="directory on the device to measure (default: a temporary one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "dir", nargs="?", help="directory on the device to measure (default: a temporary one)"
+    )
     parser.add_argument("--rows", type=int, default=650, help="log rows (650 × 3.18 MB = 2.07 GB)")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of each measurement (medians reported)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds of each measurement (medians reported)"
+    )
     parser.add_argument("--json", help="write the figures to this JSON file")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-", dir=args.dir))
     try:
-        out: dict = {"rows": args.rows, "log_GB": args.rows * N_PARAMS * 4 / 1e9, "samples": args.samples,
-                     "repeats": args.repeats, "cpus": len(os.sched_getaffinity(0)), "load_avg_1min": os.getloadavg()[0]}
+        out: dict = {
+            "rows": args.rows,
+            "log_GB": args.rows * N_PARAMS * 4 / 1e9,
+            "samples": args.samples,
+            "repeats": args.repeats,
+            "cpus": len(os.sched_getaffinity(0)),
+            "load_avg_1min": os.getloadavg()[0],
+        }
         out.update(dd_bandwidth(work, 2048))
-        warm = SWAGPosterior.create(open_store("dram"), N_PARAMS, max_rank=2)  # compiles the update kernels
+        warm = SWAGPosterior.create(
+            open_store("dram"), N_PARAMS, max_rank=2
+        )  # compiles the update kernels
         for _ in range(3):
             warm.update(np.ones(N_PARAMS, np.float32))
         appends = []
-        for r in range(args.repeats):  # each round: a fresh log on each tier (the last pair is kept)
+        for r in range(
+            args.repeats
+        ):  # each round: a fresh log on each tier (the last pair is kept)
             if r:
                 for post in (mmap_post, zarr_post):
                     post.close()
@@ -79,7 +99,9 @@ def main() -> None:
             mmap_post, mmap_MBps = fill("mmap", work / "mmap", args.rows)
             zarr_post, zarr_MBps = fill("zarr", work / "p.zarr", args.rows)
             appends.append((mmap_MBps, zarr_MBps, zarr_MBps / mmap_MBps))
-        for key, values in zip(("mmap_append_MBps", "zarr_append_MBps", "zarr_over_mmap_append"), zip(*appends)):
+        for key, values in zip(
+            ("mmap_append_MBps", "zarr_append_MBps", "zarr_over_mmap_append"), zip(*appends)
+        ):
             out[key] = float(np.median(values))
             out[key + "_all"] = [round(v, 3) for v in values]
         out["zarr_shard_rows"] = zarr_post.store.shard_rows(LOG)

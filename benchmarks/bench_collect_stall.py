@@ -8,6 +8,7 @@ shift, the first iterate, and meets cold pages) and their ratio, which issue 20 
 through the posterior's directory (the device behind the numbers).
 Usage: python benchmarks/bench_collect_stall.py [DIR] [--steps 40] [--batch 32] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ from nvmlib.paper.any_model import resnet18
 def dd_write(directory: Path, mbytes: int = 1024) -> float:
     """MB/s of `dd oflag=direct` writing `mbytes` into `directory`."""
     target = directory / "dd.bench"
-    run = subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={mbytes // 16}",
-                          "oflag=direct"], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={mbytes // 16}", "oflag=direct"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     target.unlink()
     return mbytes * 2**20 / 1e6 / float(re.search(r"copied, ([\d.]+) s", run.stderr).group(1))
 
@@ -59,20 +64,27 @@ def run(directory: Path, steps: int, batch: int) -> dict:
     swag.close()
     close = (time.perf_counter() - a) * 1e3
     rest = collect[1:]
-    return {"steps": steps, "batch": batch, "n_params": sum(p.numel() for p in model.parameters()),
-            "collect_ms": [round(v, 1) for v in collect], "checkpoint_steps": checkpoints,
-            "step_median_ms": float(np.median(step)),
-            "collect_median_ms": float(np.median(collect)),
-            "collect_max_ms": max(collect), "collect_max_after_first_ms": max(rest),
-            "max_over_median": max(collect) / float(np.median(collect)),
-            "max_over_median_after_first": max(rest) / float(np.median(rest)),
-            "close_ms": close}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "collect_ms": [round(v, 1) for v in collect],
+        "checkpoint_steps": checkpoints,
+        "step_median_ms": float(np.median(step)),
+        "collect_median_ms": float(np.median(collect)),
+        "collect_max_ms": max(collect),
+        "collect_max_after_first_ms": max(rest),
+        "max_over_median": max(collect) / float(np.median(collect)),
+        "max_over_median_after_first": max(rest) / float(np.median(rest)),
+        "close_ms": close,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dir", nargs="?", help="a directory on the device to measure "
-                        "(default: a temp dir)")
+    parser.add_argument(
+        "dir", nargs="?", help="a directory on the device to measure (default: a temp dir)"
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--json", help="write the results here")
@@ -87,13 +99,17 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(directory, ignore_errors=True)
     r = result
-    print(f"ResNet-18 ({r['n_params']:,} parameters), batch {args.batch}, {args.steps} steps, "
-          f"mmap tier; dd write {r['dd_write_MBps']:.0f} / {r['dd_write_MBps_after']:.0f} "
-          "MB/s (before / after)")
+    print(
+        f"ResNet-18 ({r['n_params']:,} parameters), batch {args.batch}, {args.steps} steps, "
+        f"mmap tier; dd write {r['dd_write_MBps']:.0f} / {r['dd_write_MBps_after']:.0f} "
+        "MB/s (before / after)"
+    )
     print(f"step (no collect): median {r['step_median_ms']:.0f} ms")
-    print(f"collect: median {r['collect_median_ms']:.1f} ms, max {r['collect_max_ms']:.0f} ms "
-          f"({r['max_over_median']:.1f}x); after the first: max "
-          f"{r['collect_max_after_first_ms']:.0f} ms ({r['max_over_median_after_first']:.1f}x)")
+    print(
+        f"collect: median {r['collect_median_ms']:.1f} ms, max {r['collect_max_ms']:.0f} ms "
+        f"({r['max_over_median']:.1f}x); after the first: max "
+        f"{r['collect_max_after_first_ms']:.0f} ms ({r['max_over_median_after_first']:.1f}x)"
+    )
     print(f"checkpoints at steps {result['checkpoint_steps']}; close {result['close_ms']:.0f} ms")
     print("collects (ms):", result["collect_ms"])
     if args.json:

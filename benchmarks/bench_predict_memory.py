@@ -8,6 +8,7 @@ predict(S) on a small batch. It reports ru_maxrss (nothing subtracted) before an
 the model and optimizer bytes, and the posterior's moments (24 bytes per parameter in DRAM).
 Usage: python benchmarks/bench_predict_memory.py [DIR] [--S 30] [--K 8] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,11 @@ def main() -> None:
     root = Path(args.dir or tempfile.mkdtemp(prefix="nvmlib-predict-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD, str(root), str(args.S), str(args.K)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(root), str(args.S), str(args.K)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             raise SystemExit(done.stderr)
         result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ device's read speed for comparison.
 Usage: python benchmarks/bench_sample_memory.py [DIR] [--params 30000000] [--K 8] [--S 30]
        [--in-memory] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,11 @@ def child(code: str, *args: str) -> str:
 
 def dd_read(file: Path) -> float:
     """GB/s of one direct sequential read of `file`."""
-    done = subprocess.run(["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["dd", f"if={file}", "of=/dev/null", "bs=16M", "iflag=direct"],
+        capture_output=True,
+        text=True,
+    )
     seconds = float(re.findall(r"([\d.]+) s,", done.stderr)[-1])
     return file.stat().st_size / seconds / 1e9
 
@@ -81,11 +85,15 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         child(BUILD, str(root / "post"), str(args.params), str(args.K))
-        result = {"params": args.params, "K": args.K, "S": args.S,
-                  "build_seconds": time.perf_counter() - t0,
-                  "row_gb": args.params * 4 / 1e9,
-                  "draws_gb": args.S * args.params * 4 / 1e9,
-                  "dd_read_gbps": dd_read(root / "post" / "swag.log.npy")}
+        result = {
+            "params": args.params,
+            "K": args.K,
+            "S": args.S,
+            "build_seconds": time.perf_counter() - t0,
+            "row_gb": args.params * 4 / 1e9,
+            "draws_gb": args.S * args.params * 4 / 1e9,
+            "dd_read_gbps": dd_read(root / "post" / "swag.log.npy"),
+        }
         result["out"] = json.loads(child(SAMPLE, str(root), str(args.S), "out"))
         if args.in_memory:
             result["in_memory"] = json.loads(child(SAMPLE, str(root), str(args.S), "memory"))

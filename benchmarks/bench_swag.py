@@ -17,6 +17,7 @@ Measures, in one run on one directory:
      these serial costs bound the overhead from above.
 Usage: python benchmarks/bench_swag.py [DIR] [--updates 500] [--rounds 5] [--rows 300] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,8 @@ import numpy as np
 from tqdm import tqdm
 
 from nvmlib import SWAGPosterior, open_store
-from nvmlib.posterior.log import LOG
 from nvmlib.paper.experiments import drop_cache
+from nvmlib.posterior.log import LOG
 
 N_PARAMS = 795_010  # model_2fc
 CHECKPOINT_EVERY = 50  # the same for every K (K=100 allows at most K/2)
@@ -54,7 +55,11 @@ def dd_bandwidth(directory: Path, mbytes: int = 2048) -> dict[str, float]:
     over = dd("if=/dev/zero", f"of={target}", count, "oflag=direct", "conv=notrunc")
     read = dd(f"if={target}", "of=/dev/null", count, "iflag=direct")
     target.unlink()
-    return {"dd_write_fresh_MBps": mb / fresh, "dd_write_over_MBps": mb / over, "dd_read_MBps": mb / read}
+    return {
+        "dd_write_fresh_MBps": mb / fresh,
+        "dd_write_over_MBps": mb / over,
+        "dd_read_MBps": mb / read,
+    }
 
 
 def write_json(path: str | None, report: dict) -> None:
@@ -80,11 +85,15 @@ def prewrite(file: Path, start: int, nbytes: int) -> None:
     os.close(fd)
 
 
-def time_updates(directory: Path, max_rank: int, thetas: np.ndarray, updates: int, lapped: bool = False) -> float:
+def time_updates(
+    directory: Path, max_rank: int, thetas: np.ndarray, updates: int, lapped: bool = False
+) -> float:
     """Seconds per update (the final flush included) for `updates` updates after a warm-up; with
     `lapped`, on log blocks written once before (the steady state of a ring after its first lap)."""
     store = open_store("mmap", directory)
-    post = SWAGPosterior.create(store, N_PARAMS, max_rank=max_rank, checkpoint_every=CHECKPOINT_EVERY)
+    post = SWAGPosterior.create(
+        store, N_PARAMS, max_rank=max_rank, checkpoint_every=CHECKPOINT_EVERY
+    )
     if lapped:
         log = np.load(directory / f"{LOG}.npy", mmap_mode="r")
         prewrite(directory / f"{LOG}.npy", log.offset, (updates + 10) * log.strides[0])
@@ -126,7 +135,9 @@ def bench_sampling(directory: Path, thetas: np.ndarray, rows: int) -> dict:
     t_s30 = cold(lambda: post.sample(30, seed=0))
     t_s1x30 = sum(cold(lambda: post.sample(1, seed=s)) for s in range(30))
     t_dd = dd_read_file(log_file)
-    full = store.read_rows(LOG, 0, rows)  # the rows with their trailers, in memory: checksum CPU time only
+    full = store.read_rows(
+        LOG, 0, rows
+    )  # the rows with their trailers, in memory: checksum CPU time only
     t0 = time.perf_counter()
     ok, _ = post._verify(full, 0)
     t_verify = time.perf_counter() - t0
@@ -140,18 +151,39 @@ def bench_sampling(directory: Path, thetas: np.ndarray, rows: int) -> dict:
     store.close()
     shutil.rmtree(directory)
     mb = rows * N_PARAMS * 4 / 1e6
-    return {"log_MB": mb, "read_s": t_read, "dd_read_log_s": t_dd, "sample30_s": t_s30, "sample1x30_s": t_s1x30,
-            "sample30_over_read": t_s30 / t_read, "sample30_over_dd_read": t_s30 / t_dd,
-            "sample1x30_over_sample30": t_s1x30 / t_s30, "verify_log_s": t_verify,
-            "verify_over_sample30": t_verify / t_s30, "verify_over_read": t_verify / t_read, "stamp_row_ms": t_stamp * 1e3}
+    return {
+        "log_MB": mb,
+        "read_s": t_read,
+        "dd_read_log_s": t_dd,
+        "sample30_s": t_s30,
+        "sample1x30_s": t_s1x30,
+        "sample30_over_read": t_s30 / t_read,
+        "sample30_over_dd_read": t_s30 / t_dd,
+        "sample1x30_over_sample30": t_s1x30 / t_s30,
+        "verify_log_s": t_verify,
+        "verify_over_sample30": t_verify / t_s30,
+        "verify_over_read": t_verify / t_read,
+        "stamp_row_ms": t_stamp * 1e3,
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("dir", nargs="?", default=None, help="directory on the device to measure (default: a temp dir)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "dir",
+        nargs="?",
+        default=None,
+        help="directory on the device to measure (default: a temp dir)",
+    )
     ap.add_argument("--updates", type=int, default=500, help="timed updates per round")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of dd + each K (medians of per-round ratios)")
-    ap.add_argument("--rows", type=int, default=300, help="rows in the log for the sampling benchmark")
+    ap.add_argument(
+        "--rounds", type=int, default=5, help="rounds of dd + each K (medians of per-round ratios)"
+    )
+    ap.add_argument(
+        "--rows", type=int, default=300, help="rows in the log for the sampling benchmark"
+    )
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="nvmlib-bench-"))
@@ -162,32 +194,49 @@ def main() -> None:
     cases = {"K100": (100, False), "K10000": (10_000, True), "K10000_first_lap": (10_000, False)}
     row_mb = N_PARAMS * 4 / 1e6
     rounds = []
-    for _ in tqdm(range(args.rounds), desc="update rounds"):  # each round's ratios use its own dd figures
+    for _ in tqdm(
+        range(args.rounds), desc="update rounds"
+    ):  # each round's ratios use its own dd figures
         r = dd_bandwidth(base, 1024)
         for name, (k, lapped) in cases.items():
-            r[f"update_ms_{name}"] = time_updates(base / name, k, thetas, args.updates, lapped) * 1e3
+            r[f"update_ms_{name}"] = (
+                time_updates(base / name, k, thetas, args.updates, lapped) * 1e3
+            )
         r["K10000_over_K100"] = r["update_ms_K10000"] / r["update_ms_K100"]
         r["K10000_first_lap_over_K100"] = r["update_ms_K10000_first_lap"] / r["update_ms_K100"]
         r["append_MBps"] = row_mb / r["update_ms_K100"] * 1e3
         r["append_over_dd_write"] = r["append_MBps"] / r["dd_write_over_MBps"]
-        r["first_lap_append_over_dd_write_fresh"] = (row_mb / r["update_ms_K10000_first_lap"] * 1e3
-                                                     / r["dd_write_fresh_MBps"])
+        r["first_lap_append_over_dd_write_fresh"] = (
+            row_mb / r["update_ms_K10000_first_lap"] * 1e3 / r["dd_write_fresh_MBps"]
+        )
         rounds.append(r)
-    res = {"n_params": N_PARAMS, "row_MB": row_mb, "checkpoint_every": CHECKPOINT_EVERY,
-           **{key: float(np.median([r[key] for r in rounds])) for key in rounds[0]}}
+    res = {
+        "n_params": N_PARAMS,
+        "row_MB": row_mb,
+        "checkpoint_every": CHECKPOINT_EVERY,
+        **{key: float(np.median([r[key] for r in rounds])) for key in rounds[0]},
+    }
     res.update(bench_sampling(base / "sample", thetas, args.rows))
     res["stamp_over_update_K100"] = res["stamp_row_ms"] / res["update_ms_K100"]
     for key, value in res.items():
         print(f"{key:28s} {value:12.4f}")
-    checks = {"update cost K=10,000 within 1.15x of K=100 (both on written blocks)": res["K10000_over_K100"] <= 1.15,
-              "append >= 80% of dd overwrite bandwidth": res["append_over_dd_write"] >= 0.8,
-              "first-lap append >= 80% of dd fresh-write bandwidth": res["first_lap_append_over_dd_write_fresh"] >= 0.8,
-              "sample(30) <= 1.5x one sequential read": res["sample30_over_read"] <= 1.5,
-              "sample(30) <= 1.5x a dd iflag=direct read of the log": res["sample30_over_dd_read"] <= 1.5,
-              "30 x sample(1) >= 10x sample(30)": res["sample1x30_over_sample30"] >= 10,
-              "row checksum <= 5% of an update": res["stamp_over_update_K100"] <= 0.05,
-              "verifying the log <= 5% of sample(30)": res["verify_over_sample30"] <= 0.05,
-              "verifying the log <= 5% of a cold sequential read": res["verify_over_read"] <= 0.05}
+    checks = {
+        "update cost K=10,000 within 1.15x of K=100 (both on written blocks)": res[
+            "K10000_over_K100"
+        ]
+        <= 1.15,
+        "append >= 80% of dd overwrite bandwidth": res["append_over_dd_write"] >= 0.8,
+        "first-lap append >= 80% of dd fresh-write bandwidth": res[
+            "first_lap_append_over_dd_write_fresh"
+        ]
+        >= 0.8,
+        "sample(30) <= 1.5x one sequential read": res["sample30_over_read"] <= 1.5,
+        "sample(30) <= 1.5x a dd iflag=direct read of the log": res["sample30_over_dd_read"] <= 1.5,
+        "30 x sample(1) >= 10x sample(30)": res["sample1x30_over_sample30"] >= 10,
+        "row checksum <= 5% of an update": res["stamp_over_update_K100"] <= 0.05,
+        "verifying the log <= 5% of sample(30)": res["verify_over_sample30"] <= 0.05,
+        "verifying the log <= 5% of a cold sequential read": res["verify_over_read"] <= 0.05,
+    }
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     if args.json:

@@ -11,6 +11,7 @@ numba's threading layer and threads.
 
 Usage: python benchmarks/bench_update.py [DIR] [--rounds 5] [--updates 48] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import numba
 import numpy as np
-
 from bench_swag import write_json
+
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.posterior import moments
 from nvmlib.posterior.log import staged_rows
@@ -78,27 +79,47 @@ def main() -> None:
                 store = open_store(tier, base / f"{name}-{tier}" if tier != "dram" else None)
                 post = SWAGPosterior.create(store, n, max_rank=MAX_RANK, overwrite=True)
                 updates_ms(post, thetas, 2 * staged_rows(n, "float32"))  # warm-up: pages, kernels
-                cases[(name, tier)] = {"post": post, "thetas": thetas, "dst": np.empty_like(theta),
-                                       "update_ms": [], "call_ms": [], "memcpy_ms": []}
+                cases[(name, tier)] = {
+                    "post": post,
+                    "thetas": thetas,
+                    "dst": np.empty_like(theta),
+                    "update_ms": [],
+                    "call_ms": [],
+                    "memcpy_ms": [],
+                }
         for _ in range(args.rounds):
             for case in cases.values():
                 case["memcpy_ms"].append(memcpy_ms(case["thetas"][0], case["dst"], args.copies))
                 per, call = updates_ms(case["post"], case["thetas"], args.updates)
                 case["update_ms"].append(per)
                 case["call_ms"].append(call)
-        report: dict = {"threading_layer": numba.threading_layer(), "threads": moments.THREADS,
-                        "rounds": args.rounds, "updates_per_round": args.updates, "cases": []}
+        report: dict = {
+            "threading_layer": numba.threading_layer(),
+            "threads": moments.THREADS,
+            "rounds": args.rounds,
+            "updates_per_round": args.updates,
+            "cases": [],
+        }
         for (name, tier), case in cases.items():
             case["post"].close()
             up, cp = float(np.median(case["update_ms"])), float(np.median(case["memcpy_ms"]))
-            row = {"row": name, "n_params": SIZES[name], "tier": tier,
-                   "staged_rows": staged_rows(SIZES[name], "float32"),
-                   "update_ms": up, "memcpy_ms": cp, "update_vs_memcpy": up / cp,
-                   "call_ms_median": float(np.median(case["call_ms"])),
-                   "update_ms_rounds": case["update_ms"], "memcpy_ms_rounds": case["memcpy_ms"]}
+            row = {
+                "row": name,
+                "n_params": SIZES[name],
+                "tier": tier,
+                "staged_rows": staged_rows(SIZES[name], "float32"),
+                "update_ms": up,
+                "memcpy_ms": cp,
+                "update_vs_memcpy": up / cp,
+                "call_ms_median": float(np.median(case["call_ms"])),
+                "update_ms_rounds": case["update_ms"],
+                "memcpy_ms_rounds": case["memcpy_ms"],
+            }
             report["cases"].append(row)
-            print(f"{name:>13} {tier:>5}: update {up:6.2f} ms, memcpy {cp:5.2f} ms = "
-                  f"{up / cp:4.2f}x (median call {row['call_ms_median']:.2f} ms)")
+            print(
+                f"{name:>13} {tier:>5}: update {up:6.2f} ms, memcpy {cp:5.2f} ms = "
+                f"{up / cp:4.2f}x (median call {row['call_ms_median']:.2f} ms)"
+            )
         print(f"numba {report['threading_layer']} layer, {report['threads']} threads")
         write_json(args.json, report)
     finally:

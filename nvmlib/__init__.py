@@ -3,6 +3,7 @@
 The public names are imported when first used (PEP 562), so that `import nvmlib.backends` (a
 tier alone, a CLI's argument parsing) does not pay for importing torch.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,8 +14,12 @@ if TYPE_CHECKING:
     from nvmlib.nn import SWAG, MultiSWAG
     from nvmlib.posterior import SWAGPosterior
 
-_WHERE = {"open_store": "nvmlib.backends", "SWAG": "nvmlib.nn", "MultiSWAG": "nvmlib.nn",
-          "SWAGPosterior": "nvmlib.posterior"}
+_WHERE = {
+    "open_store": "nvmlib.backends",
+    "SWAG": "nvmlib.nn",
+    "MultiSWAG": "nvmlib.nn",
+    "SWAGPosterior": "nvmlib.posterior",
+}
 __all__ = ["open_store", "SWAG", "MultiSWAG", "SWAGPosterior"]
 __version__ = "0.1.0"
 

@@ -14,6 +14,7 @@ nvmlib.nn.predict on its share, and the sums are added in the same kind of tree.
 Before any task runs, every worker opens the store and checks that it holds this very posterior,
 so a cluster that cannot see the store's path fails with an error that says so.
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,7 +40,9 @@ from nvmlib.posterior.sampling import low_rank
 # variables dask's nanny sets for its workers; it writes them into *this* process's environment
 # before it spawns one, and leaves them there
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-GROUP_BYTES = 1 << 30  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
+GROUP_BYTES = (
+    1 << 30
+)  # log bytes one task reads (whole shards): the tasks do not depend on the cluster
 FAN_IN = 4  # partial results summed by one task of the tree
 
 
@@ -57,13 +60,17 @@ def _probe(where: tuple[str, str, dict], meta: bytes) -> tuple[str | None, int]:
         held = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
     except Exception as exc:  # anything a worker meets is reported to the client, by worker
         return f"{type(exc).__name__}: {exc}", cpus
-    return (None if held == meta else "another posterior is stored at that path on this worker"), cpus
+    return (
+        None if held == meta else "another posterior is stored at that path on this worker"
+    ), cpus
 
 
 def _no_workers(client: Any) -> None:
     if not client.scheduler_info()["workers"]:
-        raise StoreError("the dask client has no workers: start some (e.g. cluster.scale(2)) and "
-                         "wait for them (client.wait_for_workers(2))")
+        raise StoreError(
+            "the dask client has no workers: start some (e.g. cluster.scale(2)) and "
+            "wait for them (client.wait_for_workers(2))"
+        )
 
 
 def check_workers(post: SWAGPosterior, client: Any) -> dict[str, int]:
@@ -72,31 +79,45 @@ def check_workers(post: SWAGPosterior, client: Any) -> dict[str, int]:
     there: dask starts workers with one BLAS thread each)."""
     store = post.store
     if not store.shared:
-        raise StoreError(f"the posterior is on the {store.describe()}; a dask cluster reads it where "
-                         "it lies only on a shared tier (zarr): put it on open_store('zarr', URL) "
-                         "with a URL every worker can reach (a shared file system path, or s3://... "
-                         "with storage_options)")
+        raise StoreError(
+            f"the posterior is on the {store.describe()}; a dask cluster reads it where "
+            "it lies only on a shared tier (zarr): put it on open_store('zarr', URL) "
+            "with a URL every worker can reach (a shared file system path, or s3://... "
+            "with storage_options)"
+        )
     _no_workers(client)
     meta = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
     answers = client.run(_probe, store.reopen_args(), meta)
     bad = {worker: why for worker, (why, _) in answers.items() if why}
     if bad:
         worker, why = next(iter(bad.items()))
-        raise StoreError(f"{len(bad)} of {len(answers)} dask workers cannot read the posterior at "
-                         f"{store.reopen_args()[1]} (e.g. {worker}: {why}); nothing was computed. "
-                         "Put the posterior where every worker sees it: a shared file system mounted "
-                         "at the same path on every node, or an object store URL (s3://..., with "
-                         "storage_options)")
+        raise StoreError(
+            f"{len(bad)} of {len(answers)} dask workers cannot read the posterior at "
+            f"{store.reopen_args()[1]} (e.g. {worker}: {why}); nothing was computed. "
+            "Put the posterior where every worker sees it: a shared file system mounted "
+            "at the same path on every node, or an object store URL (s3://..., with "
+            "storage_options)"
+        )
     workers = client.scheduler_info()["workers"]
     host_threads: Counter = Counter()
     for address, info in workers.items():
         host_threads[get_address_host(address)] += info["nthreads"]
-    return {address: max(1, cpus // host_threads[get_address_host(address)])
-            for address, (_, cpus) in answers.items()}
+    return {
+        address: max(1, cpus // host_threads[get_address_host(address)])
+        for address, (_, cpus) in answers.items()
+    }
 
 
-def _partial(where: tuple[str, str, dict], meta: dict, count: int, runs: list[tuple[int, int]],
-             z2: np.ndarray, mean: np.ndarray, first: int, threads: dict[str, int]) -> np.ndarray:
+def _partial(
+    where: tuple[str, str, dict],
+    meta: dict,
+    count: int,
+    runs: list[tuple[int, int]],
+    z2: np.ndarray,
+    mean: np.ndarray,
+    first: int,
+    threads: dict[str, int],
+) -> np.ndarray:
     """Run on a worker: the D·z₂ kernel over the iterates of `runs` (S, n_params); `threads`: the
     threads a task may use, by worker."""
     torch.set_num_threads(threads.get(get_worker().address, 1))
@@ -117,17 +138,26 @@ def _add(*parts: Any) -> Any:
 def _tree(client: Any, futures: list, combine: Callable) -> Any:
     """The results of `futures` combined FAN_IN at a time, in order, by tasks on the workers."""
     while len(futures) > 1:
-        futures = [client.submit(combine, *futures[i:i + FAN_IN], pure=False)
-                   if len(futures[i:i + FAN_IN]) > 1 else futures[i]
-                   for i in range(0, len(futures), FAN_IN)]
+        futures = [
+            client.submit(combine, *futures[i : i + FAN_IN], pure=False)
+            if len(futures[i : i + FAN_IN]) > 1
+            else futures[i]
+            for i in range(0, len(futures), FAN_IN)
+        ]
     return futures[0].result()
 
 
 _INPUTS: dict[str, dict[str, Loader]] = {}  # per worker process: inputs a task builds, built once
 
 
-def _bma_part(key: str, model: nn.Module, thetas: list[np.ndarray], inputs: Any,
-              bn: Loader | None, update_bn: bool) -> dict[str, np.ndarray]:
+def _bma_part(
+    key: str,
+    model: nn.Module,
+    thetas: list[np.ndarray],
+    inputs: Any,
+    bn: Loader | None,
+    update_bn: bool,
+) -> dict[str, np.ndarray]:
     """Run on a worker: the BMA sums of `thetas`' models on `inputs` (a dict, or a function that
     builds it: called once per worker process and call of DaskExecutor.bma, `key`)."""
     if callable(inputs):
@@ -154,23 +184,43 @@ class DaskExecutor:
         mean_future, z2_future = client.scatter([mean, z2], broadcast=True)
         first = post.n_collected - len(z2)
         where = post.store.reopen_args()
-        tasks = [client.submit(_partial, where, post.meta, post.n_collected, runs, z2_future,
-                               mean_future, first, threads, pure=False)
-                 for runs in post.read_groups(GROUP_BYTES)]
+        tasks = [
+            client.submit(
+                _partial,
+                where,
+                post.meta,
+                post.n_collected,
+                runs,
+                z2_future,
+                mean_future,
+                first,
+                threads,
+                pure=False,
+            )
+            for runs in post.read_groups(GROUP_BYTES)
+        ]
         return _tree(client, tasks, _add)
 
-    def bma(self, model: nn.Module, thetas: np.ndarray, inputs: dict[str, Loader] | Callable,
-            bn: Loader | None = None, update_bn: bool = True) -> dict[str, np.ndarray]:
+    def bma(
+        self,
+        model: nn.Module,
+        thetas: np.ndarray,
+        inputs: dict[str, Loader] | Callable,
+        bn: Loader | None = None,
+        update_bn: bool = True,
+    ) -> dict[str, np.ndarray]:
         """nvmlib.nn.predict.bma with the models of `thetas` spread over the workers (one task per
         model); `inputs` may be a picklable function that builds them on each worker."""
         client = self.client
         _no_workers(client)
-        model_f, inputs_f, bn_f = client.scatter([copy.deepcopy(model).cpu(), inputs, bn],
-                                                 broadcast=True)
+        model_f, inputs_f, bn_f = client.scatter(
+            [copy.deepcopy(model).cpu(), inputs, bn], broadcast=True
+        )
         key = uuid.uuid4().hex
-        tasks = [client.submit(_bma_part, key, model_f, [theta], inputs_f, bn_f, update_bn,
-                               pure=False)
-                 for theta in client.scatter(list(thetas))]
+        tasks = [
+            client.submit(_bma_part, key, model_f, [theta], inputs_f, bn_f, update_bn, pure=False)
+            for theta in client.scatter(list(thetas))
+        ]
         sums = _tree(client, tasks, _add)
         return {name: s / len(thetas) for name, s in sums.items()}
 
@@ -182,8 +232,10 @@ def connect(address: str) -> DaskExecutor:
     try:
         return DaskExecutor(Client(address, timeout=10))
     except (OSError, TimeoutError, ValueError) as exc:
-        raise ConfigError(f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
-                          "dask-jobqueue, SSHCluster) and pass its address") from exc
+        raise ConfigError(
+            f"no dask scheduler answers at {address} ({exc}); start one (dask scheduler, "
+            "dask-jobqueue, SSHCluster) and pass its address"
+        ) from exc
 
 
 def local_cluster(workers: int) -> tuple[Any, Any]:
@@ -194,8 +246,13 @@ def local_cluster(workers: int) -> tuple[Any, Any]:
 
     threads = max(1, len(os.sched_getaffinity(0)) // workers)
     with environ_kept():
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
-                               dashboard_address="127.0.0.1:0")  # any free port: no warning when 8787 is taken
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        )  # any free port: no warning when 8787 is taken
     return cluster, Client(cluster)
 
 
@@ -211,10 +268,15 @@ def environ_kept() -> Iterator[None]:
     import dask
 
     spawn = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
-    inside = {**dask.config.get("distributed.nanny.environ"), **{k: spawn.pop(k) for k in THREAD_VARS if k in spawn}}
+    inside = {
+        **dask.config.get("distributed.nanny.environ"),
+        **{k: spawn.pop(k) for k in THREAD_VARS if k in spawn},
+    }
     saved = dict(os.environ)
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn, "distributed.nanny.environ": inside}):
+        with dask.config.set(
+            {"distributed.nanny.pre-spawn-environ": spawn, "distributed.nanny.environ": inside}
+        ):
             yield
     finally:
         os.environ.clear()

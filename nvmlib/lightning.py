@@ -8,17 +8,20 @@ The rule of what is collected, and resuming, are nvmlib.nn.collect's. Under stra
 rank 0 records the (replicated) parameters; under ModelParallelStrategy (fully_shard) every rank
 records its shards (nvmlib.nn.sharded). cb.swag stays open after fit: close it when done.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from nvmlib.nn.collect import Collector
 from nvmlib.errors import ConfigError
+from nvmlib.nn.collect import Collector
 
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - the extra is installed by make setup
-    raise ImportError("nvmlib.lightning needs PyTorch Lightning: pip install nvmlib[lightning]") from exc
+    raise ImportError(
+        "nvmlib.lightning needs PyTorch Lightning: pip install nvmlib[lightning]"
+    ) from exc
 
 
 class SWAGCallback(Collector, pl.Callback):
@@ -28,13 +31,21 @@ class SWAGCallback(Collector, pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if type(trainer.strategy).__name__ == "FSDPStrategy":
-            raise ConfigError("strategy='fsdp' (FSDP1) flattens parameters, which SWAG cannot map back to the "
-                              "model: use lightning's ModelParallelStrategy with torch.distributed.fsdp.fully_shard "
-                              "in configure_model (FSDP2), or strategy='ddp'")
+            raise ConfigError(
+                "strategy='fsdp' (FSDP1) flattens parameters, which SWAG cannot map back to the "
+                "model: use lightning's ModelParallelStrategy with torch.distributed.fsdp.fully_shard "
+                "in configure_model (FSDP2), or strategy='ddp'"
+            )
         self.start(pl_module, trainer.global_step)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self.step(trainer.global_step, trainer.current_epoch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

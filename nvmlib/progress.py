@@ -4,6 +4,7 @@
 notebook keeps only its first frame ("0%"), while a text bar on stdout ends as its last line
 (papermill's stream coalescing resolves the carriage returns).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,9 @@ def tqdm(*args: Any, **kwargs: Any) -> text_bar:
     if os.environ.get(ENV) != "text":
         return auto_bar(*args, **kwargs)
     kwargs.setdefault("file", sys.stdout)  # stderr would be shown as an error in the notebook
-    kwargs["disable"] = bool(kwargs.get("disable", False))  # a kernel's stdout is no TTY: None would hide it
+    kwargs["disable"] = bool(
+        kwargs.get("disable", False)
+    )  # a kernel's stdout is no TTY: None would hide it
     return text_bar(*args, **kwargs)
 
 

@@ -1,12 +1,13 @@
 """Shared fixtures: every available memory tier of contract.TIERS, opened on a fresh temporary path
 (for the tests not yet written as a contract.TierCase)."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
-
 from contract import AVAILABLE, SHM, TIERS
+
 from nvmlib.backends import Store
 
 

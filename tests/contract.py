@@ -6,6 +6,7 @@ as pmem's devdax) and the capabilities it has. A test module writes its tier tes
 `TierCase` subclass and calls `per_tier` on it: one `Test<Tier>` class per row of `TIERS` lands
 in the module (`tests/test_tiers.py::TestPmemDevdax::test_delete`), skipped with the reason where
 this machine lacks the tier, and a test that needs a capability asks `self.require(...)`."""
+
 from __future__ import annotations
 
 import os
@@ -28,6 +29,7 @@ FORCED = os.environ.get("PMEM_IS_PMEM_FORCE") == "1"
 @dataclass(frozen=True)
 class Tier:
     """How the tests open one tier under a test's directory, and what it can do."""
+
     name: str  # the test id: a registered tier or a layout of one ("pmem-devdax")
     kind: str  # its tier in nvmlib.backends.registry.TIERS
     opener: Callable[..., Store]  # (directory, **options) -> the store; the same place each call
@@ -72,22 +74,59 @@ def _unavailable(kind: str) -> str:
 # PMEM_IS_PMEM_FORCE is read by libpmem when it is loaded, so it holds for a whole process: a
 # plain session runs the pmem tier on its msync path; tests/test_pmem.py reruns the pmem tests in
 # a subprocess with PMEM_IS_PMEM_FORCE=1, where pmem-shm runs too.
-TIERS: dict[str, Tier] = {t.name: t for t in [
-    Tier("dram", "dram", lambda tmp, **kw: open_store("dram", **kw), persistent=False),
-    Tier("mmap", "mmap", lambda tmp, **kw: open_store("mmap", tmp / "mmap", **kw), files=True,
-         tear=512, readonly_mount=True),
-    # zarr writes log rows (4 KiB) and small records in place: torn 512-byte sectors, as files
-    Tier("zarr", "zarr", lambda tmp, **kw: open_store("zarr", tmp / "posterior.zarr", **kw),
-         files=True, tear=512),
-    Tier("pmem", "pmem", lambda tmp, **kw: open_store("pmem", tmp / "pmem", **kw), files=True,
-         tear=8, readonly_mount=True, needs=_unavailable("pmem")),
-    Tier("pmem-devdax", "pmem", _pmem_devdax, tear=8, readonly_mount=True,
-         needs=_unavailable("pmem")),
-    Tier("pmem-shm", "pmem", _pmem_shm, tear=8, in_directory=False,
-         needs=_unavailable("pmem") or ("" if FORCED and Path("/dev/shm").is_dir() else
-                                        "runs with PMEM_IS_PMEM_FORCE=1 (tests/test_pmem.py)")),
-    Tier("pymm", "pymm", _pymm, needs=_unavailable("pymm")),
-]}
+TIERS: dict[str, Tier] = {
+    t.name: t
+    for t in [
+        Tier("dram", "dram", lambda tmp, **kw: open_store("dram", **kw), persistent=False),
+        Tier(
+            "mmap",
+            "mmap",
+            lambda tmp, **kw: open_store("mmap", tmp / "mmap", **kw),
+            files=True,
+            tear=512,
+            readonly_mount=True,
+        ),
+        # zarr writes log rows (4 KiB) and small records in place: torn 512-byte sectors, as files
+        Tier(
+            "zarr",
+            "zarr",
+            lambda tmp, **kw: open_store("zarr", tmp / "posterior.zarr", **kw),
+            files=True,
+            tear=512,
+        ),
+        Tier(
+            "pmem",
+            "pmem",
+            lambda tmp, **kw: open_store("pmem", tmp / "pmem", **kw),
+            files=True,
+            tear=8,
+            readonly_mount=True,
+            needs=_unavailable("pmem"),
+        ),
+        Tier(
+            "pmem-devdax",
+            "pmem",
+            _pmem_devdax,
+            tear=8,
+            readonly_mount=True,
+            needs=_unavailable("pmem"),
+        ),
+        Tier(
+            "pmem-shm",
+            "pmem",
+            _pmem_shm,
+            tear=8,
+            in_directory=False,
+            needs=_unavailable("pmem")
+            or (
+                ""
+                if FORCED and Path("/dev/shm").is_dir()
+                else "runs with PMEM_IS_PMEM_FORCE=1 (tests/test_pmem.py)"
+            ),
+        ),
+        Tier("pymm", "pymm", _pymm, needs=_unavailable("pymm")),
+    ]
+}
 AVAILABLE = [name for name, tier in TIERS.items() if not tier.needs]
 assert {t.kind for t in TIERS.values()} == set(REGISTERED), "give each registered tier a row"
 
@@ -127,8 +166,11 @@ def per_tier(contract: type[TierCase]) -> dict[str, type[TierCase]]:
     for tier in TIERS.values():
         name = "Test" + "".join(part.capitalize() for part in tier.name.split("-"))
         marks = [pytest.mark.skip(reason=f"{tier.name}: {tier.needs}")] if tier.needs else []
-        classes[name] = type(name, (contract,), {"tier": tier, "pytestmark": marks,
-                                                 "__doc__": f"{contract.__doc__} ({tier.name})"})
+        classes[name] = type(
+            name,
+            (contract,),
+            {"tier": tier, "pytestmark": marks, "__doc__": f"{contract.__doc__} ({tier.name})"},
+        )
     return classes
 
 
@@ -218,8 +260,10 @@ class TierContract(TierCase):
         writer.create("x", (2,), "int64")
         writer.close()
         reader = reopen(readonly=True)
-        for write in (lambda: reader.create("y", (1,), "int64"),
-                      lambda: reader.write_rows("x", 0, np.array([1]))):
+        for write in (
+            lambda: reader.create("y", (1,), "int64"),
+            lambda: reader.write_rows("x", 0, np.array([1])),
+        ):
             with pytest.raises(StoreError, match="read-only"):
                 write()
         with pytest.raises(ValueError):

@@ -7,6 +7,7 @@ that array's last persist, one of which may be torn (only some of its `tear`-byt
 the media: 512 B sectors on a disk, 8 B words on persistent memory; None for tiers whose writes
 are atomic, like zarr's rename of a whole object). `materialise` writes one state onto a real tier.
 """
+
 from __future__ import annotations
 
 import random
@@ -15,13 +16,14 @@ from typing import Iterator
 
 import numpy as np
 
-from nvmlib.backends.dram import DramStore
 from nvmlib.backends.base import Store
+from nvmlib.backends.dram import DramStore
 
 
 @dataclass(frozen=True)
 class Op:
     """One recorded call: kind is "create", "write" or "persist"."""
+
     kind: str
     name: str
     start: int = 0
@@ -37,8 +39,9 @@ class Recorder(DramStore):
         super().__init__()
         self.ops: list[Op] = []
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         super().create(name, shape, dtype, sparse)
         self.ops.append(Op("create", name, data=np.zeros(shape, dtype)))
 
@@ -56,12 +59,15 @@ class Recorder(DramStore):
         self.ops.append(Op("persist", name))
 
     def delete(self, name: str) -> None:
-        raise NotImplementedError("the explorer records runs on a fresh store, which delete nothing")
+        raise NotImplementedError(
+            "the explorer records runs on a fresh store, which delete nothing"
+        )
 
 
 @dataclass
 class CrashState:
     """The arrays a crash after `point` recorded ops leaves on the media."""
+
     point: int
     arrays: dict[str, np.ndarray]
     torn: str | None  # the array of the write that tore, if any
@@ -73,7 +79,7 @@ def _tear(old: np.ndarray, new: np.ndarray, unit: int, rng: random.Random) -> np
     o, n = out.view(np.uint8).reshape(-1), new.view(np.uint8).reshape(-1)
     for a in range(0, len(o), unit):
         if rng.random() < 0.5:
-            o[a:a + unit] = n[a:a + unit]
+            o[a : a + unit] = n[a : a + unit]
     return out
 
 
@@ -87,8 +93,9 @@ def crash_points(ops: list[Op], count: int, rng: random.Random) -> Iterator[int]
         count -= len(points)
 
 
-def crash_states(ops: list[Op], count: int, seed: int = 0,
-                 tear: int | None = 512) -> Iterator[CrashState]:
+def crash_states(
+    ops: list[Op], count: int, seed: int = 0, tear: int | None = 512
+) -> Iterator[CrashState]:
     """`count` crash states of the recorded `ops` (seeded), at the points of `crash_points`."""
     rng = random.Random(seed)
     last_persist: dict[str, list[int]] = {}
@@ -103,14 +110,14 @@ def crash_states(ops: list[Op], count: int, seed: int = 0,
                 arrays[op.name] = np.array(op.data)
             elif op.kind == "write":
                 if any(i < p < point for p in last_persist.get(op.name, [])):
-                    arrays[op.name][op.start:op.start + len(op.data)] = op.data
+                    arrays[op.name][op.start : op.start + len(op.data)] = op.data
                 else:
                     pending.append(i)
         kept = [i for i in pending if rng.random() < 0.5]
         torn_at = rng.choice(kept) if kept and tear and rng.random() < 0.5 else None
         for i in kept:
             op = ops[i]
-            target = arrays[op.name][op.start:op.start + len(op.data)]
+            target = arrays[op.name][op.start : op.start + len(op.data)]
             target[...] = _tear(target, op.data, tear, rng) if i == torn_at else op.data
         yield CrashState(point, arrays, None if torn_at is None else ops[torn_at].name)
 
@@ -129,12 +136,21 @@ def materialise(state: CrashState, store: Store, previous: CrashState | None = N
         else:
             old = None if previous is None else previous.arrays.get(name)
         if old is None or old.shape != data.shape or data.ndim == 1:
-            changed = np.arange(len(data)) if old is None or not np.array_equal(old.view(np.uint8), data.view(np.uint8)) \
+            changed = (
+                np.arange(len(data))
+                if old is None or not np.array_equal(old.view(np.uint8), data.view(np.uint8))
                 else np.arange(0)
+            )
         else:
-            changed = np.flatnonzero((old.view(np.uint8).reshape(len(old), -1) !=
-                                      data.view(np.uint8).reshape(len(data), -1)).any(axis=1))
-        for run in np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1) if len(changed) else []:
-            store.write_rows(name, int(run[0]), data[run[0]:run[-1] + 1])
+            changed = np.flatnonzero(
+                (
+                    old.view(np.uint8).reshape(len(old), -1)
+                    != data.view(np.uint8).reshape(len(data), -1)
+                ).any(axis=1)
+            )
+        for run in (
+            np.split(changed, np.flatnonzero(np.diff(changed) > 1) + 1) if len(changed) else []
+        ):
+            store.write_rows(name, int(run[0]), data[run[0] : run[-1] + 1])
         if len(changed):
             store.persist(name)

@@ -7,14 +7,15 @@ nvmlib.SWAG, and Lightning fits with the callback under strategy="ddp" and under
 ModelParallelStrategy (fully_shard); each rank writes what it saw to OUT/<run>-rank<r>.npz, with
 the full parameter vector after every optimizer step (float64) as the reference.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-import lightning.pytorch as pl
 import torch.distributed as dist
 from torch import nn
 
@@ -56,7 +57,9 @@ def train(model: nn.Module, swag: SWAG, rank: int) -> list[np.ndarray]:
 
 def run_ddp(out: Path, rank: int) -> None:
     ddp = nn.parallel.DistributedDataParallel(make_model())
-    swag = SWAG(ddp, "mmap", out / "ddp", max_rank=20)  # rank 1 writes nothing, no second-writer error
+    swag = SWAG(
+        ddp, "mmap", out / "ddp", max_rank=20
+    )  # rank 1 writes nothing, no second-writer error
     ref = train(ddp, swag, rank)
     result = {"n_collected": swag.n_collected, "records": swag.records, "ref": np.array(ref)}
     if swag.records:
@@ -80,7 +83,9 @@ def run_fsdp(out: Path, rank: int) -> None:
     swag = SWAG(model, "mmap", out / "fsdp", max_rank=4)  # a ring: 6 iterates, the last 4 kept
     ref = train(model, swag, rank)
     draw = swag.sample(3, seed=7)  # this rank's shards of 3 draws
-    np.savez(out / f"fsdp-rank{rank}.npz", n_collected=swag.n_collected, ref=np.array(ref), draw=draw)
+    np.savez(
+        out / f"fsdp-rank{rank}.npz", n_collected=swag.n_collected, ref=np.array(ref), draw=draw
+    )
     swag.close()
 
 
@@ -122,14 +127,31 @@ def run_lightning(out: Path, rank: int, shard: bool = False) -> None:
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 5, generator=g)
-    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4)  # 3 steps per rank and epoch
+    loader = DataLoader(
+        TensorDataset(x, (x[:, 0] > 0).long()), batch_size=4
+    )  # 3 steps per rank and epoch
     model = Tiny(shard)
     name = "lightning-fsdp" if shard else "lightning"
     cb = SWAGCallback("mmap", out / name, max_rank=20, start_epoch=1, every_n_steps=2)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if shard else "ddp"
-    pl.Trainer(max_epochs=3, strategy=strategy, accelerator="cpu", devices=2, callbacks=[cb], logger=False,
-               enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(model, loader)
-    result = {"n_collected": cb.swag.n_collected, "records": cb.swag.records, "ref": np.array(model.ref)}
+    strategy = (
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if shard else "ddp"
+    )
+    pl.Trainer(
+        max_epochs=3,
+        strategy=strategy,
+        accelerator="cpu",
+        devices=2,
+        callbacks=[cb],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(model, loader)
+    result = {
+        "n_collected": cb.swag.n_collected,
+        "records": cb.swag.records,
+        "ref": np.array(model.ref),
+    }
     if cb.swag.records and not shard:
         result["mean"] = cb.swag.posterior.mean()
     cb.swag.close()

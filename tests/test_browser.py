@@ -8,6 +8,7 @@ progress bars, and the notebook's JSON record. A screenshot of each goes to the 
 directory. Skipped, with the reason, where no Chromium is found (scripts/system-deps.sh installs
 Debian's as root) or playwright is missing; playwright never downloads a browser here.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,25 +27,41 @@ from typing import Iterator
 
 import nbformat
 import pytest
-
-from nvmlib.paper import reproduce, resources
 from test_notebooks import noise, parameters_cells
 
+from nvmlib.paper import reproduce, resources
+
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RUN_TIMEOUT_S = 420  # one smoke notebook: 10-40 s alone, minutes on a crowded machine
 WIDGET = "application/vnd.jupyter.widget-view+json"
 # lab settings for a test: every cell in the DOM (no windowing), no news or update checks
-SETTINGS = {"@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
-            "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
-                                                                               "checkForUpdates": False}}
+SETTINGS = {
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+}
 pytestmark = pytest.mark.slow
 
 
 def chromium() -> str | None:
     """The system's Chromium: $NVMLIB_CHROMIUM, else chromium or chromium-browser on the PATH."""
-    found = os.environ.get("NVMLIB_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    found = (
+        os.environ.get("NVMLIB_CHROMIUM")
+        or shutil.which("chromium")
+        or shutil.which("chromium-browser")
+    )
     return found if found and os.access(found, os.X_OK) else None
 
 
@@ -74,14 +91,29 @@ class Lab:
         for path, values in SETTINGS.items():
             (settings / path).parent.mkdir(parents=True, exist_ok=True)
             (settings / path).write_text(json.dumps(values))
-        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(root / "config"), "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
+        env = {
+            **os.environ,
+            "JUPYTER_CONFIG_DIR": str(root / "config"),
+            "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+        }
         env.pop("NVMLIB_PROGRESS", None)
-        args = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-                "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-                f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={settings}",
-                f"--LabApp.workspaces_dir={root / 'workspaces'}"] + (["--allow-root"] if os.getuid() == 0 else [])
+        args = [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={root}",
+            f"--LabApp.user_settings_dir={settings}",
+            f"--LabApp.workspaces_dir={root / 'workspaces'}",
+        ] + (["--allow-root"] if os.getuid() == 0 else [])
         self.log = (root / "lab.log").open("w")
-        self.process = subprocess.Popen(args, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            args, cwd=root, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -90,12 +122,17 @@ class Lab:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.close()
-                    raise RuntimeError(f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}")
+                    raise RuntimeError(
+                        f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}"
+                    )
                 time.sleep(0.5)
 
     def api(self, path: str, method: str = "GET") -> object:
-        request = urllib.request.Request(f"{self.url}/api/{path}", method=method,
-                                         headers={"Authorization": f"token {self.token}"})
+        request = urllib.request.Request(
+            f"{self.url}/api/{path}",
+            method=method,
+            headers={"Authorization": f"token {self.token}"},
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             body = response.read()
         return json.loads(body) if body else None
@@ -123,9 +160,13 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory) -> Iterator[Lab]:
     if chromium() is None:
-        pytest.skip("no Chromium found: install Debian's chromium (scripts/system-deps.sh does as root) "
-                    "or set NVMLIB_CHROMIUM to a Chromium binary")
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+        pytest.skip(
+            "no Chromium found: install Debian's chromium (scripts/system-deps.sh does as root) "
+            "or set NVMLIB_CHROMIUM to a Chromium binary"
+        )
+    pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')"
+    )
     root = tmp_path_factory.mktemp("lab")
     (root / "notebooks").mkdir()
     for name in reproduce.NOTEBOOKS:
@@ -151,7 +192,12 @@ def wait_for_idle(lab: Lab, page, path: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         texts = [t.strip() for t in page.locator(prompts).all_inner_texts()]
-        if texts and "[*]:" not in texts and re.fullmatch(r"\[\d+\]:", texts[0]) and lab.kernel_idle(path):
+        if (
+            texts
+            and "[*]:" not in texts
+            and re.fullmatch(r"\[\d+\]:", texts[0])
+            and lab.kernel_idle(path)
+        ):
             return
         time.sleep(1)
     raise AssertionError(f"the notebook did not finish within {timeout_s:.0f} s: prompts {texts}")
@@ -170,13 +216,19 @@ def saved(path: Path, timeout_s: float = 30) -> nbformat.NotebookNode:
 @pytest.mark.parametrize("name", reproduce.NOTEBOOKS)
 def test_notebook_runs_all_in_jupyterlab(lab: Lab, page, name: str, tmp_path: Path) -> None:
     preset = reproduce.parameters("smoke", name, lab.root / "results", lab.root / "figures")
-    short = resources.plan({name: preset}, lab.root / "results" / "scratch").shortfalls(resources.Machine.here())
+    short = resources.plan({name: preset}, lab.root / "results" / "scratch").shortfalls(
+        resources.Machine.here()
+    )
     if short:
         pytest.skip(f"{name} at smoke scale: {'; '.join(short)}")
     started, path = time.time(), f"notebooks/{name}.ipynb"
     try:
-        page.goto(f"{lab.url}/lab/tree/{path}?reset&token={lab.token}")  # reset: only this notebook open
-        page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell").first.wait_for(timeout=90_000)
+        page.goto(
+            f"{lab.url}/lab/tree/{path}?reset&token={lab.token}"
+        )  # reset: only this notebook open
+        page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell").first.wait_for(
+            timeout=90_000
+        )
         deadline = time.monotonic() + 90
         while not lab.kernel_idle(path):  # the kernel has started
             assert time.monotonic() < deadline, "the notebook's kernel did not start"
@@ -196,14 +248,18 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, page, name: str, tmp_path: Pa
         assert panel.locator('[data-mime-type="application/vnd.jupyter.stderr"]').count() == 0
         figure_cells = [c for c in code if "plots.save(" in c.source]
         for cell in figure_cells:
-            assert any("image/png" in o.get("data", {}) for o in cell.outputs), f"no figure from {cell.source[:60]!r}"
+            assert any("image/png" in o.get("data", {}) for o in cell.outputs), (
+                f"no figure from {cell.source[:60]!r}"
+            )
         images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
         assert panel.locator(".jp-RenderedImage img").count() == images >= len(figure_cells)
         widgets = sum(WIDGET in o.get("data", {}) for c in code for o in c.outputs)
         assert panel.locator(".jp-OutputArea-output .widget-hprogress").count() == widgets
         assert "Error displaying widget" not in panel.inner_text()
         record = lab.root / "results" / f"{name}.json"
-        assert record.stat().st_mtime >= started - 1, "the notebook's JSON record was written by this run"
+        assert record.stat().st_mtime >= started - 1, (
+            "the notebook's JSON record was written by this run"
+        )
         assert json.loads(record.read_text())["experiment"] == name
     finally:
         page.goto("about:blank")
@@ -224,11 +280,21 @@ def test_make_lab_starts_as_this_user(tmp_path: Path) -> None:
         pytest.skip("make is not installed")
     venv = Path(sys.prefix)
     port = free_port()
-    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt"),
+    }
     env.pop("DISPLAY", None)
-    process = subprocess.Popen(["make", "-o", str(venv / ".nvmlib-installed"), "lab", f"VENV={venv}",
-                                f"LAB_PORT={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        ["make", "-o", str(venv / ".nvmlib-installed"), "lab", f"VENV={venv}", f"LAB_PORT={port}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     try:
         deadline = time.monotonic() + 90

@@ -9,6 +9,7 @@ file (a new subcommand needs a BASE invocation: test_every_subcommand_is_walked 
 cases run as processes forked, a few at a time, by one that imported nvmlib's CLI (and torch)
 once: each is `sys.exit(nvmlib.paper.cli.main(argv))` in a process of its own, as `python -m
 nvmlib.paper.cli` runs it, without an import of torch per case."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,15 +32,52 @@ ROOT = Path(__file__).resolve().parents[1]
 # a valid invocation of each subcommand, quick to refuse: {tmp} the case's directory, {good} a finished
 # run's posterior (mmap; a case that damages it gets its own copy, {tmp}/copy)
 BASE: dict[str, list[str]] = {
-    "train": ["train", "model_2conv2fc", "--limit", "100", "--no_progress", "--posterior_path", "{tmp}/p"],
-    "evaluate": ["evaluate", "--posterior_path", "{good}", "-S", "1", "--limit", "20", "--angles", "0"],
+    "train": [
+        "train",
+        "model_2conv2fc",
+        "--limit",
+        "100",
+        "--no_progress",
+        "--posterior_path",
+        "{tmp}/p",
+    ],
+    "evaluate": [
+        "evaluate",
+        "--posterior_path",
+        "{good}",
+        "-S",
+        "1",
+        "--limit",
+        "20",
+        "--angles",
+        "0",
+    ],
     "probe": ["probe", "{tmp}", "--size-mb", "1"],
-    "reproduce": ["reproduce", "--check", "--scale", "smoke", "--results-dir", "{tmp}/r", "--figures-dir", "{tmp}/f"],
+    "reproduce": [
+        "reproduce",
+        "--check",
+        "--scale",
+        "smoke",
+        "--results-dir",
+        "{tmp}/r",
+        "--figures-dir",
+        "{tmp}/f",
+    ],
 }
 NEGATIVE_OK = {"-c": "a negative GPU id is the CPU", "--angles": "a rotation in degrees"}
 GOOD = ["train", "model_2conv2fc", "--limit", "100", "-K", "3", "--no_progress", "--posterior_path"]
 RESUME = [*GOOD, "{tmp}/copy", "--resume"]
-EVALUATE_COPY = ["evaluate", "--posterior_path", "{tmp}/copy", "-S", "1", "--limit", "20", "--angles", "0"]
+EVALUATE_COPY = [
+    "evaluate",
+    "--posterior_path",
+    "{tmp}/copy",
+    "-S",
+    "1",
+    "--limit",
+    "20",
+    "--angles",
+    "0",
+]
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -60,12 +98,14 @@ def numeric_options(parser: argparse.ArgumentParser) -> list[tuple[str, type]]:
 
 def damage(name: str, how: Callable[[bytes], bytes] | None) -> Callable[[Path, Path], None]:
     """A setup copying the good run to {tmp}/copy with its file `name` rewritten by `how` (None: removed)."""
+
     def setup(tmp: Path, good: Path) -> None:
         path = Path(shutil.copytree(good, tmp / "copy")) / name
         if how is None:
             path.unlink()
         else:
             path.write_bytes(how(path.read_bytes()))
+
     return setup
 
 
@@ -84,33 +124,72 @@ class Case:
     env: dict[str, str] | None = None
 
 
-STATES = {"empty": lambda b: b"", "truncated": lambda b: b[:len(b) // 2], "garbage": lambda b: os.urandom(len(b)),
-          "another pickle": lambda b: b"\x80\x04K\x01."}
-POSTERIORS = {"truncated log": ("swag.log.npy", lambda b: b[:200]), "no moments": ("swag.moments.npy", None),
-              "garbage meta": ("swag.meta.npy", lambda b: os.urandom(len(b)))}
+STATES = {
+    "empty": lambda b: b"",
+    "truncated": lambda b: b[: len(b) // 2],
+    "garbage": lambda b: os.urandom(len(b)),
+    "another pickle": lambda b: b"\x80\x04K\x01.",
+}
+POSTERIORS = {
+    "truncated log": ("swag.log.npy", lambda b: b[:200]),
+    "no moments": ("swag.moments.npy", None),
+    "garbage meta": ("swag.meta.npy", lambda b: os.urandom(len(b))),
+}
 CASES = [
-    Case("train --posterior_path file", ["train", "model_2conv2fc", "--posterior_path", "{tmp}/file"],
-         "is a file, not a directory"),
-    Case("train --posterior_path /proc", ["train", "model_2conv2fc", "--posterior_path", "/proc/nvmlib"], "/proc/nvmlib"),
-    Case("train --posterior_path loop", ["train", "model_2conv2fc", "--posterior_path", "{tmp}/loop"], "loop"),
-    Case("train --posterior_path dangling", ["train", "model_2conv2fc", "--posterior_path", "{tmp}/dangling"],
-         "dangling"),
+    Case(
+        "train --posterior_path file",
+        ["train", "model_2conv2fc", "--posterior_path", "{tmp}/file"],
+        "is a file, not a directory",
+    ),
+    Case(
+        "train --posterior_path /proc",
+        ["train", "model_2conv2fc", "--posterior_path", "/proc/nvmlib"],
+        "/proc/nvmlib",
+    ),
+    Case(
+        "train --posterior_path loop",
+        ["train", "model_2conv2fc", "--posterior_path", "{tmp}/loop"],
+        "loop",
+    ),
+    Case(
+        "train --posterior_path dangling",
+        ["train", "model_2conv2fc", "--posterior_path", "{tmp}/dangling"],
+        "dangling",
+    ),
     Case("train -p missing", ["train", "model_2conv2fc", "-p", "{tmp}/missing"], "missing"),
     Case("train -p file", ["train", "model_2conv2fc", "-p", "{tmp}/file"], "file"),
-    Case("train --results_filepath /proc", ["train", "model_2conv2fc", "--results_filepath", "/proc/nvmlib/run.csv"],
-         "--results_filepath"),
+    Case(
+        "train --results_filepath /proc",
+        ["train", "model_2conv2fc", "--results_filepath", "/proc/nvmlib/run.csv"],
+        "--results_filepath",
+    ),
     Case("train --resume nothing there", [*GOOD, "{tmp}/missing", "--resume"], "missing"),
-    Case("train codec threads abc", [*BASE["train"], "--codec", "delta-zstd"], "NVMLIB_CODEC_THREADS='abc'",
-         env={"NVMLIB_CODEC_THREADS": "abc"}),
-    Case("evaluate --posterior_path missing", ["evaluate", "--posterior_path", "{tmp}/missing"], "missing"),
+    Case(
+        "train codec threads abc",
+        [*BASE["train"], "--codec", "delta-zstd"],
+        "NVMLIB_CODEC_THREADS='abc'",
+        env={"NVMLIB_CODEC_THREADS": "abc"},
+    ),
+    Case(
+        "evaluate --posterior_path missing",
+        ["evaluate", "--posterior_path", "{tmp}/missing"],
+        "missing",
+    ),
     Case("evaluate --posterior_path file", ["evaluate", "--posterior_path", "{tmp}/file"], "file"),
     Case("evaluate --posterior_path loop", ["evaluate", "--posterior_path", "{tmp}/loop"], "loop"),
     Case("evaluate --posterior_path /proc", ["evaluate", "--posterior_path", "/proc"], "/proc"),
     Case("evaluate -p missing", [*BASE["evaluate"], "-p", "{tmp}/missing"], "missing"),
-    Case("evaluate --fashion_path file", [*BASE["evaluate"], "--fashion_path", "{tmp}/file"], "file"),
-    Case("evaluate --results_filepath /proc", [*BASE["evaluate"], "--results_filepath", "/proc/nvmlib/m.json"],
-         "--results_filepath"),
-    Case("evaluate --scheduler nonsense", [*BASE["evaluate"], "--scheduler", "nonsense"], "scheduler"),
+    Case(
+        "evaluate --fashion_path file", [*BASE["evaluate"], "--fashion_path", "{tmp}/file"], "file"
+    ),
+    Case(
+        "evaluate --results_filepath /proc",
+        [*BASE["evaluate"], "--results_filepath", "/proc/nvmlib/m.json"],
+        "--results_filepath",
+    ),
+    Case(
+        "evaluate --scheduler nonsense", [*BASE["evaluate"], "--scheduler", "nonsense"], "scheduler"
+    ),
     Case("probe missing", ["probe", "{tmp}/missing"], "does not exist"),
     Case("probe file", ["probe", "{tmp}/file"], "is a file"),
     Case("probe dangling", ["probe", "{tmp}/dangling"], "does not exist"),
@@ -118,33 +197,84 @@ CASES = [
     Case("probe /sys", ["probe", "/sys", "--size-mb", "1"], "cannot measure /sys"),
     Case("reproduce --scale bogus", ["reproduce", "--scale", "bogus"], "bogus"),
     Case("reproduce --notebook bogus", ["reproduce", "--notebook", "bogus"], "bogus"),
-    Case("reproduce --notebooks-dir missing", ["reproduce", "--scale", "smoke", "--notebooks-dir", "{tmp}/missing"],
-         "--notebooks-dir"),
-    Case("reproduce --results-dir /proc", ["reproduce", "--scale", "smoke", "--results-dir", "/proc/nvmlib"],
-         "--results-dir"),
-    Case("reproduce --results-dir file", ["reproduce", "--scale", "smoke", "--results-dir", "{tmp}/file"],
-         "is a file, not a directory"),
-    Case("reproduce --figures-dir /proc", ["reproduce", "--scale", "smoke", "--results-dir", "{tmp}/r",
-                                           "--figures-dir", "/proc/nvmlib"], "--figures-dir"),
-    Case("reproduce --kernel missing", ["reproduce", "--scale", "smoke", "--kernel", "no-such-kernel"],
-         "no-such-kernel"),
-    *[Case(f"{what} with a {state} train state", argv, "--overwrite", damage("train_state.pt", STATES[state]))
-      for what, argv, state in (("evaluate", EVALUATE_COPY, "empty"), ("evaluate", EVALUATE_COPY, "another pickle"),
-                                ("resume", RESUME, "truncated"), ("resume", RESUME, "garbage"))],
-    *[Case(f"{what} of a posterior with a {kind}", argv, "copy", damage(*POSTERIORS[kind]))
-      for what, argv, kind in (("evaluate", EVALUATE_COPY, "truncated log"), ("resume", RESUME, "no moments"),
-                               ("evaluate", EVALUATE_COPY, "garbage meta"))],
-    *[Case(f"{name} {flag} {value}", [*BASE[name], flag, value])
-      for name, parser in subcommands().items() if name in BASE
-      for i, (flag, kind) in enumerate(numeric_options(parser))  # argparse's int/float say "abc" once
-      for value in ["abc"] * (i == 0) + ["-3"] * (flag not in NEGATIVE_OK) + ["nan"] * (kind is float)],
+    Case(
+        "reproduce --notebooks-dir missing",
+        ["reproduce", "--scale", "smoke", "--notebooks-dir", "{tmp}/missing"],
+        "--notebooks-dir",
+    ),
+    Case(
+        "reproduce --results-dir /proc",
+        ["reproduce", "--scale", "smoke", "--results-dir", "/proc/nvmlib"],
+        "--results-dir",
+    ),
+    Case(
+        "reproduce --results-dir file",
+        ["reproduce", "--scale", "smoke", "--results-dir", "{tmp}/file"],
+        "is a file, not a directory",
+    ),
+    Case(
+        "reproduce --figures-dir /proc",
+        [
+            "reproduce",
+            "--scale",
+            "smoke",
+            "--results-dir",
+            "{tmp}/r",
+            "--figures-dir",
+            "/proc/nvmlib",
+        ],
+        "--figures-dir",
+    ),
+    Case(
+        "reproduce --kernel missing",
+        ["reproduce", "--scale", "smoke", "--kernel", "no-such-kernel"],
+        "no-such-kernel",
+    ),
+    *[
+        Case(
+            f"{what} with a {state} train state",
+            argv,
+            "--overwrite",
+            damage("train_state.pt", STATES[state]),
+        )
+        for what, argv, state in (
+            ("evaluate", EVALUATE_COPY, "empty"),
+            ("evaluate", EVALUATE_COPY, "another pickle"),
+            ("resume", RESUME, "truncated"),
+            ("resume", RESUME, "garbage"),
+        )
+    ],
+    *[
+        Case(f"{what} of a posterior with a {kind}", argv, "copy", damage(*POSTERIORS[kind]))
+        for what, argv, kind in (
+            ("evaluate", EVALUATE_COPY, "truncated log"),
+            ("resume", RESUME, "no moments"),
+            ("evaluate", EVALUATE_COPY, "garbage meta"),
+        )
+    ],
+    *[
+        Case(f"{name} {flag} {value}", [*BASE[name], flag, value])
+        for name, parser in subcommands().items()
+        if name in BASE
+        for i, (flag, kind) in enumerate(
+            numeric_options(parser)
+        )  # argparse's int/float say "abc" once
+        for value in ["abc"] * (i == 0)
+        + ["-3"] * (flag not in NEGATIVE_OK)
+        + ["nan"] * (kind is float)
+    ],
 ]
 
 
 def nvmlib(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`nvmlib ARGV` as a user runs it (this checkout's nvmlib)."""
-    return subprocess.run([sys.executable, "-m", "nvmlib.paper.cli", *argv], capture_output=True, text=True,
-                          timeout=300, env=_environment(env))
+    return subprocess.run(
+        [sys.executable, "-m", "nvmlib.paper.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_environment(env),
+    )
 
 
 def _environment(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -177,22 +307,34 @@ print(json.dumps([codes[i] for i in range(len(cases))]))
 """
 
 
-def nvmlib_forked(runs: list[tuple[list[str], dict[str, str]]],
-                  io: Path) -> list[subprocess.CompletedProcess]:
+def nvmlib_forked(
+    runs: list[tuple[list[str], dict[str, str]]], io: Path
+) -> list[subprocess.CompletedProcess]:
     """Each (argv, env) run as `nvmlib ARGV` in a process forked by one that imported the CLI."""
     files = [(str(io / f"{i}.out"), str(io / f"{i}.err")) for i in range(len(runs))]
     cases = json.dumps([[argv, env, *f] for (argv, env), f in zip(runs, files)])
-    done = subprocess.run([sys.executable, "-c", FORKER], input=cases, capture_output=True,
-                          text=True, timeout=900, env=_environment())
+    done = subprocess.run(
+        [sys.executable, "-c", FORKER],
+        input=cases,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_environment(),
+    )
     assert done.returncode == 0, done.stderr
-    return [subprocess.CompletedProcess(argv, code, Path(out).read_text(), Path(err).read_text())
-            for (argv, _), code, (out, err) in zip(runs, json.loads(done.stdout), files)]
+    return [
+        subprocess.CompletedProcess(argv, code, Path(out).read_text(), Path(err).read_text())
+        for (argv, _), code, (out, err) in zip(runs, json.loads(done.stdout), files)
+    ]
 
 
 def digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under `directory` (not the writer's lock, which records who holds it)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +356,10 @@ def walk(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, dict,
         before.append(digest(tmp) | good_digest())
         runs.append(([a.format(tmp=tmp, good=good) for a in case.argv], case.env or {}))
     done = nvmlib_forked(runs, io)
-    return {case.id: (done[i], before[i], digest(base / str(i)) | good_digest())
-            for i, case in enumerate(CASES)}
+    return {
+        case.id: (done[i], before[i], digest(base / str(i)) | good_digest())
+        for i, case in enumerate(CASES)
+    }
 
 
 def test_every_subcommand_is_walked():
@@ -232,5 +376,7 @@ def test_hostile_input_is_one_error_line_and_changes_nothing(case, walk):
     assert done.returncode != 0 and len(errors) == 1 and lines[-1] == errors[0], done.stderr
     usage = errors[0].startswith(f"nvmlib {case.argv[0]}: error: ")  # argparse's own format
     assert usage == lines[0].startswith("usage: "), done.stderr
-    assert (case.match or case.argv[-1]) in errors[0] or not case.match and case.argv[-2] in errors[0]
+    assert (
+        (case.match or case.argv[-1]) in errors[0] or not case.match and case.argv[-2] in errors[0]
+    )
     assert after == before, "a refused command changes no file"

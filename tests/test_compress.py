@@ -1,11 +1,12 @@
 """The compressed delta log (codec="delta-zstd"/"delta-lz4"): lossless on every tier and dtype,
 the same posterior as raw rows, checksummed records, readers, truncate and reopen."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from contract import TIERS
+
 from nvmlib.errors import InputError, PosteriorError, StoreError
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.codec import DeltaCodec
@@ -20,9 +21,21 @@ def walk(dtype: str, t: int = T, n: int = N, seed: int = 0) -> np.ndarray:
     rows = np.cumsum(rng.standard_normal((t, n)) * 1e-3, axis=0) + rng.standard_normal(n)
     rows = rows.astype(dtype)
     info = np.finfo(dtype)
-    edges = np.array([0.0, -0.0, info.tiny, -info.tiny, info.smallest_subnormal, -info.smallest_subnormal,
-                      info.max, -info.max, info.eps], dtype)
-    rows[:, :len(edges)] = edges
+    edges = np.array(
+        [
+            0.0,
+            -0.0,
+            info.tiny,
+            -info.tiny,
+            info.smallest_subnormal,
+            -info.smallest_subnormal,
+            info.max,
+            -info.max,
+            info.eps,
+        ],
+        dtype,
+    )
+    rows[:, : len(edges)] = edges
     rows[1::2, :2] = rows[1::2, 1::-1]  # +0 and −0 swap places: only their sign bits differ
     return rows
 
@@ -31,14 +44,18 @@ def walk(dtype: str, t: int = T, n: int = N, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("codec", ["delta-zstd", "delta-lz4"])
 def test_every_kept_row_reads_back_bit_exact(store, dtype, codec):
     rows = walk(dtype)
-    with SWAGPosterior.create(store, N, max_rank=K, dtype=dtype, codec=codec, checkpoint_every=3) as post:
+    with SWAGPosterior.create(
+        store, N, max_rank=K, dtype=dtype, codec=codec, checkpoint_every=3
+    ) as post:
         for t, row in enumerate(rows):
             post.update(row)
             if t in (0, 1, K - 1, K, T - 1):
                 got = post.kept_rows()
-                assert got.tobytes() == rows[max(0, t + 1 - K):t + 1].tobytes(), f"after update {t}"
+                assert got.tobytes() == rows[max(0, t + 1 - K) : t + 1].tobytes(), (
+                    f"after update {t}"
+                )
         assert post.log.chunk == 2 and post.n_collected > post.log.slots  # the ring wrapped
-        assert post.iterates(T - 3, T - 1).tobytes() == rows[T - 3:T - 1].tobytes()
+        assert post.iterates(T - 3, T - 1).tobytes() == rows[T - 3 : T - 1].tobytes()
     if store.persistent:
         with SWAGPosterior.open(store, readonly=True) as again:
             assert again.kept_rows().tobytes() == rows[-K:].tobytes()
@@ -49,15 +66,22 @@ def test_same_posterior_as_raw_rows(tmp_path, max_rank):
     rows = walk("float32")
     opts = dict(max_rank=max_rank, capacity=None if max_rank else T, checkpoint_every=4)
     raw = SWAGPosterior.create(TIERS["mmap"].open(tmp_path / "raw"), N, **opts)
-    packed = SWAGPosterior.create(TIERS["mmap"].open(tmp_path / "packed"), N, codec="delta-zstd", **opts)
+    packed = SWAGPosterior.create(
+        TIERS["mmap"].open(tmp_path / "packed"), N, codec="delta-zstd", **opts
+    )
     for row in rows:
         raw.update(row)
         packed.update(row)
     np.testing.assert_array_equal(packed.mean(), raw.mean())
     np.testing.assert_array_equal(packed.variance(), raw.variance())
     np.testing.assert_allclose(packed.sample(7, seed=5), raw.sample(7, seed=5), rtol=0, atol=1e-6)
-    logs = [post.log.stored_bytes(post.n_collected - post.rank, post.n_collected) for post in (raw, packed)]
-    assert logs[1] < logs[0], logs  # fewer bytes, although half the records are keyframes (bench_compress: ratios)
+    logs = [
+        post.log.stored_bytes(post.n_collected - post.rank, post.n_collected)
+        for post in (raw, packed)
+    ]
+    assert logs[1] < logs[0], (
+        logs
+    )  # fewer bytes, although half the records are keyframes (bench_compress: ratios)
     raw.close()
     packed.close()
 
@@ -75,7 +99,9 @@ def test_reopen_after_an_unclean_stop_replays_and_goes_on(tmp_path):
     for row in rows[13:]:  # the next row is a delta of iterate 12, decoded again from its keyframe
         again.update(row)
     assert again.kept_rows().tobytes() == rows[-10:].tobytes()
-    np.testing.assert_allclose(again.mean(), rows.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        again.mean(), rows.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12
+    )
     again.truncate(25)
     for row in rows[25:]:
         again.update(row)
@@ -91,14 +117,18 @@ def test_a_damaged_record_is_refused_with_its_iterate(tmp_path):
             post.update(row)
         t = T - 3
         entry = store.read_rows(INDEX, t % post.log.slots, t % post.log.slots + 1)[0]
-        block = store.read_rows(LOG, int(entry[1]) % post.log.blocks, int(entry[1]) % post.log.blocks + 1)
+        block = store.read_rows(
+            LOG, int(entry[1]) % post.log.blocks, int(entry[1]) % post.log.blocks + 1
+        )
         block[0, 100] ^= 1
         store.write_rows(LOG, int(entry[1]) % post.log.blocks, block)
         with pytest.raises(PosteriorError, match=f"record of iterate {t} .* fails its checksum"):
             post.kept_rows()
         entry[2] += BLOCK  # an index row edited to point past its record
         store.write_rows(INDEX, t % post.log.slots, entry[None])
-        with pytest.raises(PosteriorError, match=f"record of iterate {t} in {INDEX} .* fails its checksum"):
+        with pytest.raises(
+            PosteriorError, match=f"record of iterate {t} in {INDEX} .* fails its checksum"
+        ):
             post.sample(2)
 
 
@@ -126,7 +156,9 @@ def test_unknown_codec_is_refused_before_anything_is_written(tmp_path):
 def test_a_bad_thread_count_is_refused_before_anything_is_written(tmp_path, monkeypatch, threads):
     monkeypatch.setenv("NVMLIB_CODEC_THREADS", threads)
     store = TIERS["mmap"].open(tmp_path)
-    with pytest.raises(InputError, match=f"NVMLIB_CODEC_THREADS='{threads}': set it to a whole number"):
+    with pytest.raises(
+        InputError, match=f"NVMLIB_CODEC_THREADS='{threads}': set it to a whole number"
+    ):
         SWAGPosterior.create(store, N, max_rank=K, codec="delta-zstd")
     assert store.names() == []
     monkeypatch.setenv("NVMLIB_CODEC_THREADS", "2")
@@ -141,7 +173,9 @@ def test_the_log_occupies_the_records_it_keeps(store, max_rank):
     chunks, the dropped ones handed back), not the worst case; elsewhere the worst case, whole."""
     n, t = 20_000, 40
     rows = walk("float32", t, n)
-    post = SWAGPosterior.create(store, n, max_rank=max_rank, capacity=t, codec="delta-zstd", checkpoint_every=3)
+    post = SWAGPosterior.create(
+        store, n, max_rank=max_rank, capacity=t, codec="delta-zstd", checkpoint_every=3
+    )
     for row in rows:
         post.update(row)
     post.flush()
@@ -154,7 +188,7 @@ def test_the_log_occupies_the_records_it_keeps(store, max_rank):
     else:
         assert kept <= store.occupied(LOG) <= live + (64 << 10), (kept, store.occupied(LOG), live)
         assert store.occupied(LOG) < store.nbytes(LOG) * 0.8
-    assert post.kept_rows().tobytes() == rows[-(max_rank or t):].tobytes()
+    assert post.kept_rows().tobytes() == rows[-(max_rank or t) :].tobytes()
     assert post.nbytes == post.stored_bytes >= store.occupied(LOG) + store.occupied(INDEX)
     post.close()
 

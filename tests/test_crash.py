@@ -7,6 +7,7 @@ posterior must reopen with n_collected >= the last checkpointed count and >= the
 count − 1, its log must hold the right rows, and its mean and variance must equal a
 recomputation from θ_0..θ_{n-1}.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from contract import TierCase, per_tier
+
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, META, MOMENTS
 
@@ -31,14 +32,19 @@ TESTS = Path(__file__).resolve().parent
 
 def theta(seed: int, t: int, n: int) -> np.ndarray:
     """The t-th iterate of a run: a deterministic function of (seed, t)."""
-    return (np.random.default_rng([seed, t]).standard_normal(n) * (1 + t % 3) + t / 100).astype(np.float32)
+    return (np.random.default_rng([seed, t]).standard_normal(n) * (1 + t % 3) + t / 100).astype(
+        np.float32
+    )
 
 
 # A server started once per test class: it imports nvmlib and compiles the update kernels, then
 # forks one collecting child per trial (no thread runs in it before a fork): a trial costs the
 # kill delay, not an import of torch. The child prints to the FIFO it is given; the server says
 # the child's pid, then (told to reap it) how it ended (os.waitstatus_to_exitcode: -9 for a SIGKILL).
-SERVER = "import numpy as np\n" + inspect.getsource(theta) + f"""
+SERVER = (
+    "import numpy as np\n"
+    + inspect.getsource(theta)
+    + f"""
 import os, sys, traceback
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
@@ -79,6 +85,7 @@ for line in sys.stdin:
     sys.stdin.readline()  # reap it when told (the pid stays the child's until then)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
+)
 
 
 class Expected:
@@ -99,7 +106,9 @@ class Expected:
             return
         mean = self.s1 / n
         np.testing.assert_allclose(post.mean(), mean, rtol=1e-10, atol=1e-10)
-        np.testing.assert_allclose(post.variance(), np.maximum(self.s2 / n - mean * mean, 0), rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(
+            post.variance(), np.maximum(self.s2 / n - mean * mean, 0), rtol=1e-7, atol=1e-7
+        )
         # every kept row is whole, the one a kill tore included: it was written to the spare slot
         kept = [theta(SEED, t, N_PARAMS) for t in range(max(0, n - CAPACITY), n)]
         np.testing.assert_array_equal(post.kept_rows(), np.stack(kept))
@@ -114,14 +123,16 @@ class CrashContract(TierCase):
         """The forking server of SERVER, for this class's trials."""
         if not cls.tier.persistent:
             pytest.skip(f"{cls.tier.name} lacks 'persistent'")
-        server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         yield server
         server.stdin.close()
         assert server.wait(timeout=60) == 0
 
-    def trial(self, server: subprocess.Popen, tmp: Path, fresh: bool, rng: random.Random,
-              codec: str) -> tuple[int, int]:
+    def trial(
+        self, server: subprocess.Popen, tmp: Path, fresh: bool, rng: random.Random, codec: str
+    ) -> tuple[int, int]:
         """Fork a collecting child, SIGKILL it 0.05-0.5 s after its first update; the last count
         it printed, and the last one that checkpointed."""
         fifo = tmp / "child.out"
@@ -145,14 +156,16 @@ class CrashContract(TierCase):
             ended = int(server.stdout.readline())
             fifo.unlink()
         assert ended == -signal.SIGKILL, f"the child ended with {ended}, not by the kill"
-        lines = [fields for fields in map(str.split, (first + rest).splitlines())
-                 if len(fields) == 2]  # the kill may cut one
+        lines = [
+            fields for fields in map(str.split, (first + rest).splitlines()) if len(fields) == 2
+        ]  # the kill may cut one
         assert lines, "the child made no update before the kill; raise the kill delay"
         return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
 
     @pytest.mark.parametrize("codec", ["raw", "delta-zstd"], ids=["raw", "delta"])
-    def test_sigkill_while_collecting_loses_no_committed_update(self, server, tmp_path, reopen,
-                                                                codec):
+    def test_sigkill_while_collecting_loses_no_committed_update(
+        self, server, tmp_path, reopen, codec
+    ):
         rng, expected = random.Random(f"{self.tier.name}-{SEED}{codec}"), Expected()
         for trial in range(TRIALS if codec == "raw" else TRIALS // 4):
             fresh = trial % 5 == 0
@@ -177,7 +190,9 @@ class CrashContract(TierCase):
             records = store.read_rows(COMMIT, 0, 2)
             newest = int(np.argmax(records[:, 0]))
             block = store.read_rows(torn, newest, newest + 1)
-            block.view(np.uint8)[..., 5] ^= 0xFF  # a torn write: some bytes of the newest slot are wrong
+            block.view(np.uint8)[..., 5] ^= (
+                0xFF  # a torn write: some bytes of the newest slot are wrong
+            )
             store.write_rows(torn, newest, block)
             store.persist(torn)
             assert META in store

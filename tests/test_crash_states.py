@@ -7,6 +7,7 @@ refused with a clear error; a writer reopening it must go on collecting exactly.
 The states visit every crash point of the recorded run twice (262 states for the raw log, 344
 for the compressed one), in a random order; NVMLIB_CRASH_STATES=1000 sets more states per tier
 and log format (the full count: docs/verified.md)."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from contract import TierCase, per_tier
 from crashsim import Recorder, crash_states, materialise
+
 from nvmlib.errors import PosteriorError
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, META
@@ -31,7 +32,9 @@ REOPEN_EVERY = 10  # every 10th state is also reopened by a writer that collects
 
 
 def theta(t: int) -> np.ndarray:
-    return (np.random.default_rng([7, t]).standard_normal(N) * (1 + t % 3) + t / 10).astype(np.float32)
+    return (np.random.default_rng([7, t]).standard_normal(N) * (1 + t % 3) + t / 10).astype(
+        np.float32
+    )
 
 
 THETAS = np.stack([theta(t) for t in range(T + 3)]).astype(np.float64)
@@ -71,9 +74,11 @@ def assert_exact(post: SWAGPosterior, n: int, rows: int) -> bool:
     np.testing.assert_allclose(post.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(post.variance(), ref.var(0), rtol=1e-6, atol=1e-7)
     try:
-        np.testing.assert_array_equal(post.kept_rows(), ref[max(0, n - K):n].astype(np.float32))
+        np.testing.assert_array_equal(post.kept_rows(), ref[max(0, n - K) : n].astype(np.float32))
     except PosteriorError as exc:
-        assert rows > n + 1 and ("overwritten by iterate" in str(exc) or "fails its checksum" in str(exc)), str(exc)
+        assert rows > n + 1 and (
+            "overwritten by iterate" in str(exc) or "fails its checksum" in str(exc)
+        ), str(exc)
         return False
     return True
 
@@ -96,8 +101,9 @@ class CrashStatesContract(TierCase):
         self.require("tear", "no model of its torn writes")
         ops = record(codec)
         writer = reopen()
-        outcomes = dict.fromkeys(["opened", "refused", "torn", "reopened by a writer",
-                                  "kept rows refused"], 0)
+        outcomes = dict.fromkeys(
+            ["opened", "refused", "torn", "reopened by a writer", "kept rows refused"], 0
+        )
         previous = None  # the state the store holds (None after a writer changed it)
         states = STATES or 2 * (len(ops) + 1)
         seed = zlib.crc32(f"{self.tier.name}{codec}".encode())
@@ -109,15 +115,17 @@ class CrashStatesContract(TierCase):
                 with reopen(readonly=True) as store:
                     post = SWAGPosterior.open(store, readonly=True)
             except PosteriorError as exc:
-                assert not whole, \
+                assert not whole, (
                     f"state {k} (crash after op {state.point}) refused although whole: {exc}"
+                )
                 reasons = ("no posterior", "incomplete", "interrupted create")
                 assert any(m in str(exc) for m in reasons), str(exc)
                 outcomes["refused"] += 1
                 continue
             n = post.n_collected
-            assert must_have <= n <= rows, \
+            assert must_have <= n <= rows, (
                 f"state {k}: {n} updates, checkpointed {must_have}, rows written {rows}"
+            )
             outcomes["kept rows refused"] += not assert_exact(post, n, rows)
             outcomes["opened"] += 1
             outcomes["torn"] += state.torn is not None

@@ -1,5 +1,6 @@
 """Sampling and evaluation on a real dask LocalCluster (processes on 127.0.0.1) over a sharded zarr log
 give the local results, survive a killed worker, and refuse bad set-ups before computing anything."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ distributed = pytest.importorskip("dask.distributed")
 
 from nvmlib import SWAGPosterior, open_store  # noqa: E402
 from nvmlib import dask as nvd  # noqa: E402
-from nvmlib.paper.cli import main  # noqa: E402
 from nvmlib.errors import LockedError, StoreError  # noqa: E402
+from nvmlib.paper.cli import main  # noqa: E402
 
 N = 3000  # parameters: 12 KB rows
 SHARD = 5 * N * 4  # 5 rows per shard
@@ -25,9 +26,17 @@ SHARD = 5 * N * 4  # 5 rows per shard
 @pytest.fixture(scope="module")
 def cluster():
     """One worker to start with; tests scale it up (starting clusters is what costs time here)."""
-    with nvd.environ_kept(), distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                                                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cl, \
-            distributed.Client(cl) as client:  # the scaling and the killed worker below keep this process's environment
+    with (
+        nvd.environ_kept(),
+        distributed.LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+        ) as cl,
+        distributed.Client(cl) as client,
+    ):  # the scaling and the killed worker below keep this process's environment
         yield cl, client
 
 
@@ -44,8 +53,11 @@ def rings(tmp_path_factory):
     compressed log that has wrapped (each task decodes its chunks from their keyframes)."""
     rng = np.random.default_rng(7)
     out = {}
-    for name, max_rank, updates, codec in (("wrapped", 13, 31, None), ("unwrapped", 40, 17, None),
-                                           ("compressed", 13, 31, "delta-zstd")):
+    for name, max_rank, updates, codec in (
+        ("wrapped", 13, 31, None),
+        ("unwrapped", 40, 17, None),
+        ("compressed", 13, 31, "delta-zstd"),
+    ):
         store = open_store("zarr", tmp_path_factory.mktemp(name) / "p.zarr", shard_bytes=SHARD)
         post = SWAGPosterior.create(store, N, max_rank=max_rank, checkpoint_every=4, codec=codec)
         for theta in np.cumsum(rng.standard_normal((updates, N)), axis=0):
@@ -76,15 +88,22 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
             assert remote.dtype == np.float32 and remote.shape == (4, N)
             np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-5 * np.abs(local).max())
             # the draws do not depend on the number of workers
-            np.testing.assert_allclose(remote, SEEN.setdefault((name, seed), remote), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                remote, SEEN.setdefault((name, seed), remote), rtol=1e-6, atol=1e-6
+            )
     wrapped, unwrapped = rings["wrapped"], rings["unwrapped"]
     assert wrapped.n_collected > wrapped.log.slots and unwrapped.n_collected < unwrapped.capacity
     # each task multiplies with the host's CPUs shared among the worker threads there (one each here)
     threads = nvd.check_workers(wrapped, client)
-    assert threads == {w: max(1, len(os.sched_getaffinity(0)) // workers) for w in client.scheduler_info()["workers"]}
+    assert threads == {
+        w: max(1, len(os.sched_getaffinity(0)) // workers)
+        for w in client.scheduler_info()["workers"]
+    }
 
 
-def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_path, one_shard_per_task):
+def test_killing_a_worker_mid_sample_still_gives_the_local_result(
+    cluster, tmp_path, one_shard_per_task
+):
     client = scaled(cluster, 3)
     n = 400_000
     store = open_store("zarr", tmp_path / "p.zarr", shard_bytes=n * 4)  # one row per shard
@@ -94,11 +113,17 @@ def test_killing_a_worker_mid_sample_still_gives_the_local_result(cluster, tmp_p
         post.update(rng.standard_normal(n, dtype=np.float32))
     local = post.sample(16, seed=5)
     result, killed = {}, []
-    thread = threading.Thread(target=lambda: result.setdefault("x", post.sample(16, seed=5, executor=nvd.DaskExecutor(client))))
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "x", post.sample(16, seed=5, executor=nvd.DaskExecutor(client))
+        )
+    )
     thread.start()
     pids = client.run(os.getpid)
     while thread.is_alive() and not killed:  # kill the first worker that holds a partial product
-        holders = [w for w, keys in client.has_what().items() if any("_partial" in str(k) for k in keys)]
+        holders = [
+            w for w, keys in client.has_what().items() if any("_partial" in str(k) for k in keys)
+        ]
         if holders:
             os.kill(pids[holders[0]], signal.SIGKILL)
             killed.append(holders[0])
@@ -117,7 +142,9 @@ def test_workers_that_cannot_see_the_store_get_a_clear_error_before_any_compute(
     for k in range(5):
         post.update(np.full(10, float(k)))
     tasks_before = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
-    with pytest.raises(StoreError, match=r"2 of 2 dask workers cannot read the posterior at memory://.*shared file"):
+    with pytest.raises(
+        StoreError, match=r"2 of 2 dask workers cannot read the posterior at memory://.*shared file"
+    ):
         post.sample(3, seed=0, executor=nvd.DaskExecutor(client))
     assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == tasks_before
     post.close()
@@ -139,8 +166,12 @@ def test_local_cluster_listens_on_loopback_only():
     cluster, client = nvd.local_cluster(1)
     try:
         me = psutil.Process()
-        listening = [c.laddr for p in (me, *me.children(recursive=True))
-                     for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        listening = [
+            c.laddr
+            for p in (me, *me.children(recursive=True))
+            for c in p.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
         dashboard = int(cluster.dashboard_link.split(":")[2].split("/")[0])
         assert dashboard in {a.port for a in listening}
         assert listening and all(a.ip in ("127.0.0.1", "::1") for a in listening), listening
@@ -165,7 +196,9 @@ def test_a_second_writer_is_refused(tmp_path, where):
     first.update(np.ones(10))
     with pytest.raises(LockedError, match="already has a writer in this process"):
         SWAGPosterior.open(open_store("zarr", path))
-    reader = SWAGPosterior.open(open_store("zarr", path, readonly=True), readonly=True)  # readers may
+    reader = SWAGPosterior.open(
+        open_store("zarr", path, readonly=True), readonly=True
+    )  # readers may
     assert reader.n_collected == 1
     first.close()
     first.store.close()
@@ -179,17 +212,61 @@ def test_a_second_writer_is_refused(tmp_path, where):
 def test_cli_evaluate_on_a_scheduler_gives_the_local_metrics(cluster, tmp_path):
     client = scaled(cluster, 2)
     post_dir, csv = tmp_path / "p.zarr", tmp_path / "run.csv"
-    assert main(["train", "model_2conv2fc", "-e", "1", "--limit", "300", "-n", "0.05", "--backend", "zarr",
-                 "--posterior_path", str(post_dir), "--results_filepath", str(csv), "--no_progress"]) == 0
-    common = ["evaluate", "--backend", "zarr", "--posterior_path", str(post_dir), "-S", "3", "--angles", "0", "90",
-              "--limit", "300"]
+    assert (
+        main(
+            [
+                "train",
+                "model_2conv2fc",
+                "-e",
+                "1",
+                "--limit",
+                "300",
+                "-n",
+                "0.05",
+                "--backend",
+                "zarr",
+                "--posterior_path",
+                str(post_dir),
+                "--results_filepath",
+                str(csv),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
+    common = [
+        "evaluate",
+        "--backend",
+        "zarr",
+        "--posterior_path",
+        str(post_dir),
+        "-S",
+        "3",
+        "--angles",
+        "0",
+        "90",
+        "--limit",
+        "300",
+    ]
     assert main(common + ["--results_filepath", str(tmp_path / "local.json")]) == 0
-    assert main(common + ["--scheduler", client.scheduler.address,
-                          "--results_filepath", str(tmp_path / "cluster.json")]) == 0
+    assert (
+        main(
+            common
+            + [
+                "--scheduler",
+                client.scheduler.address,
+                "--results_filepath",
+                str(tmp_path / "cluster.json"),
+            ]
+        )
+        == 0
+    )
     local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "cluster"))
     assert len(local["metrics"]) == len(remote["metrics"]) == 6
     for a, b in zip(local["metrics"] + local["ood"], remote["metrics"] + remote["ood"]):
-        assert {k: v for k, v in a.items() if isinstance(v, str)} == {k: v for k, v in b.items() if isinstance(v, str)}
+        assert {k: v for k, v in a.items() if isinstance(v, str)} == {
+            k: v for k, v in b.items() if isinstance(v, str)
+        }
         for key, value in a.items():
             if not isinstance(value, str):
                 assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
@@ -229,4 +306,7 @@ def test_a_local_cluster_leaves_this_process_environment_alone():
     with cluster, client:
         client.wait_for_workers(2, timeout=120)
         assert dict(os.environ) == before
-        assert list(client.run(lambda: [os.environ.get(k) for k in nvd.THREAD_VARS]).values()) == [["1"] * 3] * 2
+        assert (
+            list(client.run(lambda: [os.environ.get(k) for k in nvd.THREAD_VARS]).values())
+            == [["1"] * 3] * 2
+        )

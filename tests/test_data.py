@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nvmlib.paper.data import FASHION_DIR, load, read_idx, write_idx
 from nvmlib.errors import DataError
+from nvmlib.paper.data import FASHION_DIR, load, read_idx, write_idx
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 plain DDP with nvmlib.SWAG, FSDP2 (fully_shard) with nvmlib.SWAG, and Lightning under
 strategy="ddp" and ModelParallelStrategy (fully_shard) (tests/distributed_worker.py); the
 results are checked here, in one process."""
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,25 @@ from distributed_worker import STEPS, Tiny, make_model  # noqa: E402
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("distributed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "distributed_worker.py"), str(out)], env=env, capture_output=True, text=True,
-                          timeout=240)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(HERE / "distributed_worker.py"),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
@@ -47,12 +63,17 @@ def test_ddp_rank_zero_writes_the_replicated_parameters(runs):
     r0, r1 = result(runs, "ddp", 0), result(runs, "ddp", 1)
     assert r0["records"] and not r1["records"]
     error = str(r1["error"])
-    assert "rank 1 records nothing" in error and "SWAG.open(model, tier, path, readonly=True)" in error
+    assert (
+        "rank 1 records nothing" in error and "SWAG.open(model, tier, path, readonly=True)" in error
+    )
     assert int(r0["n_collected"]) == int(r1["n_collected"]) == STEPS
-    np.testing.assert_array_equal(r0["ref"], r1["ref"])  # replicated: the same iterates on both ranks
+    np.testing.assert_array_equal(
+        r0["ref"], r1["ref"]
+    )  # replicated: the same iterates on both ranks
     np.testing.assert_allclose(r0["mean"], r0["ref"].mean(0), rtol=1e-6, atol=1e-7)
     assert sorted(p.name for p in (runs / "ddp").iterdir() if not p.name.startswith(".")) == sorted(
-        f"swag.{n}.npy" for n in ("commit", "count", "log", "meta", "moments", "shift"))  # one posterior
+        f"swag.{n}.npy" for n in ("commit", "count", "log", "meta", "moments", "shift")
+    )  # one posterior
     swag = SWAG.open(make_model(), "mmap", runs / "ddp", readonly=True)
     np.testing.assert_allclose(swag.posterior.kept_rows(), r0["ref"], rtol=1e-6, atol=1e-7)
     swag.close()
@@ -63,7 +84,9 @@ def test_lightning_ddp_collects_by_the_rule(runs):
     assert r0["records"] and not r1["records"]
     per_epoch = 24 // 4 // 2  # the DistributedSampler gives each rank half the batches
     assert len(r0["ref"]) == 3 * per_epoch
-    ref = np.array([v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1])
+    ref = np.array(
+        [v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1]
+    )
     assert int(r0["n_collected"]) == int(r1["n_collected"]) == len(ref) == 3
     np.testing.assert_allclose(r0["mean"], ref.mean(0), rtol=1e-6, atol=1e-7)
 
@@ -73,9 +96,13 @@ def test_lightning_fsdp_rank_logs_open_as_the_full_posterior(runs):
     assert r0["records"] and r1["records"]  # each rank records its shards
     np.testing.assert_array_equal(r0["ref"], r1["ref"])
     per_epoch = 24 // 4 // 2
-    ref = np.array([v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1])
+    ref = np.array(
+        [v for s, v in enumerate(r0["ref"], 1) if s % 2 == 0 and (s - 1) // per_epoch >= 1]
+    )
     assert int(r0["n_collected"]) == int(r1["n_collected"]) == len(ref) == 3
-    with SWAG.open(Tiny(shard=False), "mmap", runs / "lightning-fsdp", readonly=True) as swag:  # its names
+    with SWAG.open(
+        Tiny(shard=False), "mmap", runs / "lightning-fsdp", readonly=True
+    ) as swag:  # its names
         assert swag.n_collected == 3
         np.testing.assert_allclose(swag.posterior.mean(), ref.mean(0), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(swag.posterior.kept_rows(), ref.astype(np.float32))
@@ -93,10 +120,16 @@ def test_fsdp_rank_logs_open_as_the_full_posterior(runs, sharded):
     np.testing.assert_array_equal(ref, result(runs, "fsdp", 1)["ref"])
     assert all(int(result(runs, "fsdp", r)["n_collected"]) == STEPS for r in (0, 1))
     post = sharded.posterior
-    assert isinstance(post, ShardedPosterior) and post.n_params == ref.shape[1] and sharded.n_collected == STEPS
+    assert (
+        isinstance(post, ShardedPosterior)
+        and post.n_params == ref.shape[1]
+        and sharded.n_collected == STEPS
+    )
     np.testing.assert_allclose(post.mean(), ref.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(post.variance(), ref.var(0), rtol=1e-4, atol=1e-9)
-    np.testing.assert_array_equal(post.kept_rows(), ref[-4:].astype(np.float32))  # the ring's last 4
+    np.testing.assert_array_equal(
+        post.kept_rows(), ref[-4:].astype(np.float32)
+    )  # the ring's last 4
 
 
 def single(ref: np.ndarray) -> SWAG:
@@ -112,8 +145,12 @@ def single(ref: np.ndarray) -> SWAG:
 def test_fsdp_predict_equals_a_single_process_posterior(runs, sharded):
     one = single(result(runs, "fsdp", 0)["ref"])
     x = torch.randn(10, 5, generator=torch.Generator().manual_seed(1))
-    np.testing.assert_allclose(sharded.sample(5, seed=3), one.sample(5, seed=3), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(sharded.predict(x, S=5, seed=3), one.predict(x, S=5, seed=3), atol=1e-6)
+    np.testing.assert_allclose(
+        sharded.sample(5, seed=3), one.sample(5, seed=3), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        sharded.predict(x, S=5, seed=3), one.predict(x, S=5, seed=3), atol=1e-6
+    )
     one.close()
 
 
@@ -127,8 +164,9 @@ def test_fsdp_ranks_draw_one_z2(runs, sharded):
     full = (z2.T @ (post.kept_rows() - post.mean()).astype(np.float32)) / math.sqrt(K - 1)
     parts = []
     for rank in (0, 1):
-        with SWAGPosterior.open(open_store("mmap", rank_dir(runs / "fsdp", rank, 2), readonly=True),
-                                readonly=True) as local:
+        with SWAGPosterior.open(
+            open_store("mmap", rank_dir(runs / "fsdp", rank, 2), readonly=True), readonly=True
+        ) as local:
             z1 = noise.z1(0, local.n_params)  # a rank draws z₁ of its own (local) vector
             draw = result(runs, "fsdp", rank)["draw"]
             parts.append((draw - local.mean()) / math.sqrt(scale) - np.sqrt(local.variance()) * z1)
@@ -137,18 +175,26 @@ def test_fsdp_ranks_draw_one_z2(runs, sharded):
 
 
 def test_a_sharded_directory_is_refused_for_writing_or_incomplete(runs, tmp_path):
-    with pytest.raises(PosteriorError, match="per-rank posteriors of a sharded run: open it with readonly=True"):
+    with pytest.raises(
+        PosteriorError, match="per-rank posteriors of a sharded run: open it with readonly=True"
+    ):
         SWAG.open(make_model(), "mmap", runs / "fsdp")
     shutil.copytree(runs / "fsdp", tmp_path / "fsdp")
     (tmp_path / "fsdp" / "rank-1-of-2.json").unlink()
     with pytest.raises(PosteriorError, match=r"shards of ranks \[0\], not of all 2"):
         SWAG.open(make_model(), "mmap", tmp_path / "fsdp", readonly=True)
     with pytest.raises(PosteriorError, match="holds 66 parameters, not 69"):
-        SWAG.open(nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 1, bias=False)),
-                  "mmap", runs / "fsdp", readonly=True)
+        SWAG.open(
+            nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 1, bias=False)),
+            "mmap",
+            runs / "fsdp",
+            readonly=True,
+        )
 
 
 def test_an_unknown_distributed_mode_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="distributed='ranks' is not one of auto, local, replicated, sharded"):
+    with pytest.raises(
+        ConfigError, match="distributed='ranks' is not one of auto, local, replicated, sharded"
+    ):
         SWAG(make_model(), "mmap", tmp_path / "post", distributed="ranks")
     assert not (tmp_path / "post").exists()

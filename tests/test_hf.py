@@ -1,4 +1,5 @@
 """nvmlib.hf.SWAGCallback in real Hugging Face Trainer runs (CPU, a model built in code)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,9 @@ class Tiny(nn.Module):
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         logits = self.net(x)
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
@@ -50,20 +53,39 @@ class Recorder(transformers.TrainerCallback):
         self.vectors: list[np.ndarray] = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.vectors.append(nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy().copy())
+        self.vectors.append(
+            nn.utils.parameters_to_vector(model.parameters()).detach().double().numpy().copy()
+        )
 
 
 def args(out: Path, epochs: int, **options) -> transformers.TrainingArguments:
     return transformers.TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=epochs, learning_rate=0.05,
-        lr_scheduler_type="constant", optim="sgd", report_to="none", use_cpu=True, disable_tqdm=True,
-        logging_strategy="no", save_strategy=options.pop("save_strategy", "no"), seed=0,
-        dataloader_num_workers=0, **options)
+        output_dir=str(out),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=epochs,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy=options.pop("save_strategy", "no"),
+        seed=0,
+        dataloader_num_workers=0,
+        **options,
+    )
 
 
-def fit(out: Path, epochs: int, *callbacks, resume: str | None = None, **options) -> transformers.Trainer:
-    trainer = transformers.Trainer(model=Tiny(), args=args(out, epochs, **options), train_dataset=Data(),
-                                   callbacks=list(callbacks))
+def fit(
+    out: Path, epochs: int, *callbacks, resume: str | None = None, **options
+) -> transformers.Trainer:
+    trainer = transformers.Trainer(
+        model=Tiny(),
+        args=args(out, epochs, **options),
+        train_dataset=Data(),
+        callbacks=list(callbacks),
+    )
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -76,7 +98,9 @@ def test_collects_by_the_rule_and_mean_equals_float64_reference(tmp_path, accumu
     fit(tmp_path / "out", 3, rec, cb, gradient_accumulation_steps=accumulate)
     per_epoch = N // BATCH // accumulate
     assert len(rec.vectors) == 3 * per_epoch  # optimizer steps, not batches
-    ref = np.array([v for s, v in enumerate(rec.vectors, 1) if s % 3 == 0 and (s - 1) // per_epoch >= 1])
+    ref = np.array(
+        [v for s, v in enumerate(rec.vectors, 1) if s % 3 == 0 and (s - 1) // per_epoch >= 1]
+    )
     assert cb.swag.n_collected == len(ref) == collected
     np.testing.assert_allclose(cb.swag.posterior.mean(), ref.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(cb.swag.posterior.kept_rows(), ref, rtol=1e-6, atol=1e-7)
@@ -95,11 +119,18 @@ def test_resume_from_a_checkpoint_equals_uninterrupted_run(tmp_path):
     fit(tmp_path / "out", 2, first, save_strategy="epoch")
     assert first.swag.n_collected == 6
     first.swag.close()
-    trainer = fit(tmp_path / "out", 3, SWAGCallback("mmap", tmp_path / "post", max_rank=20, every_n_steps=2),
-                  resume=str(tmp_path / "out" / "checkpoint-6"), restore_callback_states_from_checkpoint=True)
+    trainer = fit(
+        tmp_path / "out",
+        3,
+        SWAGCallback("mmap", tmp_path / "post", max_rank=20, every_n_steps=2),
+        resume=str(tmp_path / "out" / "checkpoint-6"),
+        restore_callback_states_from_checkpoint=True,
+    )
     resumed = restored(trainer)
     assert resumed.swag.n_collected == whole.swag.n_collected == 9
-    np.testing.assert_allclose(resumed.swag.posterior.mean(), whole.swag.posterior.mean(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        resumed.swag.posterior.mean(), whole.swag.posterior.mean(), rtol=1e-6, atol=1e-7
+    )
     whole.swag.close()
     resumed.swag.close()
 
@@ -109,8 +140,12 @@ def test_resume_without_the_restored_count_is_refused(tmp_path):
     fit(tmp_path / "out", 1, first, save_strategy="epoch")
     first.swag.close()
     with pytest.raises(ConfigError, match="restore_callback_states_from_checkpoint=True"):
-        fit(tmp_path / "out", 2, SWAGCallback("mmap", tmp_path / "post", max_rank=20),
-            resume=str(tmp_path / "out" / "checkpoint-6"))
+        fit(
+            tmp_path / "out",
+            2,
+            SWAGCallback("mmap", tmp_path / "post", max_rank=20),
+            resume=str(tmp_path / "out" / "checkpoint-6"),
+        )
 
 
 def test_every_n_steps_below_one_is_refused():

@@ -1,5 +1,6 @@
 """A hostile user on every tier and both log formats: a refused call changes no byte on disk and no
 value in memory; links are never written through; a full disk is a StoreError that counts nothing."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from contract import TierCase, per_tier
+
 from nvmlib import SWAGPosterior, open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
 from nvmlib.posterior.log import LOG
@@ -29,12 +30,20 @@ def _thetas(n: int, seed: int = 0) -> np.ndarray:
 
 def _digest_tree(root: Path) -> dict[str, str]:
     """sha256 of every file below `root` (lock files hold a pid and are left out)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def _live(post: SWAGPosterior) -> tuple:
-    return post.n_collected, post.mean().tobytes(), post.variance().tobytes(), post.kept_rows().tobytes()
+    return (
+        post.n_collected,
+        post.mean().tobytes(),
+        post.variance().tobytes(),
+        post.kept_rows().tobytes(),
+    )
 
 
 @pytest.mark.parametrize("codec", CODECS)
@@ -51,15 +60,22 @@ def test_a_closed_posterior_says_closed(codec, tmp_path):
 
 def _owned_files(tier: str, root: Path) -> list[Path]:
     if tier == "zarr":
-        return [p for p in root.rglob("*") if p.is_file() and p.name != "zarr.json" and ".lock" not in p.name]
+        return [
+            p
+            for p in root.rglob("*")
+            if p.is_file() and p.name != "zarr.json" and ".lock" not in p.name
+        ]
     return [p for p in root.glob("*.npy")]
 
 
 @contextlib.contextmanager
 def _small_tmpfs(path: Path, size_mb: int):
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {done.stderr.strip()}")
     try:
@@ -96,7 +112,11 @@ class HostileContract(TierCase):
         bad_theta = _thetas(1)[0].copy()
         bad_theta[3] = np.nan
         refusals = [
-            (lambda: post.truncate(3), PosteriorError, "Nothing was changed"),  # the ring has dropped what 3 needs
+            (
+                lambda: post.truncate(3),
+                PosteriorError,
+                "Nothing was changed",
+            ),  # the ring has dropped what 3 needs
             (lambda: post.truncate(-1), InputError, "cannot truncate"),
             (lambda: post.truncate(25), InputError, "cannot truncate"),
             (lambda: post.truncate(2.5), InputError, "whole number"),
@@ -104,12 +124,21 @@ class HostileContract(TierCase):
             (lambda: post.update(np.zeros(N + 1, np.float32)), ValueError, "shape"),
             (lambda: post.update(np.zeros(N, np.int32)), TypeError, "floating point"),
             (lambda: post.sample(2, scale=float("nan")), ValueError, "scale"),
-            (lambda: SWAGPosterior.create(store, N, max_rank=4, overwrite=True), LockedError, "writer"),
+            (
+                lambda: SWAGPosterior.create(store, N, max_rank=4, overwrite=True),
+                LockedError,
+                "writer",
+            ),
             (lambda: SWAGPosterior.open(store), LockedError, "writer"),
         ]
         if self.tier.persistent:  # a second store object on the same path, in this process
-            refusals.append((lambda: SWAGPosterior.open(self.tier.open(tmp_path)), LockedError,
-                             "already has a writer in this process|already open in this process"))
+            refusals.append(
+                (
+                    lambda: SWAGPosterior.open(self.tier.open(tmp_path)),
+                    LockedError,
+                    "already has a writer in this process|already open in this process",
+                )
+            )
         for call, error, message in refusals:
             with pytest.raises(error, match=message):
                 call()
@@ -147,8 +176,10 @@ class HostileContract(TierCase):
         and the outside file keeps every byte (a hard link is refused where the tier writes in place)."""
         self.require("files")
         if self.tier.kind == "zarr" and how == "hardlink":
-            pytest.skip("zarr replaces its objects by rename (a hard link is not written through); the open shard "
-                        "file itself is hard-linked into the log by design")
+            pytest.skip(
+                "zarr replaces its objects by rename (a hard link is not written through); the open shard "
+                "file itself is hard-linked into the log by design"
+            )
         root = tmp_path / ("posterior.zarr" if self.tier.kind == "zarr" else self.tier.name)
         store = self.tier.open(tmp_path)
         post = SWAGPosterior.create(store, N, max_rank=4, checkpoint_every=2)
@@ -157,8 +188,11 @@ class HostileContract(TierCase):
         post.close()
         store.close()
         owned = _owned_files(self.tier.kind, root)
-        assert {p.name for p in owned} >= ({"swag.log.npy", "swag.count.npy", "swag.moments.npy"} if self.tier.kind != "zarr"
-                                           else {"0"})
+        assert {p.name for p in owned} >= (
+            {"swag.log.npy", "swag.count.npy", "swag.moments.npy"}
+            if self.tier.kind != "zarr"
+            else {"0"}
+        )
         for file in owned:
             outside = tmp_path / "outside"
             os.replace(file, outside)
@@ -189,7 +223,9 @@ class HostileContract(TierCase):
         thetas = (np.random.default_rng(3).standard_normal((30, n_params)) * 0.1).astype(np.float32)
         with _small_tmpfs(tmp_path / "fs", 24) as fs:
             store = self.tier.open(fs)
-            post = SWAGPosterior.create(store, n_params, max_rank=8, checkpoint_every=4, codec=codec)
+            post = SWAGPosterior.create(
+                store, n_params, max_rank=8, checkpoint_every=4, codec=codec
+            )
             kept: list[np.ndarray] = []
             for theta in thetas[:5]:
                 post.update(theta)
@@ -223,7 +259,9 @@ class HostileContract(TierCase):
             store.close()
             # raw rows take no new space; zarr's shards and a compressed log's records (where the
             # tier grows) do, as they are written
-            assert (refused > 0) == (self.tier.kind == "zarr" or (codec is not None and grows)), refused
+            assert (refused > 0) == (self.tier.kind == "zarr" or (codec is not None and grows)), (
+                refused
+            )
             again = SWAGPosterior.open(self.tier.open(fs), readonly=True)
             ref = np.asarray(kept, np.float64)
             assert again.n_collected == len(kept)
@@ -233,7 +271,9 @@ class HostileContract(TierCase):
             again.store.close()
 
     @pytest.mark.parametrize("max_rank", [6, None])
-    def test_a_compressed_log_grows_until_the_disk_is_full_and_loses_nothing(self, max_rank, tmp_path):
+    def test_a_compressed_log_grows_until_the_disk_is_full_and_loses_nothing(
+        self, max_rank, tmp_path
+    ):
         """A compressed log takes space record by record: on a disk that fills up, the record that
         does not fit is refused with a StoreError (n_collected unchanged), and a reopen after the
         writer is gone without a close holds exactly the iterates counted before it; a ring, which
@@ -250,9 +290,17 @@ class HostileContract(TierCase):
             if not store.grows:
                 store.close()
                 pytest.skip(f"the {self.tier.kind} tier takes every array's whole size at create")
-            post = SWAGPosterior.create(store, n_params, max_rank=max_rank, capacity=T,
-                                        checkpoint_every=3, codec="delta-zstd")
-            assert store.occupied(LOG) < store.nbytes(LOG) / 100, "the log reserved room for its records"
+            post = SWAGPosterior.create(
+                store,
+                n_params,
+                max_rank=max_rank,
+                capacity=T,
+                checkpoint_every=3,
+                codec="delta-zstd",
+            )
+            assert store.occupied(LOG) < store.nbytes(LOG) / 100, (
+                "the log reserved room for its records"
+            )
             for theta in thetas[:4]:
                 post.update(theta)
             post.flush()

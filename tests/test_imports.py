@@ -1,5 +1,6 @@
 """The package's imports go one way: no circle among nvmlib's modules, counting imports inside
 functions (computed from the source), and only nvmlib.dask imports dask."""
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,7 @@ def _circle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         stack.pop()
@@ -86,15 +87,23 @@ def test_each_floor_imports_only_the_floors_below_it():
     """posterior/ imports the backends and errors only; nn/ adds the posterior; neither imports the
     workbook (nvmlib.paper), the dask module or the training-loop callbacks."""
     inside, _ = _graph()
-    wrong = sorted((m, t) for m, targets in inside.items() if _floor(m) in FLOORS
-                   for t in targets if _floor(t) != _floor(m) and _floor(t) not in FLOORS[_floor(m)])
+    wrong = sorted(
+        (m, t)
+        for m, targets in inside.items()
+        if _floor(m) in FLOORS
+        for t in targets
+        if _floor(t) != _floor(m) and _floor(t) not in FLOORS[_floor(m)]
+    )
     assert not wrong, wrong
 
 
 def test_only_the_workbook_imports_the_workbook():
     inside, _ = _graph()
-    users = sorted(m for m, targets in inside.items() if not m.startswith("nvmlib.paper")
-                   and any(t.startswith("nvmlib.paper") for t in targets))
+    users = sorted(
+        m
+        for m, targets in inside.items()
+        if not m.startswith("nvmlib.paper") and any(t.startswith("nvmlib.paper") for t in targets)
+    )
     assert not users, users
 
 
@@ -105,14 +114,26 @@ def test_no_module_reaches_into_another_objects_private_members():
     found = []
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
-        own = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
-               and isinstance(n.value, ast.Name) and n.value.id == "self"}
+        own = {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "self"
+        }
         own |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        modules = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree)
-                   if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+        modules = {
+            (a.asname or a.name).split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names
+        }
         for node in ast.walk(tree):
-            if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")
-                    and not node.attr.startswith("__")):
+            if not (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
                 continue
             base = node.value
             while isinstance(base, ast.Attribute):

@@ -1,5 +1,6 @@
 """Damaged, tampered, mixed or truncated posterior files: each recovered exactly or refused with an
 error naming what is damaged (issue 10, defects 1, 3, 5, 6, 8 and the checksummed format)."""
+
 from __future__ import annotations
 
 import gc
@@ -10,14 +11,14 @@ import sys
 
 import numpy as np
 import pytest
+from contract import TierCase, per_tier
+from test_swag import iterates
 
 from nvmlib.backends import open_store
 from nvmlib.errors import InputError, LockedError, PosteriorError, StoreError
-from contract import TierCase, per_tier
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, COUNT, FORMAT, META, MOMENTS, SHIFT
 from nvmlib.posterior.log import LOG
-from test_swag import iterates
 
 N = 40
 
@@ -25,8 +26,14 @@ N = 40
 def collected(store, T: int = 13, seed: int = 0, **kw) -> np.ndarray:
     """Collect T iterates (K=8, checkpoint every 4) on `store`, close, and return them."""
     th = iterates(T, N, seed)
-    post = SWAGPosterior.create(store, N, max_rank=kw.pop("max_rank", 8), dtype="float64",
-                                checkpoint_every=kw.pop("checkpoint_every", 4), **kw)
+    post = SWAGPosterior.create(
+        store,
+        N,
+        max_rank=kw.pop("max_rank", 8),
+        dtype="float64",
+        checkpoint_every=kw.pop("checkpoint_every", 4),
+        **kw,
+    )
     for t in th:
         post.update(t)
     post.close()
@@ -37,7 +44,7 @@ def assert_exact(post: SWAGPosterior, th: np.ndarray) -> None:
     n = post.n_collected
     np.testing.assert_allclose(post.mean(), th[:n].mean(0), rtol=1e-12)
     np.testing.assert_allclose(post.variance(), th[:n].var(0), rtol=1e-7, atol=1e-12)
-    np.testing.assert_array_equal(post.kept_rows(), th[max(0, n - post.capacity):n])
+    np.testing.assert_array_equal(post.kept_rows(), th[max(0, n - post.capacity) : n])
 
 
 def tamper(store, name: str, row: int, fn) -> None:
@@ -71,7 +78,9 @@ def test_old_format_is_refused_with_a_clear_error(tmp_path):
     store.delete(META)
     store.create(META, old.shape, "uint8")
     store.write_rows(META, 0, old)
-    with pytest.raises(PosteriorError, match=f"format 2, written by an older nvmlib.*format {FORMAT}"):
+    with pytest.raises(
+        PosteriorError, match=f"format 2, written by an older nvmlib.*format {FORMAT}"
+    ):
         SWAGPosterior.open(store, readonly=True)
 
 
@@ -112,8 +121,10 @@ def test_store_close_keeps_the_writer_lock(tmp_path):
     store = open_store("mmap", tmp_path)
     post = SWAGPosterior.create(store, N, max_rank=4)
     store.close()
-    code = ("from nvmlib import open_store, SWAGPosterior\n"
-            f"SWAGPosterior.open(open_store('mmap', {str(tmp_path)!r}))\n")
+    code = (
+        "from nvmlib import open_store, SWAGPosterior\n"
+        f"SWAGPosterior.open(open_store('mmap', {str(tmp_path)!r}))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0 and "being written by another process" in run.stderr
     post.update(np.ones(N))
@@ -146,7 +157,9 @@ def mount(tmp_path):
     """A 2 MB tmpfs (root only), remountable read-only: mount(ro=True)."""
     where = tmp_path / "mnt"
     where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True
+    ).returncode:
         pytest.skip("mounting a tmpfs needs root")
     yield where
     subprocess.run(["umount", "-l", str(where)], check=True)
@@ -154,11 +167,14 @@ def mount(tmp_path):
 
 def test_train_state_on_a_full_disk_names_the_cause_and_keeps_the_old_one(mount):
     from nvmlib.backends.files import write_atomically
+
     state = mount / "train_state.pt"
     write_atomically(state, b"old state")
     with pytest.raises(StoreError, match="disk is full.*previous train_state.pt is intact"):
         write_atomically(state, bytes(4 << 20))
-    assert state.read_bytes() == b"old state" and [p.name for p in mount.iterdir()] == ["train_state.pt"]
+    assert state.read_bytes() == b"old state" and [p.name for p in mount.iterdir()] == [
+        "train_state.pt"
+    ]
 
 
 # ---- defect 10: a devdax table entry outside the device -----------------------------------------
@@ -167,6 +183,7 @@ def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
     a clear StoreError (run in a child, as today's main segfaults)."""
     pytest.importorskip("nvmlib.backends.libpmem").lib()
     from nvmlib.backends.pmem import DeviceLayout, Extent
+
     dev = tmp_path / "dax0.0"
     with dev.open("wb") as f:
         f.truncate(8 << 20)
@@ -177,10 +194,16 @@ def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
     e = table[LOG]
     table[LOG] = Extent(-4096, e.shape, e.dtype)
     layout._write(table)
-    code = ("from nvmlib import open_store, SWAGPosterior\n"
-            f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), readonly=True)\n")
+    code = (
+        "from nvmlib import open_store, SWAGPosterior\n"
+        f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), readonly=True)\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 1 and "StoreError" in run.stderr and "invalid entry for 'swag.log'" in run.stderr, run.stderr
+    assert (
+        run.returncode == 1
+        and "StoreError" in run.stderr
+        and "invalid entry for 'swag.log'" in run.stderr
+    ), run.stderr
 
 
 class IntegrityContract(TierCase):
@@ -198,7 +221,9 @@ class IntegrityContract(TierCase):
             assert post.n_collected == 13
             assert_exact(post, th)
             post.close()
-            assert SWAGPosterior.open(store, readonly=True).n_collected == 13  # close() saved nothing wrong
+            assert (
+                SWAGPosterior.open(store, readonly=True).n_collected == 13
+            )  # close() saved nothing wrong
 
     @pytest.mark.parametrize("field", ["n_params", "capacity"])
     def test_edited_meta_is_refused(self, reopen, field):
@@ -206,8 +231,10 @@ class IntegrityContract(TierCase):
         with reopen() as store:
             collected(store)
             raw = store.read_rows(META, 0, store.shape(META)[0]).tobytes()
-            edited = raw.replace(f'"{field}": '.encode(), f'"{field}": 1'.encode(), 1)  # 40 -> 140, 8 -> 18
-            store.write_rows(META, 0, np.frombuffer(edited[:len(raw)], np.uint8))
+            edited = raw.replace(
+                f'"{field}": '.encode(), f'"{field}": 1'.encode(), 1
+            )  # 40 -> 140, 8 -> 18
+            store.write_rows(META, 0, np.frombuffer(edited[: len(raw)], np.uint8))
             store.persist(META)
             with pytest.raises(PosteriorError, match="swag.meta .* fails its checksum"):
                 SWAGPosterior.open(store, readonly=True)
@@ -225,11 +252,20 @@ class IntegrityContract(TierCase):
         with reopen() as store:
             th = collected(store)
             slot = 10 % 9  # iterate 10 of a ring of 8 kept (+1 spare) slots
-            tamper(store, LOG, slot, lambda b: b.view(np.uint8).__setitem__((0, 17), b.view(np.uint8)[0, 17] ^ 4))
+            tamper(
+                store,
+                LOG,
+                slot,
+                lambda b: b.view(np.uint8).__setitem__((0, 17), b.view(np.uint8)[0, 17] ^ 4),
+            )
             post = SWAGPosterior.open(store, readonly=True)
             assert_exact_moments = np.testing.assert_allclose
             assert_exact_moments(post.mean(), th.mean(0), rtol=1e-12)  # the moments are intact
-            for read in (post.kept_rows, lambda: post.sample(2, seed=0), lambda: post.iterates(10, 11)):
+            for read in (
+                post.kept_rows,
+                lambda: post.sample(2, seed=0),
+                lambda: post.iterates(10, 11),
+            ):
                 with pytest.raises(PosteriorError, match="iterate 10 .* fails its checksum"):
                     read()
             np.testing.assert_array_equal(post.iterates(11, 13), th[11:13])

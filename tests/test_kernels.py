@@ -1,6 +1,7 @@
 """The update kernels (nvmlib.posterior.moments) on 1 and 2 threads, and the posterior's batches of
 staged rows: a batch gives the bits of its rows added one at a time, reads between batches see
 every counted row, and a reopen rebuilds the same moments."""
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,8 @@ def test_batched_moments_are_exact_between_batches_and_after_reopen(tmp_path, co
     for t in range(len(th)):
         post.update(th[t])
         if t in (0, 2, B, 2 * B + 3):  # reads in the middle of a batch see every counted row
-            np.testing.assert_allclose(post.mean(), ref[:t + 1].mean(0), rtol=1e-12)
-            np.testing.assert_allclose(post.variance(), ref[:t + 1].var(0), rtol=1e-9, atol=1e-15)
+            np.testing.assert_allclose(post.mean(), ref[: t + 1].mean(0), rtol=1e-12)
+            np.testing.assert_allclose(post.variance(), ref[: t + 1].var(0), rtol=1e-9, atol=1e-15)
     mean, var = post.mean(), post.variance()
     np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-12)
     np.testing.assert_allclose(var, ref.var(0), rtol=1e-9, atol=1e-15)
@@ -71,7 +72,9 @@ def test_batched_moments_are_exact_between_batches_and_after_reopen(tmp_path, co
         post.update(th[t])
     assert post.mean().tobytes() == mean.tobytes()  # the same rows in the same order: the same bits
     reader = SWAGPosterior.open(open_store("mmap", tmp_path / "post"), readonly=True)
-    assert reader.n_collected == 50  # from a checkpoint before 50 and the replay of the rows after it
+    assert (
+        reader.n_collected == 50
+    )  # from a checkpoint before 50 and the replay of the rows after it
     assert reader.mean().tobytes() == mean.tobytes()
     assert reader.variance().tobytes() == var.tobytes()
     reader.close()

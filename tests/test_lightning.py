@@ -1,4 +1,5 @@
 """nvmlib.lightning.SWAGCallback in real Lightning runs (1 CPU process; DDP in tests/test_ddp.py)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -49,19 +50,30 @@ class Tiny(pl.LightningModule):
 def data() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, 5, generator=g)
-    return DataLoader(TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=BATCH)
+    return DataLoader(
+        TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()), batch_size=BATCH
+    )
 
 
 def trainer(epochs: int, *callbacks: pl.Callback, **options) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, callbacks=list(callbacks), accelerator="cpu", devices=1, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-                      **options)
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        **options,
+    )
 
 
 def expected(model: Tiny, every: int, start_epoch: int) -> np.ndarray:
     """The recorded vectors the rule selects: step count a multiple of `every`, epoch >= start_epoch."""
-    return np.array([v for step, epoch, v in model.steps if step % every == 0 and epoch >= start_epoch])
+    return np.array(
+        [v for step, epoch, v in model.steps if step % every == 0 and epoch >= start_epoch]
+    )
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -97,9 +109,12 @@ def test_resume_from_first_checkpoint_equals_uninterrupted_run(tmp_path):
     resumed = SWAGCallback("mmap", tmp_path / "post", max_rank=20, every_n_steps=2)
     trainer(3, resumed).fit(Tiny(), data(), ckpt_path=epoch0[0])
     assert resumed.swag.n_collected == whole.swag.n_collected == 9
-    np.testing.assert_allclose(resumed.swag.posterior.mean(), whole.swag.posterior.mean(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(resumed.swag.posterior.kept_rows(), whole.swag.posterior.kept_rows(), rtol=1e-6,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        resumed.swag.posterior.mean(), whole.swag.posterior.mean(), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        resumed.swag.posterior.kept_rows(), whole.swag.posterior.kept_rows(), rtol=1e-6, atol=1e-7
+    )
     whole.swag.close()
     resumed.swag.close()
 
@@ -112,14 +127,20 @@ def test_resume_refuses_a_posterior_that_does_not_belong_to_the_checkpoint(tmp_p
     cb.swag.close()
     (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
     SWAG(Tiny(), "mmap", tmp_path / "short", max_rank=20).close()  # the same model, but 0 iterates
-    with pytest.raises(PosteriorError, match="counted 6 collected iterates, but the posterior at .* holds 0"):
-        trainer(2, SWAGCallback("mmap", tmp_path / "short", max_rank=20)).fit(Tiny(), data(), ckpt_path=checkpoint)
+    with pytest.raises(
+        PosteriorError, match="counted 6 collected iterates, but the posterior at .* holds 0"
+    ):
+        trainer(2, SWAGCallback("mmap", tmp_path / "short", max_rank=20)).fit(
+            Tiny(), data(), ckpt_path=checkpoint
+        )
     other = SWAG(Tiny(hidden=9), "mmap", tmp_path / "other", max_rank=20)
     for _ in range(6):
         other.collect()
     other.close()
     with pytest.raises(PosteriorError, match="not 75: it belongs to another model"):
-        trainer(2, SWAGCallback("mmap", tmp_path / "other", max_rank=20)).fit(Tiny(), data(), ckpt_path=checkpoint)
+        trainer(2, SWAGCallback("mmap", tmp_path / "other", max_rank=20)).fit(
+            Tiny(), data(), ckpt_path=checkpoint
+        )
 
 
 def test_every_n_steps_below_one_is_refused():
@@ -146,9 +167,11 @@ def test_a_posterior_of_another_model_is_refused_before_training(tmp_path):
 
 def test_a_path_another_run_is_writing_is_refused_before_training(tmp_path):
     path = tmp_path / "post"
-    code = ("import sys, time, torch; from nvmlib import SWAG; "
-            f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); s.collect(); s.flush(); "
-            "print('open', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time, torch; from nvmlib import SWAG; "
+        f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); s.collect(); s.flush(); "
+        "print('open', flush=True); time.sleep(120)"
+    )
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout.readline().strip() == "open"

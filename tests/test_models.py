@@ -1,4 +1,5 @@
 """The four models have the paper's exact parameter counts; the flat vector round-trips."""
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,12 @@ import torch
 from nvmlib.errors import ConfigError
 from nvmlib.paper.models import MODELS, get_flat, make_model, n_params, set_flat
 
-PAPER_COUNTS = {"model_2conv2fc": 21_840, "model_2fc": 795_010, "model_3fc": 1_290_510,
-                "model_4fc": 2_797_010}
+PAPER_COUNTS = {
+    "model_2conv2fc": 21_840,
+    "model_2fc": 795_010,
+    "model_3fc": 1_290_510,
+    "model_4fc": 2_797_010,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_COUNTS))

@@ -1,4 +1,5 @@
 """nvmlib.SWAG on any nn.Module: exact moments, BatchNorm refresh, reopening, MultiSWAG, bad input."""
+
 from __future__ import annotations
 
 import copy
@@ -13,11 +14,11 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 
-from nvmlib import MultiSWAG, SWAG, open_store
+from nvmlib import SWAG, MultiSWAG, open_store
 from nvmlib.backends.base import Store
+from nvmlib.errors import ConfigError, InputError, PosteriorError
 from nvmlib.paper.any_model import Protocol, convnet, headline, run
 from nvmlib.paper.data import Split
-from nvmlib.errors import ConfigError, InputError, PosteriorError
 from nvmlib.paper.evaluate import evaluate
 
 N = 96  # inputs in the test batch
@@ -28,7 +29,9 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(N, 1, 28, 28, generator=gen), torch.randint(0, 10, (N,), generator=gen)
 
 
-def _train(swag: SWAG, model: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+def _train(
+    swag: SWAG, model: nn.Module, steps: int, x: torch.Tensor, y: torch.Tensor
+) -> np.ndarray:
     """`steps` SGD steps, collecting after each; the collected vectors as float64 (steps, n)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     seen = []
@@ -84,8 +87,10 @@ def test_batchnorm_statistics_equal_update_bn(trained):
                 torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=0)
                 torch.testing.assert_close(a.running_var, b.running_var, rtol=0, atol=0)
     # the wrapped model itself is untouched
-    assert torch.equal(nn.utils.parameters_to_vector(model.parameters()).detach(),
-                       torch.from_numpy(trained[2][-1].astype(np.float32)))
+    assert torch.equal(
+        nn.utils.parameters_to_vector(model.parameters()).detach(),
+        torch.from_numpy(trained[2][-1].astype(np.float32)),
+    )
 
 
 def test_loader_kinds_agree(trained):
@@ -116,22 +121,29 @@ def _state(swag: SWAG) -> tuple[int, np.ndarray, np.ndarray]:
     return p.n_collected, p.mean(), p.kept_rows()
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (lambda s, x: s.predict(x.flatten(1), S=2, bn_loader=x), ValueError, "shape"),
-    (lambda s, x: s.predict(x, S=2, bn_loader=x[:, :, :5]), ValueError, "shape"),
-    (lambda s, x: s.predict(x, S=2, bn_loader=[["not a tensor"]]), TypeError, "not a tensor"),
-    (lambda s, x: s.predict(x, S=0, bn_loader=x), ValueError, "S=0"),
-    (lambda s, x: s.sample(2, scale=-1.0), ValueError, "scale"),
-    (lambda s, x: s.sample(2, scale=float("nan")), ValueError, "scale"),
-    (lambda s, x: s.predict(x[:0], S=2, bn_loader=x), ValueError, "no batches"),
-])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (lambda s, x: s.predict(x.flatten(1), S=2, bn_loader=x), ValueError, "shape"),
+        (lambda s, x: s.predict(x, S=2, bn_loader=x[:, :, :5]), ValueError, "shape"),
+        (lambda s, x: s.predict(x, S=2, bn_loader=[["not a tensor"]]), TypeError, "not a tensor"),
+        (lambda s, x: s.predict(x, S=0, bn_loader=x), ValueError, "S=0"),
+        (lambda s, x: s.sample(2, scale=-1.0), ValueError, "scale"),
+        (lambda s, x: s.sample(2, scale=float("nan")), ValueError, "scale"),
+        (lambda s, x: s.predict(x[:0], S=2, bn_loader=x), ValueError, "no batches"),
+    ],
+)
 def test_bad_input_is_refused_and_changes_nothing(trained, bad, error, match):
     swag, _, _, x = trained
     before = _state(swag)
     with pytest.raises(error, match=match):
         bad(swag, x)
     after = _state(swag)
-    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert (
+        before[0] == after[0]
+        and np.array_equal(before[1], after[1])
+        and np.array_equal(before[2], after[2])
+    )
     assert swag.predict(x, S=2, bn_loader=x, seed=0).shape == (N, 10)  # still usable afterwards
 
 
@@ -169,7 +181,9 @@ def test_other_model_is_refused(tmp_path):
         swag.collect()
     with pytest.raises(PosteriorError, match="parameters"):
         SWAG.open(nn.Linear(5, 6), "mmap", tmp_path / "p")
-    with pytest.raises(PosteriorError, match="architecture"):  # the same 30 parameters, other shapes
+    with pytest.raises(
+        PosteriorError, match="architecture"
+    ):  # the same 30 parameters, other shapes
         SWAG.open(nn.Linear(5, 5), "mmap", tmp_path / "p")
     with SWAG.open(nn.Linear(4, 6), "mmap", tmp_path / "p", readonly=True) as again:
         assert again.n_collected == 2
@@ -189,11 +203,11 @@ def test_reopen_in_new_process_gives_identical_predictions(tmp_path):
 import numpy as np, torch
 from nvmlib import SWAG
 from nvmlib.paper.any_model import convnet
-saved = torch.load({str(tmp_path / 'inputs.pt')!r})
+saved = torch.load({str(tmp_path / "inputs.pt")!r})
 model = convnet(4)
 model.load_state_dict(saved["model"])
-with SWAG.open(model, "mmap", {str(tmp_path / 'p')!r}, readonly=True) as swag:
-    np.save({str(tmp_path / 'there.npy')!r}, swag.predict(saved["x"], S=4, bn_loader=saved["x"], seed=11))
+with SWAG.open(model, "mmap", {str(tmp_path / "p")!r}, readonly=True) as swag:
+    np.save({str(tmp_path / "there.npy")!r}, swag.predict(saved["x"], S=4, bn_loader=saved["x"], seed=11))
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert np.array_equal(np.load(tmp_path / "there.npy"), here)
@@ -211,7 +225,11 @@ def test_multiswag_runs_side_by_side(tmp_path):
             _train(swag, model, 5, x, y)
         per_run = multi.predict_runs(x, S=3, bn_loader=x, seed=7)
         combined = multi.predict(x, S=3, bn_loader=x, seed=7)
-    assert len(per_run) == 3 and sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["run0", "run1", "run2"]
+    assert len(per_run) == 3 and sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
+        "run0",
+        "run1",
+        "run2",
+    ]
     np.testing.assert_allclose(combined, np.mean(per_run, axis=0), atol=0)
     assert not np.allclose(per_run[0], per_run[1])  # independent runs
     with MultiSWAG.open(convnet(4), "mmap", tmp_path / "multi") as again:
@@ -223,14 +241,19 @@ def test_multiswag_runs_side_by_side(tmp_path):
         MultiSWAG.create([convnet(4), convnet(8)], "dram")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the pinned-buffer path runs on a GPU only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: the pinned-buffer path runs on a GPU only",
+)
 def test_cuda_collection_matches_cpu(tmp_path):
     torch.manual_seed(0)
     cpu_model = convnet(4)
     gpu_model = copy.deepcopy(cpu_model).cuda()
     x, y = _data()
-    with SWAG(cpu_model, "mmap", tmp_path / "cpu", max_rank=6, checkpoint_every=3) as a, \
-            SWAG(gpu_model, "mmap", tmp_path / "gpu", max_rank=6, checkpoint_every=3) as b:
+    with (
+        SWAG(cpu_model, "mmap", tmp_path / "cpu", max_rank=6, checkpoint_every=3) as a,
+        SWAG(gpu_model, "mmap", tmp_path / "gpu", max_rank=6, checkpoint_every=3) as b,
+    ):
         for swag in (a, b):
             m = cpu_model if swag is a else gpu_model
             for _ in range(10):
@@ -245,8 +268,19 @@ def test_cuda_collection_matches_cpu(tmp_path):
 
 def test_swag_and_multiswag_beat_sgd_at_small_scale():
     """The any_model notebook's claim, at a fixed seed and a size that runs in seconds."""
-    out = run(Protocol(dataset="fashion", limit=2000, test_limit=2000, width=8, epochs=6, swag_epochs=3,
-                       runs=2, samples=8, bn_examples=1000))
+    out = run(
+        Protocol(
+            dataset="fashion",
+            limit=2000,
+            test_limit=2000,
+            width=8,
+            epochs=6,
+            swag_epochs=3,
+            runs=2,
+            samples=8,
+            bn_examples=1000,
+        )
+    )
     table = headline(out["metrics"])
     for method in ("SWAG", "MultiSWAG"):
         assert table.loc[method, "nll"] < table.loc["SGD", "nll"], table
@@ -267,16 +301,22 @@ class Mixed(nn.Module):
         return self.b(self.a(x.to(self.a.weight.dtype)).to(self.b.weight.dtype))
 
 
-@pytest.mark.parametrize("low, high", [(torch.float16, torch.float32), (torch.float32, torch.float64)])
+@pytest.mark.parametrize(
+    "low, high", [(torch.float16, torch.float32), (torch.float32, torch.float64)]
+)
 def test_mixed_precision_model_keeps_each_parameter_dtype(low, high):
     torch.manual_seed(0)
     model = Mixed(low, high)
     exact = [p.detach().clone() for p in model.parameters()]
     with SWAG(model, max_rank=4) as swag:
         swag.collect()
-        assert swag.posterior.dtype == np.dtype(str(high).removeprefix("torch."))  # the widest parameter dtype
+        assert swag.posterior.dtype == np.dtype(
+            str(high).removeprefix("torch.")
+        )  # the widest parameter dtype
         widened = torch.cat([p.reshape(-1).to(high) for p in exact]).numpy()
-        np.testing.assert_array_equal(swag.posterior.kept_rows()[0], widened)  # nothing rounded to `low`
+        np.testing.assert_array_equal(
+            swag.posterior.kept_rows()[0], widened
+        )  # nothing rounded to `low`
         mean = swag.mean_model()
         for p, q in zip(mean.parameters(), exact):
             assert p.dtype == q.dtype and torch.equal(p, q)  # bit-exact mean of one iterate
@@ -284,7 +324,9 @@ def test_mixed_precision_model_keeps_each_parameter_dtype(low, high):
             assert [p.dtype for p in drawn.parameters()] == [q.dtype for q in exact]
         x = torch.randn(7, 6)
         assert swag.predict(x, S=2).shape == (7, 3)
-        with pytest.raises(ValueError, match="loader"):  # a genuine loader problem still names the loader
+        with pytest.raises(
+            ValueError, match="loader"
+        ):  # a genuine loader problem still names the loader
             swag.predict(torch.randn(7, 4), S=2)
 
 
@@ -309,8 +351,14 @@ BAD_BN_LOADERS = [  # (make one from the inputs x, what the refusal says)
     (lambda x: x[:0], "bn_loader yielded no batches"),
     (lambda x: DataLoader(TensorDataset(x[:0]), batch_size=8), "bn_loader yielded no batches"),
     (lambda x: (b for b in [x]), "bn_loader is a one-shot iterator"),
-    (lambda x: iter(DataLoader(TensorDataset(x), batch_size=32)), "bn_loader is a one-shot iterator"),
-    (lambda x: Once(x), "bn_loader yielded no batches"),  # the first model's pass works, the second's is empty
+    (
+        lambda x: iter(DataLoader(TensorDataset(x), batch_size=32)),
+        "bn_loader is a one-shot iterator",
+    ),
+    (
+        lambda x: Once(x),
+        "bn_loader yielded no batches",
+    ),  # the first model's pass works, the second's is empty
 ]
 
 
@@ -325,14 +373,20 @@ def test_bad_bn_loader_is_refused_and_changes_nothing(trained):
     with pytest.raises(InputError, match="bn_loader yielded no batches"):
         swag.mean_model(bn_loader=[])
     after = _state(swag)
-    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert (
+        before[0] == after[0]
+        and np.array_equal(before[1], after[1])
+        and np.array_equal(before[2], after[2])
+    )
     assert all(torch.equal(a, b) for a, b in zip(buffers, _bn_state(model)))
     assert swag.predict(x, S=2, bn_loader=x, seed=0).shape == (N, 10)  # still usable afterwards
 
 
 def test_one_shot_loader_is_refused(trained):
     swag, _, _, x = trained
-    with pytest.raises(InputError, match="loader is a one-shot iterator.*DataLoader or a list/tensor"):
+    with pytest.raises(
+        InputError, match="loader is a one-shot iterator.*DataLoader or a list/tensor"
+    ):
         swag.predict((b for b in [x]), S=2, bn_loader=x)
 
 
@@ -346,7 +400,9 @@ def test_sample_models_gives_distinct_models(trained):
     for v, theta in zip(vectors, thetas):
         np.testing.assert_array_equal(v, theta)
     assert not np.array_equal(vectors[0], vectors[1]) and not np.array_equal(vectors[1], vectors[2])
-    assert not torch.equal(drawn[0][1].running_mean, drawn[1][1].running_mean)  # each its own BatchNorm statistics
+    assert not torch.equal(
+        drawn[0][1].running_mean, drawn[1][1].running_mean
+    )  # each its own BatchNorm statistics
     mean = swag.mean_model(bn_loader=x)
     kept = nn.utils.parameters_to_vector(mean.parameters()).detach().clone()
     swag.predict(x, S=2, bn_loader=x, seed=0)  # predict's working copy is not the mean model
@@ -366,14 +422,23 @@ def _callers(swag: SWAG, model: nn.Module, x: torch.Tensor, multi: MultiSWAG) ->
         "SWAG.sample_models": lambda S, scale: list(swag.sample_models(S, x, scale, seed=0)),
         "SWAG.predict": lambda S, scale: swag.predict(x, S, x, scale, seed=0),
         "MultiSWAG.predict": lambda S, scale: multi.predict(x, S, x, scale, seed=0),
-        "evaluate": lambda S, scale: evaluate(model, swag.posterior, _split(x), samples=S, scale=scale, angles=(0,)),
+        "evaluate": lambda S, scale: evaluate(
+            model, swag.posterior, _split(x), samples=S, scale=scale, angles=(0,)
+        ),
     }
 
 
 BAD_SAMPLING = [  # (S, scale, how the message starts)
-    (2, float("nan"), "scale=nan:"), (2, -1.0, "scale=-1.0:"), (2, float("inf"), "scale=inf:"),
-    (2, True, "scale=True:"), (2, np.bool_(True), "scale=np.True_:"), (2, "0.5", "scale='0.5':"),
-    (0, 0.5, "S=0:"), (True, 0.5, "S=True:"), (2.0, 0.5, "S=2.0:")]
+    (2, float("nan"), "scale=nan:"),
+    (2, -1.0, "scale=-1.0:"),
+    (2, float("inf"), "scale=inf:"),
+    (2, True, "scale=True:"),
+    (2, np.bool_(True), "scale=np.True_:"),
+    (2, "0.5", "scale='0.5':"),
+    (0, 0.5, "S=0:"),
+    (True, 0.5, "S=True:"),
+    (2.0, 0.5, "S=2.0:"),
+]
 
 
 def test_bad_sampling_arguments_get_one_message_at_every_layer(trained):
@@ -388,7 +453,11 @@ def test_bad_sampling_arguments_get_one_message_at_every_layer(trained):
             messages.add(str(info.value))
         assert len(messages) == 1 and messages.pop().startswith(named), messages
     after = _state(swag)
-    assert before[0] == after[0] and np.array_equal(before[1], after[1]) and np.array_equal(before[2], after[2])
+    assert (
+        before[0] == after[0]
+        and np.array_equal(before[1], after[1])
+        and np.array_equal(before[2], after[2])
+    )
 
 
 def test_numpy_scalars_are_accepted_at_every_layer(trained):
@@ -401,5 +470,8 @@ def test_numpy_scalars_are_accepted_at_every_layer(trained):
             json.dumps(a.to_dict())
             a, b = a.metrics, b.metrics
         elif name == "SWAG.sample_models":
-            a, b = ([nn.utils.parameters_to_vector(m.parameters()).detach().numpy() for m in ms] for ms in (a, b))
+            a, b = (
+                [nn.utils.parameters_to_vector(m.parameters()).detach().numpy() for m in ms]
+                for ms in (a, b)
+            )
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

@@ -1,6 +1,7 @@
 """The moments interface: each home of the float64 sums (host, torch device) equals a float64 numpy
 reference, checkpoints and recovers through the journal, and reopens with either; a checkpoint
 written behind training is durable after flush/close and a failed one refuses the next update."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +54,9 @@ def test_each_home_of_the_sums_equals_the_float64_reference(cls):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_collect_checkpoint_and_reopen_with_any_moments(kind, reopen_with, tmp_path):
     with open_store("mmap", tmp_path / "p") as store:
-        post = SWAGPosterior.create(store, N, max_rank=K, checkpoint_every=3, moments=kind,
-                                    **KINDS[kind])
+        post = SWAGPosterior.create(
+            store, N, max_rank=K, checkpoint_every=3, moments=kind, **KINDS[kind]
+        )
         for t in range(T):
             post.update(THETAS[t])
             check(post, t + 1)
@@ -67,7 +69,7 @@ def test_collect_checkpoint_and_reopen_with_any_moments(kind, reopen_with, tmp_p
     with open_store("mmap", tmp_path / "p") as store:
         again = SWAGPosterior.open(store, moments=reopen_with, **KINDS[reopen_with])
         check(again, T)
-        np.testing.assert_array_equal(again.kept_rows(), THETAS[T - K:])
+        np.testing.assert_array_equal(again.kept_rows(), THETAS[T - K :])
         again.close()
 
 

@@ -1,4 +1,5 @@
 """pmem tier specifics: the devdax table, the pmem_persist path, libpmem missing."""
+
 from __future__ import annotations
 
 import ctypes.util
@@ -10,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nvmlib.backends import available_tiers, open_store
-from nvmlib.backends import libpmem
+from nvmlib.backends import available_tiers, libpmem, open_store
 from nvmlib.backends.base import private_dir
 from nvmlib.backends.pmem import DATA_START, SLOT_BYTES, device_lock_path
 from nvmlib.errors import StoreError, TierUnavailable
 
-pytestmark = pytest.mark.skipif(available_tiers().get("pmem") != "ok", reason="libpmem is not installed")
+pytestmark = pytest.mark.skipif(
+    available_tiers().get("pmem") != "ok", reason="libpmem is not installed"
+)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,12 +41,12 @@ def test_devdax_allocates_reuses_and_counts_free_space(tmp_path):
     with open_store("pmem", _device(tmp_path), device=True) as st:
         total = st.free_bytes()
         assert total == (8 << 20) - DATA_START
-        st.create("a", (1000,), "uint8")     # rounded up to one 4 KiB block
+        st.create("a", (1000,), "uint8")  # rounded up to one 4 KiB block
         st.create("b", (2, 4096), "uint8")
         assert st.free_bytes() == total - 3 * 4096
         st.write_rows("b", 0, np.full((2, 4096), 9, np.uint8))
         st.delete("a")
-        st.create("c", (10,), "int64")       # reuses a's hole, zero-filled
+        st.create("c", (10,), "int64")  # reuses a's hole, zero-filled
         assert st._layout.table["c"].offset == DATA_START
         assert not st.read_rows("c", 0, 10).any() and (st.read_rows("b", 0, 2) == 9).all()
         with pytest.raises(StoreError, match="too small"):
@@ -55,9 +57,9 @@ def test_devdax_torn_table_update_keeps_previous_table(tmp_path):
     dev = _device(tmp_path)
     with open_store("pmem", dev, device=True) as st:
         st.create("a", (4,), "int64")
-        st.create("b", (4,), "int64")    # table seq 3 lives in slot 1
+        st.create("b", (4,), "int64")  # table seq 3 lives in slot 1
         seq = st._layout.seq
-    with dev.open("r+b") as f:           # tear the newest slot's body
+    with dev.open("r+b") as f:  # tear the newest slot's body
         f.seek((seq % 2) * SLOT_BYTES + 40)
         f.write(b"\xff" * 8)
     with open_store("pmem", dev, device=True, readonly=True) as st:
@@ -92,7 +94,9 @@ def test_missing_libpmem_says_how_to_install(monkeypatch):
         libpmem.lib.cache_clear()
 
 
-@pytest.mark.skipif(os.environ.get("PMEM_IS_PMEM_FORCE") != "1", reason="runs in the subprocess below")
+@pytest.mark.skipif(
+    os.environ.get("PMEM_IS_PMEM_FORCE") != "1", reason="runs in the subprocess below"
+)
 def test_forced_mapping_takes_the_pmem_persist_path(tmp_path):
     with open_store("pmem", tmp_path) as st:
         st.create("x", (4,), "float64")
@@ -106,9 +110,25 @@ def test_pmem_tiers_with_pmem_is_pmem_force(tmp_path):
     """Rerun every pmem test with PMEM_IS_PMEM_FORCE=1: pmem_memcpy_nodrain/drain/persist, and /dev/shm
     (the compressed log's kill tests run once, unforced: its writes go through the same store calls)."""
     env = {**os.environ, "PMEM_IS_PMEM_FORCE": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-k",
-                          "pmem and not delta", "tests/test_tiers.py", "tests/test_pmem.py",
-                          "tests/test_crash.py"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "pmem and not delta",
+            "tests/test_tiers.py",
+            "tests/test_pmem.py",
+            "tests/test_crash.py",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "TestPmemShm::test_create_write_read_round_trip PASSED" in run.stdout, run.stdout[-3000:]

@@ -1,13 +1,14 @@
 """nvmlib probe: a real probe of a temporary directory (small file), and its report."""
+
 from __future__ import annotations
 
 import subprocess
 
 import pytest
 
+from nvmlib.errors import StoreError
 from nvmlib.paper import probe as probe_mod
 from nvmlib.paper.cli import main
-from nvmlib.errors import StoreError
 
 
 def test_probe_measures_a_directory(tmp_path):
@@ -24,10 +25,12 @@ def test_probe_measures_a_directory(tmp_path):
 
 def test_fsdax_mounts_are_read_from_the_dax_option(tmp_path):
     mounts = tmp_path / "mounts"
-    mounts.write_text("/dev/pmem0 /mnt/pmem0 ext4 rw,relatime,dax 0 0\n"
-                      "/dev/pmem1 /mnt/pmem1 xfs rw,dax=always 0 0\n"
-                      "/dev/vda / ext4 rw,dax=never 0 0\n"
-                      "tmpfs /dev/shm tmpfs rw 0 0\n")
+    mounts.write_text(
+        "/dev/pmem0 /mnt/pmem0 ext4 rw,relatime,dax 0 0\n"
+        "/dev/pmem1 /mnt/pmem1 xfs rw,dax=always 0 0\n"
+        "/dev/vda / ext4 rw,dax=never 0 0\n"
+        "tmpfs /dev/shm tmpfs rw 0 0\n"
+    )
     assert [m["mount"] for m in probe_mod.fsdax_mounts(str(mounts))] == ["/mnt/pmem0", "/mnt/pmem1"]
 
 
@@ -51,12 +54,18 @@ def test_a_full_disk_is_a_store_error_and_leaves_nothing_behind(tmp_path):
     """A 4 MiB tmpfs (mounting needs root) cannot hold the 16 MiB probe file."""
     small = tmp_path / "small"
     small.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
         with pytest.raises(StoreError, match="No space left on device"):
             probe_mod.sequential_bandwidth(small, 16 << 20)
         assert list(small.iterdir()) == [], "the temporary file is removed"
     finally:
-        subprocess.run(["umount", "--lazy", str(small)], check=True)  # even with a descriptor left open
+        subprocess.run(
+            ["umount", "--lazy", str(small)], check=True
+        )  # even with a descriptor left open

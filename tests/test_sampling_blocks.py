@@ -1,6 +1,7 @@
 """Sampling over parameter blocks: draws written to a tier equal the in-memory draws of the same
 seed (raw and compressed logs), the formula against a float64 reference built from the same noise,
 the Draws array-like, and refusals that write nothing."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,14 @@ N = 2 * BLOCK + 123  # three blocks, the last one short
 TIERS = ["dram", "mmap", "zarr"]
 
 
-def collect(store, T: int = 7, max_rank: int = 4, codec: str | None = None, n: int = N,
-            dtype: str = "float32") -> tuple[SWAGPosterior, np.ndarray]:
+def collect(
+    store,
+    T: int = 7,
+    max_rank: int = 4,
+    codec: str | None = None,
+    n: int = N,
+    dtype: str = "float32",
+) -> tuple[SWAGPosterior, np.ndarray]:
     rng = np.random.default_rng(1)
     thetas = (1.0 + np.cumsum(rng.normal(scale=1e-2, size=(T, n)), axis=0)).astype(dtype)
     post = SWAGPosterior.create(store, n, max_rank=max_rank, codec=codec, dtype=dtype)
@@ -53,9 +60,10 @@ def test_draws_on_a_tier_equal_the_draws_in_memory(tier, codec, tmp_path):
     np.testing.assert_array_equal(np.asarray(again), post.sample(2, seed=4))
     if tier != "dram":  # another process reads them by name
         out.close()
-        np.testing.assert_array_equal(np.asarray(Draws(open_store(tier, tmp_path / "draws",
-                                                                  readonly=True))),
-                                      post.sample(2, seed=4))
+        np.testing.assert_array_equal(
+            np.asarray(Draws(open_store(tier, tmp_path / "draws", readonly=True))),
+            post.sample(2, seed=4),
+        )
     post.close()
 
 
@@ -81,7 +89,7 @@ def test_z1_does_not_depend_on_how_the_vector_is_cut():
     cuts = [0, 17, BLOCK - 1, BLOCK + 5, 2 * BLOCK, N]
     parts = np.concatenate([noise.z1(a, b) for a, b in zip(cuts, cuts[1:])], axis=1)
     np.testing.assert_array_equal(parts, whole)
-    assert not np.array_equal(whole[:, :BLOCK], whole[:, BLOCK:2 * BLOCK])
+    assert not np.array_equal(whole[:, :BLOCK], whole[:, BLOCK : 2 * BLOCK])
 
 
 def test_a_damaged_row_is_refused_and_leaves_no_draws(tmp_path):
@@ -101,8 +109,11 @@ def test_a_damaged_row_is_refused_and_leaves_no_draws(tmp_path):
 @contextmanager
 def small_tmpfs(path: Path, size_mb: int):
     path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {done.stderr.strip()}")
     try:

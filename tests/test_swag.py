@@ -1,4 +1,5 @@
 """SWAGPosterior on every available tier: exact moments, the ring, sampling, reopening, bad input."""
+
 from __future__ import annotations
 
 import subprocess
@@ -132,7 +133,8 @@ def test_reopen_in_new_process(tmp_path):
         "from nvmlib import open_store, SWAGPosterior\n"
         f"p = SWAGPosterior.open(open_store('mmap', {str(tmp_path)!r}), readonly=True)\n"
         f"np.save({str(tmp_path / 'out.npy')!r}, np.concatenate([p.mean(), p.variance(), "
-        "p.sample(5, seed=42).ravel().astype(np.float64)]))\n")
+        "p.sample(5, seed=42).ravel().astype(np.float64)]))\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     out = np.load(tmp_path / "out.npy")
     np.testing.assert_array_equal(out[:300], m)
@@ -183,12 +185,15 @@ def test_float16_overflow_refused(store):
     post.close()
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"max_rank": 1}, "max_rank=1"),
-    ({"max_rank": 0}, "max_rank=0"),
-    ({"max_rank": None}, "capacity"),
-    ({"max_rank": 4, "dtype": "int32"}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"max_rank": 1}, "max_rank=1"),
+        ({"max_rank": 0}, "max_rank=0"),
+        ({"max_rank": None}, "capacity"),
+        ({"max_rank": 4, "dtype": "int32"}, "dtype"),
+    ],
+)
 def test_bad_create_arguments(store, kw, msg):
     with pytest.raises(ValueError, match=msg):
         SWAGPosterior.create(store, 10, **kw)
@@ -230,8 +235,10 @@ def test_second_writer_is_locked_out(store):
 
 def test_second_writer_in_another_process(tmp_path):
     post = collect(open_store("mmap", tmp_path), iterates(3, 10), max_rank=2)
-    code = ("from nvmlib import open_store, SWAGPosterior\n"
-            f"SWAGPosterior.open(open_store('mmap', {str(tmp_path)!r}))\n")
+    code = (
+        "from nvmlib import open_store, SWAGPosterior\n"
+        f"SWAGPosterior.open(open_store('mmap', {str(tmp_path)!r}))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0 and "being written by another process" in run.stderr
     post.close()
@@ -253,6 +260,7 @@ def test_unwritable_path(tmp_path):
     ro.chmod(0o500)
     try:
         import os
+
         if os.geteuid() == 0:
             target = "/proc/nvmlib-posterior"  # root may write anywhere on disk, not under /proc
         else:

@@ -1,10 +1,12 @@
 """The Store contract (tests/contract.py: TierContract), run over every tier of contract.TIERS."""
+
 from __future__ import annotations
 
 import os
 import stat
 
 from contract import TierContract, per_tier
+
 from nvmlib.backends.pmem import device_lock_path
 
 globals().update(per_tier(TierContract))

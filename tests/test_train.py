@@ -1,4 +1,5 @@
 """Training records the posterior the paper describes, checks its inputs first, and resumes exactly."""
+
 import json
 import math
 
@@ -14,33 +15,63 @@ from nvmlib.paper.train import STATE_FILE, TrainConfig, epoch_order, reopen, tra
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.log import LOG
 
-PAPER_ROWS = ["posterior size (byte)", "train data loading time (s)", "test data loading time (s)",
-              "open shelf time (s)", "make model time (s)", "make posterior time (s)", "epoch 1 time (s)",
-              "epoch 2 time (s)", "posterior finalize time (s)", "total experiment time (s)",
-              "total script time (s)"]
+PAPER_ROWS = [
+    "posterior size (byte)",
+    "train data loading time (s)",
+    "test data loading time (s)",
+    "open shelf time (s)",
+    "make model time (s)",
+    "make posterior time (s)",
+    "epoch 1 time (s)",
+    "epoch 2 time (s)",
+    "posterior finalize time (s)",
+    "total experiment time (s)",
+    "total script time (s)",
+]
 
 
 def small(**kw) -> TrainConfig:
-    return TrainConfig(**{"model": "model_2conv2fc", "epochs": 2, "limit": 500, "lr": 0.05,
-                          "progress": False, **kw})
+    return TrainConfig(
+        **{
+            "model": "model_2conv2fc",
+            "epochs": 2,
+            "limit": 500,
+            "lr": 0.05,
+            "progress": False,
+            **kw,
+        }
+    )
 
 
 def test_mmap_run_writes_the_paper_rows_and_a_reopenable_posterior(tmp_path):
     csv = tmp_path / "out" / "run.csv"
-    cfg = small(backend="mmap", posterior_path=str(tmp_path / "post"), results_filepath=str(csv), record_every=2)
+    cfg = small(
+        backend="mmap",
+        posterior_path=str(tmp_path / "post"),
+        results_filepath=str(csv),
+        record_every=2,
+    )
     result = train(cfg)
     final = get_flat(result.model).numpy()
-    assert result.posterior.n_collected == 1 + 2 * math.ceil(5 / 2)  # initial + ceil(batches / r) per epoch
+    assert result.posterior.n_collected == 1 + 2 * math.ceil(
+        5 / 2
+    )  # initial + ceil(batches / r) per epoch
     result.close()
     table = pd.read_csv(csv, index_col=0)["value"]
     assert list(table.index) == PAPER_ROWS and (table > 0).all()
     record = json.loads(csv.with_suffix(".json").read_text())
     assert record["config"]["record_every"] == 2 and record["tier"]["kind"] == "mmap"
-    assert record["data"]["train"]["verified"] and {"torch", "numpy", "nvmlib"} <= set(record["versions"])
-    post = SWAGPosterior.open(open_store("mmap", tmp_path / "post"), model="model_2conv2fc", readonly=True)
+    assert record["data"]["train"]["verified"] and {"torch", "numpy", "nvmlib"} <= set(
+        record["versions"]
+    )
+    post = SWAGPosterior.open(
+        open_store("mmap", tmp_path / "post"), model="model_2conv2fc", readonly=True
+    )
     assert post.n_collected == 7 and post.nbytes == table["posterior size (byte)"]
     post2, model, store = reopen("mmap", tmp_path / "post")
-    assert np.array_equal(get_flat(model).numpy(), final) and np.array_equal(post2.mean(), post.mean())
+    assert np.array_equal(get_flat(model).numpy(), final) and np.array_equal(
+        post2.mean(), post.mean()
+    )
     store.close()
 
 
@@ -65,15 +96,27 @@ class Interrupt(Exception):
 
 @pytest.mark.parametrize("max_rank, codec", [(None, None), (6, None), (6, "delta-zstd")])
 def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, max_rank, codec):
-    whole = train(small(backend="mmap", posterior_path=str(tmp_path / "whole"), checkpoint_every=3,
-                        max_rank=max_rank, codec=codec))
+    whole = train(
+        small(
+            backend="mmap",
+            posterior_path=str(tmp_path / "whole"),
+            checkpoint_every=3,
+            max_rank=max_rank,
+            codec=codec,
+        )
+    )
 
     def stop_in_second_epoch(epoch: int, batch: int) -> None:
         if epoch == 1 and batch == 2:  # 9 updates made; the last checkpoint was at 7
             raise Interrupt
 
-    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3, max_rank=max_rank,
-                codec=codec)
+    cut = small(
+        backend="mmap",
+        posterior_path=str(tmp_path / "cut"),
+        checkpoint_every=3,
+        max_rank=max_rank,
+        codec=codec,
+    )
     with pytest.raises(Interrupt):
         train(cut, on_batch=stop_in_second_epoch)
     state = torch.load(tmp_path / "cut" / STATE_FILE, weights_only=True)
@@ -86,7 +129,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     assert np.array_equal(resumed.posterior.sample(3, seed=1), whole.posterior.sample(3, seed=1))
     assert torch.equal(get_flat(resumed.model), get_flat(whole.model))
     assert resumed.posterior.kept_rows().tobytes() == whole.posterior.kept_rows().tobytes()
-    assert resumed.timings["posterior size (byte)"] == resumed.posterior.stored_bytes  # bytes on the disk
+    assert (
+        resumed.timings["posterior size (byte)"] == resumed.posterior.stored_bytes
+    )  # bytes on the disk
     store = resumed.posterior.store  # a compressed log occupies its records; raw rows, every slot
     assert (store.occupied(LOG) < store.nbytes(LOG)) == (codec is not None)
     whole.close(), resumed.close()
@@ -100,14 +145,17 @@ def test_resume_refuses_changed_settings_and_dram(tmp_path):
         train(small(resume=True))
 
 
-@pytest.mark.parametrize("change, error, match", [
-    ({"model": "model_5fc"}, ConfigError, "unknown model"),
-    ({"data_path": "/nonexistent/mnist"}, DataError, "does not exist"),
-    ({"gpu": 64}, ConfigError, "GPU 64"),
-    ({"epochs": 10**7}, StoreError, "needs .* GB"),
-    ({"backend": "mmap", "shelf_size_mb": 10}, ConfigError, "-s applies to shelf tiers"),
-    ({"swag_start": 2}, ConfigError, "swag_start"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"model": "model_5fc"}, ConfigError, "unknown model"),
+        ({"data_path": "/nonexistent/mnist"}, DataError, "does not exist"),
+        ({"gpu": 64}, ConfigError, "GPU 64"),
+        ({"epochs": 10**7}, StoreError, "needs .* GB"),
+        ({"backend": "mmap", "shelf_size_mb": 10}, ConfigError, "-s applies to shelf tiers"),
+        ({"swag_start": 2}, ConfigError, "swag_start"),
+    ],
+)
 def test_bad_input_fails_before_training(tmp_path, change, error, match):
     calls = []
     cfg = small(posterior_path=str(tmp_path / "p") if change.get("backend") else None, **change)
@@ -126,5 +174,13 @@ def test_unwritable_results_path_fails_before_training(tmp_path):
 
 def test_too_small_mmap_tier_names_the_size(tmp_path):
     with pytest.raises(StoreError, match=r"needs \d+\.\d+ GB but mmap tier"):
-        train(small(model="model_4fc", epochs=10**5, limit=None, backend="mmap", posterior_path=str(tmp_path)))
+        train(
+            small(
+                model="model_4fc",
+                epochs=10**5,
+                limit=None,
+                backend="mmap",
+                posterior_path=str(tmp_path),
+            )
+        )
     assert not (tmp_path / "swag.log.npy").exists()

@@ -1,4 +1,5 @@
 """The Store protocol every memory tier implements, plus the writer lock they share."""
+
 from __future__ import annotations
 
 import errno
@@ -26,7 +27,9 @@ class Store(ABC):
 
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
-    shared: ClassVar[bool] = False  # other machines can open it by its URL (a dask worker reads the log there)
+    shared: ClassVar[bool] = (
+        False  # other machines can open it by its URL (a dask worker reads the log there)
+    )
     grows: bool = False  # create(sparse=True) takes no space up front: allocate() gives it as rows
     # are written, release() hands it back; where False, every array takes its whole size at create
 
@@ -41,14 +44,16 @@ class Store(ABC):
 
     # ---- arrays -------------------------------------------------------------------------
     @abstractmethod
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         """Make a new zero-filled array; StoreError if it exists or does not fit. sparse: where
         the tier `grows`, take no space yet (rows take it with `allocate`; the caller checks the
         room)."""
 
-    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str,
-                   sparse: bool = False) -> None:
+    def create_log(
+        self, name: str, shape: tuple[int, int], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         """A new array whose rows are written in order, as a log's are (a tier may lay it out
         for that: zarr in shards); create() where the tier has no such layout."""
         self.create(name, shape, dtype, sparse)
@@ -77,9 +82,11 @@ class Store(ABC):
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         """Write `rows` into array[start:start+len(rows)] (rows has the array's dtype)."""
         self._check_writable()
-        self.array(name)[start:start + len(rows)] = rows
+        self.array(name)[start : start + len(rows)] = rows
 
-    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Copy array[start:stop] into `out` (allocated when None) and return it."""
         src = self.array(name)[start:stop]
         if out is None:
@@ -87,8 +94,9 @@ class Store(ABC):
         out[...] = src
         return out
 
-    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+    def read_cols(
+        self, name: str, start: int, stop: int, col0: int, col1: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Copy array[start:stop, col0:col1] into `out` (allocated when None) and return it: a
         block of columns of some rows, what a pass over parameter blocks reads."""
         src = self.array(name)[start:stop, col0:col1]
@@ -149,8 +157,10 @@ class Store(ABC):
     def lock(self, name: str) -> None:
         """Become the only writer of `name`; LockedError if another process (or object) is."""
         if name in self._lock_fds:
-            raise LockedError(f"{name} on {self.describe()} is already open for writing by this store; "
-                              "close that writer first or open the posterior read-only (readonly=True)")
+            raise LockedError(
+                f"{name} on {self.describe()} is already open for writing by this store; "
+                "close that writer first or open the posterior read-only (readonly=True)"
+            )
         path = self._lock_path(name)
         fd = open_lock_file(path)
         try:
@@ -162,10 +172,12 @@ class Store(ABC):
                 raise LockedError(
                     f"{name} on {self.describe()} already has a writer in this process (another posterior or "
                     "SWAG object opened on the same path); close that one first, or open this one read-only "
-                    "(readonly=True)") from None
+                    "(readonly=True)"
+                ) from None
             raise LockedError(
                 f"{name} on {self.describe()} is being written by another process (pid {holder}); "
-                "wait for it to finish, stop it, or open the posterior read-only (readonly=True)") from None
+                "wait for it to finish, stop it, or open the posterior read-only (readonly=True)"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fds[name] = fd
@@ -187,7 +199,9 @@ class Store(ABC):
 
     def _check_writable(self) -> None:
         if self.readonly:
-            raise StoreError(f"{self.describe()} was opened read-only; open it with readonly=False to write")
+            raise StoreError(
+                f"{self.describe()} was opened read-only; open it with readonly=False to write"
+            )
 
     def __enter__(self) -> "Store":
         return self
@@ -212,15 +226,23 @@ def open_plain(path: Path, flags: int, one_name: bool = True) -> int:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StoreError(f"{path} is a symbolic link; nvmlib never reads or writes a posterior's files through "
-                             "one: put the file itself there (cp --remove-destination TARGET LINK) or remove "
-                             "the link") from None
-        raise StoreError(f"cannot open {path}: {exc.strerror}; check that it exists and its permissions") from exc
+            raise StoreError(
+                f"{path} is a symbolic link; nvmlib never reads or writes a posterior's files through "
+                "one: put the file itself there (cp --remove-destination TARGET LINK) or remove "
+                "the link"
+            ) from None
+        raise StoreError(
+            f"cannot open {path}: {exc.strerror}; check that it exists and its permissions"
+        ) from exc
     st = os.fstat(fd)
-    if flags & (os.O_WRONLY | os.O_RDWR) and (not stat.S_ISREG(st.st_mode) or one_name and st.st_nlink != 1):
+    if flags & (os.O_WRONLY | os.O_RDWR) and (
+        not stat.S_ISREG(st.st_mode) or one_name and st.st_nlink != 1
+    ):
         os.close(fd)
-        raise StoreError(f"{path} is not a plain file of its own (a device, or a hard link shared with another "
-                         "file); nvmlib will not write to it: replace it with a copy (cp) or remove it")
+        raise StoreError(
+            f"{path} is not a plain file of its own (a device, or a hard link shared with another "
+            "file); nvmlib will not write to it: replace it with a copy (cp) or remove it"
+        )
     return fd
 
 
@@ -229,28 +251,38 @@ def refuse_links(root: Path) -> None:
     for top, dirs, files in os.walk(root):
         for entry in dirs + files:
             if os.path.islink(os.path.join(top, entry)):
-                raise StoreError(f"{os.path.join(top, entry)} is a symbolic link inside the store {root}; nvmlib "
-                                 "never writes a posterior through one: replace it with what it points to, or "
-                                 "remove it")
+                raise StoreError(
+                    f"{os.path.join(top, entry)} is a symbolic link inside the store {root}; nvmlib "
+                    "never writes a posterior through one: replace it with what it points to, or "
+                    "remove it"
+                )
 
 
 def private_dir() -> Path:
     """A directory only this user can write ($XDG_RUNTIME_DIR, else <tmp>/nvmlib-<uid>, mode 0700),
     for the locks of devices, which have no directory of their own."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    path = Path(runtime) / "nvmlib" if runtime else Path(tempfile.gettempdir()) / f"nvmlib-{os.getuid()}"
+    path = (
+        Path(runtime) / "nvmlib"
+        if runtime
+        else Path(tempfile.gettempdir()) / f"nvmlib-{os.getuid()}"
+    )
     try:
         path.mkdir(mode=0o700, exist_ok=True)
         st = os.lstat(path)
     except OSError as exc:
         raise StoreError(f"cannot create the lock directory {path}: {exc.strerror}") from exc
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise StoreError(f"the lock directory {path} is not a directory that only you can write (a link, "
-                         "another user's, or group/world-writable); remove it and retry")
+        raise StoreError(
+            f"the lock directory {path} is not a directory that only you can write (a link, "
+            "another user's, or group/world-writable); remove it and retry"
+        )
     return path
 
 
-ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
+ALIGN = (
+    4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
+)
 # posterior pads its log rows and moments to it on every tier, so its layout is the same wherever it lies
 
 
@@ -277,4 +309,5 @@ def check_fits(store: Store, need: int, what: str, reclaimable: int = 0) -> None
         raise StoreError(
             f"{store.describe()} is too small: {what} needs {need / 1e9:.3f} GB but only "
             f"{free / 1e9:.3f} GB is free; free some space, choose a larger tier or path, "
-            "or keep fewer iterates (smaller max_rank / -K)")
+            "or keep fewer iterates (smaller max_rank / -K)"
+        )

@@ -1,4 +1,5 @@
 """DRAM tier: numpy arrays in RAM (also the paper's "DRAM + Optane memory mode" setting)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -56,8 +57,9 @@ class DramStore(Store):
         self._locked: set[str] = set()
         self._mutex = threading.Lock()
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         self._check_writable()
         if name in self._arrays:
             raise StoreError(f"array {name!r} already exists in the dram tier")
@@ -66,7 +68,9 @@ class DramStore(Store):
             return
         check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
         arr = aligned_empty(tuple(shape), dtype, huge=True)
-        arr.fill(0)  # touch every page now, not on the first update (np.zeros maps lazily): on a VM a
+        arr.fill(
+            0
+        )  # touch every page now, not on the first update (np.zeros maps lazily): on a VM a
         # first touch costs milliseconds per MB, which would otherwise land in the epochs
         self._arrays[name] = arr
 
@@ -75,9 +79,11 @@ class DramStore(Store):
         need = (stop - start) * (arr.strides[0] if arr.ndim else arr.itemsize)
         free = _mem_available()
         if free is not None and need > free:
-            raise StoreError(f"the dram tier has {free / 1e6:.3f} MB of memory available, not the "
-                             f"{need / 1e6:.3f} MB rows {start}..{stop - 1} of {name!r} need; free "
-                             "space in memory (close other programs) or choose a file tier")
+            raise StoreError(
+                f"the dram tier has {free / 1e6:.3f} MB of memory available, not the "
+                f"{need / 1e6:.3f} MB rows {start}..{stop - 1} of {name!r} need; free "
+                "space in memory (close other programs) or choose a file tier"
+            )
 
     def release(self, name: str, start: int, stop: int) -> None:
         addr, length = _pages(self.array(name), start, stop)
@@ -110,8 +116,10 @@ class DramStore(Store):
     def lock(self, name: str) -> None:
         with self._mutex:
             if name in self._locked:
-                raise LockedError(f"{name} in this dram store already has a writer; close it first "
-                                  "or open the posterior read-only (readonly=True)")
+                raise LockedError(
+                    f"{name} in this dram store already has a writer; close it first "
+                    "or open the posterior read-only (readonly=True)"
+                )
             self._locked.add(name)
 
     def unlock(self, name: str) -> None:

@@ -1,4 +1,5 @@
 """Helpers shared by tiers that keep each array in a file of a directory."""
+
 from __future__ import annotations
 
 import ctypes
@@ -23,16 +24,22 @@ def prepare_dir(path: Path, readonly: bool) -> Path:
         return path
     blocked = not_a_directory(path)
     if blocked is not None:
-        raise StoreError(f"cannot create the store directory {path}: {blocked} is a file, not a directory; "
-                         "choose another path")
+        raise StoreError(
+            f"cannot create the store directory {path}: {blocked} is a file, not a directory; "
+            "choose another path"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreError(f"cannot create the store directory {path}: {exc.strerror}; "
-                         "choose a path you can write (e.g. --posterior_path under your home)") from exc
+        raise StoreError(
+            f"cannot create the store directory {path}: {exc.strerror}; "
+            "choose a path you can write (e.g. --posterior_path under your home)"
+        ) from exc
     if not os.access(path, os.W_OK | os.X_OK):
-        raise StoreError(f"the store directory {path} is not writable; fix its permissions "
-                         "or choose another path")
+        raise StoreError(
+            f"the store directory {path} is not writable; fix its permissions "
+            "or choose another path"
+        )
     return path
 
 
@@ -52,8 +59,10 @@ def reserve(fd: int, offset: int, length: int, path: Path) -> None:
         os.posix_fallocate(fd, offset, length)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StoreError(f"no space left on the device of {path} for {length / 1e6:.3f} MB; "
-                             "free space or choose another path") from exc
+            raise StoreError(
+                f"no space left on the device of {path} for {length / 1e6:.3f} MB; "
+                "free space or choose another path"
+            ) from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
             raise
 
@@ -70,8 +79,9 @@ def punch(fd: int, offset: int, length: int, path: Path) -> None:
     if length > 0 and libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV):
-            raise StoreError(f"cannot free bytes {offset}..{offset + length} of {path}: "
-                             f"{os.strerror(err)}")
+            raise StoreError(
+                f"cannot free bytes {offset}..{offset + length} of {path}: {os.strerror(err)}"
+            )
 
 
 def occupied_bytes(*files: Path) -> int:
@@ -94,11 +104,15 @@ def os_error(exc: OSError, path: Path | str, doing: str, nbytes: int | None = No
     needed and a fix."""
     need = f" ({nbytes:,} bytes to write)" if nbytes is not None else ""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StoreError(f"the disk of {path} filled up while {doing}{need}; the posterior up to the last "
-                          "completed update is intact: free space and resume")
+        return StoreError(
+            f"the disk of {path} filled up while {doing}{need}; the posterior up to the last "
+            "completed update is intact: free space and resume"
+        )
     if exc.errno == errno.EFBIG:
-        return StoreError(f"{doing} {path}{need} would exceed this process's file size limit (ulimit -f); "
-                          "raise the limit and resume")
+        return StoreError(
+            f"{doing} {path}{need} would exceed this process's file size limit (ulimit -f); "
+            "raise the limit and resume"
+        )
     return StoreError(f"{doing} {path}{need} failed: {exc.strerror or exc}")
 
 
@@ -134,7 +148,9 @@ def write_atomically(path: Path, data: memoryview | bytes) -> None:
     file size limit is a StoreError that names it; the old file is kept."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
         try:
             write_all(fd, memoryview(data).cast("B"), 0)
             os.fsync(fd)
@@ -145,9 +161,15 @@ def write_atomically(path: Path, data: memoryview | bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            why = "the file would exceed ulimit -f" if exc.errno == errno.EFBIG else "the disk is full"
-            raise StoreError(f"cannot write {path}: {why} ({exc.strerror}); the previous {path.name} is intact: "
-                             "free space (or raise the limit) and resume") from exc
+            why = (
+                "the file would exceed ulimit -f"
+                if exc.errno == errno.EFBIG
+                else "the disk is full"
+            )
+            raise StoreError(
+                f"cannot write {path}: {why} ({exc.strerror}); the previous {path.name} is intact: "
+                "free space (or raise the limit) and resume"
+            ) from exc
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
@@ -157,30 +179,50 @@ def npy_header(file: Path) -> tuple[int, tuple[int, ...], np.dtype]:
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise StoreError(f"{file} does not exist") from None
     except (ValueError, OSError) as exc:
-        raise StoreError(f"{file} is not an array file nvmlib wrote ({exc}); the store is damaged") from exc
+        raise StoreError(
+            f"{file} is not an array file nvmlib wrote ({exc}); the store is damaged"
+        ) from exc
     need = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if size < need:
-        raise StoreError(f"{file} has {size} bytes but its header says {need}: the file was truncated and the "
-                         "store is damaged (restore the file from a copy)")
+        raise StoreError(
+            f"{file} has {size} bytes but its header says {need}: the file was truncated and the "
+            "store is damaged (restore the file from a copy)"
+        )
     return offset, tuple(shape), np.dtype(dtype)
 
 
-def create_npy(file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True) -> None:
+def create_npy(
+    file: Path, shape: tuple[int, ...], dtype: np.dtype, preallocate: bool = True
+) -> None:
     """A new zero-filled .npy file whose data starts at byte ALIGN (np.load reads it as usual),
     durable with its directory entry when this returns."""
-    header = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)})
-    header = header.ljust(ALIGN - 11) + "\n"  # magic (6) + version (2) + length (2) + header = ALIGN
+    header = repr(
+        {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": tuple(shape),
+        }
+    )
+    header = (
+        header.ljust(ALIGN - 11) + "\n"
+    )  # magic (6) + version (2) + length (2) + header = ALIGN
     end = ALIGN + int(np.prod(shape)) * dtype.itemsize
     try:
         with open(file, "xb") as f:
-            f.write(np.lib.format.magic(1, 0) + struct.pack("<H", len(header)) + header.encode("latin1"))
+            f.write(
+                np.lib.format.magic(1, 0) + struct.pack("<H", len(header)) + header.encode("latin1")
+            )
             f.truncate(end)
             if preallocate:
                 reserve(f.fileno(), 0, end, file)
@@ -213,7 +255,10 @@ class DirectIO:
         """A DirectIO for `file`, or None where its file system has no O_DIRECT (e.g. older tmpfs);
         one_name as in open_plain."""
         try:
-            return cls(open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT, one_name), file)
+            return cls(
+                open_plain(file, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_DIRECT, one_name),
+                file,
+            )
         except StoreError as exc:
             if isinstance(exc.__cause__, OSError) and exc.__cause__.errno == errno.EINVAL:
                 return None  # the file system refused O_DIRECT

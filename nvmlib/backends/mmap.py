@@ -9,6 +9,7 @@ A sparse array (a compressed log) is a file with holes: `allocate` gives rows th
 posix_fallocate before they are written (a full disk refuses there, not in the middle of a write),
 `release` punches them out again (fallocate PUNCH_HOLE).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,20 @@ from pathlib import Path
 import numpy as np
 
 from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain
-from nvmlib.backends.files import (DirectIO, create_npy, disk_free, fsync_dir, npy_header,
-                                  occupied_bytes, os_error, prepare_dir, punch, read_all, reserve,
-                                  write_all)
+from nvmlib.backends.files import (
+    DirectIO,
+    create_npy,
+    disk_free,
+    fsync_dir,
+    npy_header,
+    occupied_bytes,
+    os_error,
+    prepare_dir,
+    punch,
+    read_all,
+    reserve,
+    write_all,
+)
 from nvmlib.errors import StoreError
 
 SUFFIX = ".npy"
@@ -32,10 +44,17 @@ class MmapStore(Store):
     kind = "mmap"
     grows = True
 
-    def __init__(self, path: str | Path | None = None, readonly: bool = False,
-                 cache: str = "bounded", preallocate: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        readonly: bool = False,
+        cache: str = "bounded",
+        preallocate: bool = True,
+    ) -> None:
         if path is None:
-            raise StoreError("the mmap tier needs a directory: open_store('mmap', '/mnt/nvme0/posterior')")
+            raise StoreError(
+                "the mmap tier needs a directory: open_store('mmap', '/mnt/nvme0/posterior')"
+            )
         if cache not in ("bounded", "keep"):
             raise StoreError(f"cache must be 'bounded' or 'keep', not {cache!r}")
         super().__init__(prepare_dir(Path(path), readonly), readonly)
@@ -49,8 +68,9 @@ class MmapStore(Store):
     def _file(self, name: str) -> Path:
         return self.path / f"{name}{SUFFIX}"
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         self._check_writable()
         if not sparse:
             check_fits(self, int(np.prod(shape)) * np.dtype(dtype).itemsize, f"array {name!r}")
@@ -61,10 +81,14 @@ class MmapStore(Store):
             file = self._file(name)
             if not file.exists():
                 raise StoreError(f"{self.path} holds no array {name!r}")
-            fd = self._fd(name)  # a link or shared file is refused before anything is read through it
+            fd = self._fd(
+                name
+            )  # a link or shared file is refused before anything is read through it
             offset, shape, dtype = npy_header(file)
             with open(fd, "rb" if self.readonly else "r+b", closefd=False) as f:
-                self._maps[name] = np.memmap(f, dtype, "r" if self.readonly else "r+", offset, shape)
+                self._maps[name] = np.memmap(
+                    f, dtype, "r" if self.readonly else "r+", offset, shape
+                )
         return self._maps[name]
 
     def names(self) -> list[str]:
@@ -123,7 +147,9 @@ class MmapStore(Store):
         arr = self.array(name)
         data = np.ascontiguousarray(rows, dtype=arr.dtype)
         if start < 0 or start + len(data) > arr.shape[0]:
-            raise StoreError(f"rows {start}..{start + len(data)} are outside {name!r} of {arr.shape[0]} rows")
+            raise StoreError(
+                f"rows {start}..{start + len(data)} are outside {name!r} of {arr.shape[0]} rows"
+            )
         off, view = self._offset(name, start), memoryview(data).cast("B")
         direct, fd = self._direct_io(name, off, len(view)), self._fd(name)
         try:
@@ -139,7 +165,9 @@ class MmapStore(Store):
             os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
             self._last_write[name] = (off, len(view))
 
-    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         arr = self.array(name)
         if out is None:
             out = aligned_empty((stop - start,) + arr.shape[1:], arr.dtype)
@@ -154,8 +182,9 @@ class MmapStore(Store):
             os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
         return out
 
-    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+    def read_cols(
+        self, name: str, start: int, stop: int, col0: int, col1: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Each row's columns col0..col1−1 read at their offset (O_DIRECT where they are whole
         blocks): a block of parameters of every kept row reads only that block."""
         arr = self.array(name)

@@ -11,6 +11,7 @@ log) is a file with holes; `allocate` gives rows their blocks with posix_falloca
 copied in (a store into a hole of a full file system would be a SIGBUS, not an error), `release`
 punches them out. A device does not grow: its arrays take their whole extent at create.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,20 +26,29 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, open_plain, private_dir
-from nvmlib.backends.files import (create_npy, disk_free, fsync_dir, npy_header, occupied_bytes,
-                                  prepare_dir, punch, reserve)
+from nvmlib.backends.files import (
+    create_npy,
+    disk_free,
+    fsync_dir,
+    npy_header,
+    occupied_bytes,
+    prepare_dir,
+    punch,
+    reserve,
+)
 from nvmlib.backends.libpmem import Mapping, lib
 from nvmlib.errors import StoreError
 
 SUFFIX = ".npy"
 MAGIC = b"NVMLDAX1"
-SLOT_BYTES = 32 << 10        # one table slot; two of them at the start of a device
+SLOT_BYTES = 32 << 10  # one table slot; two of them at the start of a device
 DATA_START = 2 * SLOT_BYTES  # first byte an array may use on a device
-HEAD = 32                    # slot header: magic, seq, length, crc32 (8 bytes each)
+HEAD = 32  # slot header: magic, seq, length, crc32 (8 bytes each)
 
 
 class Extent(NamedTuple):
     """Where an array lives in a mapping, and what it is."""
+
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -78,7 +88,9 @@ class FileLayout:
         file = self.file(name)
         if not file.exists():
             raise StoreError(f"{self.path} holds no array {name!r}")
-        os.close(open_plain(file, os.O_RDONLY if self.readonly else os.O_RDWR))  # never map through a link
+        os.close(
+            open_plain(file, os.O_RDONLY if self.readonly else os.O_RDWR)
+        )  # never map through a link
         offset, shape, dtype = npy_header(file)
         return Mapping(file, readonly=self.readonly), Extent(offset, shape, dtype)
 
@@ -130,16 +142,22 @@ class DeviceLayout:
     def __init__(self, path: Path, readonly: bool) -> None:
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            raise StoreError(f"there is no device {self.path}: create a devdax namespace "
-                             "(ndctl create-namespace -m devdax) or check the path")
+            raise StoreError(
+                f"there is no device {self.path}: create a devdax namespace "
+                "(ndctl create-namespace -m devdax) or check the path"
+            )
         if not os.access(self.path, os.R_OK if readonly else os.R_OK | os.W_OK):
-            raise StoreError(f"the device {self.path} is not {'readable' if readonly else 'readable and writable'} "
-                             f"by you; run `sudo chmod go+rw {self.path}` or choose another path")
+            raise StoreError(
+                f"the device {self.path} is not {'readable' if readonly else 'readable and writable'} "
+                f"by you; run `sudo chmod go+rw {self.path}` or choose another path"
+            )
         self.readonly = readonly
         self.map = Mapping(self.path, readonly=readonly)
         if self.map.length < DATA_START + ALIGN:
-            raise StoreError(f"the device {self.path} has only {self.map.length} bytes; "
-                             f"a pmem device needs at least {DATA_START + ALIGN}")
+            raise StoreError(
+                f"the device {self.path} has only {self.map.length} bytes; "
+                f"a pmem device needs at least {DATA_START + ALIGN}"
+            )
         self.seq, self.table = self._read()
         if self.seq == 0:
             if readonly:
@@ -154,10 +172,14 @@ class DeviceLayout:
         best: tuple[int, dict[str, Extent]] = (0, {})
         raw = self.map.view(0, (DATA_START,), np.dtype(np.uint8), writeable=False)
         for slot in range(2):
-            head = raw[slot * SLOT_BYTES: slot * SLOT_BYTES + HEAD]
+            head = raw[slot * SLOT_BYTES : slot * SLOT_BYTES + HEAD]
             seq, length, crc = (int(x) for x in head[8:].view(np.uint64))
-            body = raw[slot * SLOT_BYTES + HEAD: slot * SLOT_BYTES + HEAD + length].tobytes()
-            if head[:8].tobytes() != MAGIC or length > SLOT_BYTES - HEAD or crc != _table_crc(seq, body):
+            body = raw[slot * SLOT_BYTES + HEAD : slot * SLOT_BYTES + HEAD + length].tobytes()
+            if (
+                head[:8].tobytes() != MAGIC
+                or length > SLOT_BYTES - HEAD
+                or crc != _table_crc(seq, body)
+            ):
                 continue
             if seq > best[0]:
                 best = (seq, self._extents(json.loads(body)))
@@ -171,22 +193,32 @@ class DeviceLayout:
             try:
                 offset, shape, dtype = entry
                 extent = Extent(int(offset), tuple(int(n) for n in shape), np.dtype(dtype))
-                ok = (isinstance(offset, int) and all(isinstance(n, int) and n >= 0 for n in shape)
-                      and extent.offset >= DATA_START and extent.offset + extent.nbytes <= self.map.length)
+                ok = (
+                    isinstance(offset, int)
+                    and all(isinstance(n, int) and n >= 0 for n in shape)
+                    and extent.offset >= DATA_START
+                    and extent.offset + extent.nbytes <= self.map.length
+                )
             except (TypeError, ValueError):
                 ok = False
             if not ok:
-                raise StoreError(f"the table of {self.path} has an invalid entry for {name!r} ({entry!r}: outside "
-                                 f"bytes {DATA_START}..{self.map.length} of the device); the device's table is "
-                                 "damaged: nvmlib will not map it")
+                raise StoreError(
+                    f"the table of {self.path} has an invalid entry for {name!r} ({entry!r}: outside "
+                    f"bytes {DATA_START}..{self.map.length} of the device); the device's table is "
+                    "damaged: nvmlib will not map it"
+                )
             table[name] = extent
         return table
 
     def _write(self, table: dict[str, Extent]) -> None:
         """Write `table` into the older slot and persist it; the newer slot stays valid meanwhile."""
-        body = json.dumps({n: [e.offset, list(e.shape), e.dtype.str] for n, e in table.items()}).encode()
+        body = json.dumps(
+            {n: [e.offset, list(e.shape), e.dtype.str] for n, e in table.items()}
+        ).encode()
         if len(body) > SLOT_BYTES - HEAD:
-            raise StoreError(f"the table of {self.path} is full ({len(table)} arrays); delete some arrays")
+            raise StoreError(
+                f"the table of {self.path} is full ({len(table)} arrays); delete some arrays"
+            )
         seq = self.seq + 1
         head = np.array([seq, len(body), _table_crc(seq, body)], dtype=np.uint64)
         record = np.frombuffer(MAGIC + head.tobytes() + body, dtype=np.uint8)
@@ -221,7 +253,9 @@ class DeviceLayout:
             self.seq, table = self._read()
             if name in table:
                 raise StoreError(f"array {name!r} already exists on {self.path}; delete it first")
-            extent = Extent(self._first_fit(table, int(np.prod(shape)) * dtype.itemsize), tuple(shape), dtype)
+            extent = Extent(
+                self._first_fit(table, int(np.prod(shape)) * dtype.itemsize), tuple(shape), dtype
+            )
             self.map.zero(extent.offset, extent.nbytes)
             self._write({**table, name: extent})
 
@@ -233,8 +267,10 @@ class DeviceLayout:
             start = max(start, _round_up(e.offset + e.nbytes))
         if self.map.length - start >= nbytes:
             return start
-        raise StoreError(f"the device {self.path} has no free extent of {nbytes / 1e9:.3f} GB "
-                         f"({self.free_bytes() / 1e9:.3f} GB free in pieces); delete arrays or use a larger device")
+        raise StoreError(
+            f"the device {self.path} has no free extent of {nbytes / 1e9:.3f} GB "
+            f"({self.free_bytes() / 1e9:.3f} GB free in pieces); delete arrays or use a larger device"
+        )
 
     def delete(self, name: str) -> None:
         with self._locked():
@@ -273,11 +309,15 @@ class PmemStore(Store):
 
     kind = "pmem"
 
-    def __init__(self, path: str | Path | None = None, readonly: bool = False, device: bool | None = None) -> None:
+    def __init__(
+        self, path: str | Path | None = None, readonly: bool = False, device: bool | None = None
+    ) -> None:
         """path: an fsdax directory or a devdax device; device=True treats a regular file as a device."""
         if path is None:
-            raise StoreError("the pmem tier needs a directory on an fsdax mount or a devdax device: "
-                             "open_store('pmem', '/mnt/pmem0/posterior') or open_store('pmem', '/dev/dax0.0')")
+            raise StoreError(
+                "the pmem tier needs a directory on an fsdax mount or a devdax device: "
+                "open_store('pmem', '/mnt/pmem0/posterior') or open_store('pmem', '/dev/dax0.0')"
+            )
         path = Path(path).expanduser()
         if device is None:
             device = path.exists() and stat.S_ISCHR(path.stat().st_mode)
@@ -285,8 +325,10 @@ class PmemStore(Store):
         self.grows = self._layout.grows  # fsdax files grow; a device's extents do not
         super().__init__(self._layout.path, readonly)
         self._open: dict[str, tuple[Mapping, Extent]] = {}
-        self._dirty: dict[str, tuple[int, int]] = {}  # byte range written by write_rows since persist
-        self._exposed: set[str] = set()               # handed out writable by array(): flush it whole
+        self._dirty: dict[
+            str, tuple[int, int]
+        ] = {}  # byte range written by write_rows since persist
+        self._exposed: set[str] = set()  # handed out writable by array(): flush it whole
 
     @classmethod
     def check_available(cls) -> None:
@@ -297,8 +339,9 @@ class PmemStore(Store):
             self._open[name] = self._layout.open(name)
         return self._open[name]
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         self._check_writable()
         if name in self._layout.names():
             raise StoreError(f"array {name!r} already exists on {self.describe()}; delete it first")
@@ -356,13 +399,21 @@ class PmemStore(Store):
         data = np.ascontiguousarray(rows, dtype=e.dtype)
         n_rows = e.shape[0] if e.shape else 1
         if start < 0 or start + len(data) > n_rows:
-            raise StoreError(f"rows {start}..{start + len(data)} are outside {name!r} of {n_rows} rows")
+            raise StoreError(
+                f"rows {start}..{start + len(data)} are outside {name!r} of {n_rows} rows"
+            )
         lo = e.offset + start * (e.nbytes // max(n_rows, 1))
         mapping.copy(lo, data)
         old = self._dirty.get(name)
-        self._dirty[name] = (lo, lo + data.nbytes) if old is None else (min(old[0], lo), max(old[1], lo + data.nbytes))
+        self._dirty[name] = (
+            (lo, lo + data.nbytes)
+            if old is None
+            else (min(old[0], lo), max(old[1], lo + data.nbytes))
+        )
 
-    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         mapping, e = self._entry(name)
         src = mapping.view(e.offset, e.shape, e.dtype, writeable=False)[start:stop]
         if out is None:

@@ -22,12 +22,13 @@ What PyMM allows, and how this adapter keeps it from crashing the caller:
 - Backend `hstore-cc` persists on any directory (fsdax or not); `mapstore` keeps the shelf in
   this process's memory only: such a store reports persistent=False.
 """
+
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import faulthandler
+import fcntl
 import gc
 import hashlib
 import io
@@ -49,11 +50,13 @@ from nvmlib.backends.pmem import device_lock_path
 from nvmlib.backends.registry import TIERS
 from nvmlib.errors import LockedError, StoreError, TierUnavailable
 
-PREFIX = "nv_"            # shelf items nvmlib owns; others on a shared shelf are left alone
+PREFIX = "nv_"  # shelf items nvmlib owns; others on a shared shelf are left alone
 SIZE_ITEM = "nvmlib_size"  # int64 (1,): the shelf size in bytes, as created
-ITEM_OVERHEAD = 4096      # bytes one item costs beyond its data (PyMM metadata header, allocator slack)
-SHELF_RESERVE = 1 << 20   # bytes of the usable half its store (hstore) keeps for itself (estimate)
-LARGE_ITEM = 8 << 20      # items this big are placed in whole blocks of this size (measured, see footprint)
+ITEM_OVERHEAD = 4096  # bytes one item costs beyond its data (PyMM metadata header, allocator slack)
+SHELF_RESERVE = 1 << 20  # bytes of the usable half its store (hstore) keeps for itself (estimate)
+LARGE_ITEM = (
+    8 << 20
+)  # items this big are placed in whole blocks of this size (measured, see footprint)
 ENGINES = ("hstore-cc", "mapstore")
 # where new shelf directories are placed in the address space: 16..80 TiB, clear of the heap
 # (0x55..., PIE), shared libraries and thread stacks (0x7f...); one window per directory, room
@@ -63,17 +66,19 @@ ADDR_LOW, ADDR_HIGH, ADDR_ALIGN, ADDR_WINDOW = 0x1000_0000_0000, 0x5000_0000_000
 
 def mangle(name: str) -> str:
     """An identifier for `name`: ASCII letters and digits kept, every other UTF-8 byte as _XX (hex)."""
-    return PREFIX + "".join(chr(b) if chr(b).isalnum() and b < 128 else f"_{b:02x}" for b in name.encode())
+    return PREFIX + "".join(
+        chr(b) if chr(b).isalnum() and b < 128 else f"_{b:02x}" for b in name.encode()
+    )
 
 
 def unmangle(item: str) -> str | None:
     """The array name behind a shelf item, or None when the item is not nvmlib's."""
     if not item.startswith(PREFIX):
         return None
-    body, out, i = item[len(PREFIX):], bytearray(), 0
+    body, out, i = item[len(PREFIX) :], bytearray(), 0
     while i < len(body):
         if body[i] == "_":
-            out.append(int(body[i + 1:i + 3], 16))
+            out.append(int(body[i + 1 : i + 3], 16))
             i += 3
         else:
             out.append(ord(body[i]))
@@ -108,14 +113,16 @@ def quiet(errors: list[str] | None = None) -> Iterator[None]:
     sys.stderr.flush()
     fds = (1, 2) if errors is not None else (1,)
     saved = [os.dup(fd) for fd in fds]
-    sinks = [open(os.devnull, "wb"), tempfile.TemporaryFile()][:len(fds)]
+    sinks = [open(os.devnull, "wb"), tempfile.TemporaryFile()][: len(fds)]
     for fd, sink in zip(fds, sinks):
         os.dup2(sink.fileno(), fd)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        ctypes.CDLL(None).fflush(None)  # C stdio buffers what it prints to a pipe: drop it here, not later
+        ctypes.CDLL(None).fflush(
+            None
+        )  # C stdio buffers what it prints to a pipe: drop it here, not later
         for fd, old in zip(fds, saved):
             os.dup2(old, fd)
             os.close(old)
@@ -133,10 +140,14 @@ def _module() -> Any:
         with quiet():
             import pymm
     except ImportError as exc:
-        raise TierUnavailable(f"the pymm tier needs IBM PyMM, which is not importable ({exc}): {hint}") from exc
+        raise TierUnavailable(
+            f"the pymm tier needs IBM PyMM, which is not importable ({exc}): {hint}"
+        ) from exc
     if not (callable(getattr(pymm, "shelf", None)) and hasattr(pymm, "ndarray")):
-        raise TierUnavailable(f"the 'pymm' module at {getattr(pymm, '__file__', '?')} is not IBM PyMM "
-                              f"(it has no pymm.shelf / pymm.ndarray): {hint}")
+        raise TierUnavailable(
+            f"the 'pymm' module at {getattr(pymm, '__file__', '?')} is not IBM PyMM "
+            f"(it has no pymm.shelf / pymm.ndarray): {hint}"
+        )
     return pymm
 
 
@@ -144,6 +155,7 @@ def _module() -> Any:
 @dataclass
 class _Shelf:
     """One PyMM shelf open in this process, shared by every store opened on it."""
+
     shelf: Any
     engine: str
     lock_fd: int | None  # fd on the data file holding the POSIX lock PyMM takes (None: mapstore)
@@ -151,9 +163,11 @@ class _Shelf:
 
 
 _open: dict[tuple[str, str], _Shelf] = {}  # (directory or device, shelf name) -> the shelf
-_loaded: set[tuple[str, str]] = set()      # (engine, path) PyMM has loaded here (it keeps them until exit)
-_names: dict[str, str] = {}                # hstore shelf name -> its directory: PyMM keeps both until exit
-_windows: list[tuple[int, int]] = []       # address ranges handed out as load_addr in this process
+_loaded: set[tuple[str, str]] = (
+    set()
+)  # (engine, path) PyMM has loaded here (it keeps them until exit)
+_names: dict[str, str] = {}  # hstore shelf name -> its directory: PyMM keeps both until exit
+_windows: list[tuple[int, int]] = []  # address ranges handed out as load_addr in this process
 
 
 def _mapped() -> list[tuple[int, int]]:
@@ -176,12 +190,16 @@ def load_address(size_bytes: int) -> int:
     window = max(ADDR_WINDOW, -(-4 * size_bytes // ADDR_ALIGN) * ADDR_ALIGN)
     taken = _mapped() + _windows
     for _ in range(256):
-        base = ADDR_LOW + random.randrange((ADDR_HIGH - ADDR_LOW - window) // ADDR_ALIGN) * ADDR_ALIGN
+        base = (
+            ADDR_LOW + random.randrange((ADDR_HIGH - ADDR_LOW - window) // ADDR_ALIGN) * ADDR_ALIGN
+        )
         if _overlap(base, base + window, taken) is None:
             _windows.append((base, base + window))
             return base
-    raise StoreError(f"no free {window >> 30} GiB of address space for a PyMM shelf in this process; "
-                     "close other shelves or open this one in its own process")
+    raise StoreError(
+        f"no free {window >> 30} GiB of address space for a PyMM shelf in this process; "
+        "close other shelves or open this one in its own process"
+    )
 
 
 def recorded_ranges(map_file: Path) -> list[tuple[int, int]]:
@@ -211,9 +229,11 @@ def take_lock(data: Path, what: str) -> int:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise LockedError(f"{what} is open in another process (pid {lock_holder(data)}); PyMM lets one process "
-                          "at a time open a shelf, readers included: wait for it to close the shelf or stop it, "
-                          "or read the posterior inside that process") from None
+        raise LockedError(
+            f"{what} is open in another process (pid {lock_holder(data)}); PyMM lets one process "
+            "at a time open a shelf, readers included: wait for it to close the shelf or stop it, "
+            "or read the posterior inside that process"
+        ) from None
     return fd
 
 
@@ -245,10 +265,16 @@ def in_child(action: Callable[[], None], what: str) -> None:
         err = pipe.read().decode(errors="replace").strip()
     status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
     if status != 0:
-        how = f"was killed by {signal.Signals(-status).name}" if status < 0 else f"failed (exit {status})"
+        how = (
+            f"was killed by {signal.Signals(-status).name}"
+            if status < 0
+            else f"failed (exit {status})"
+        )
         tail = " | ".join(err.splitlines()[-3:]) or "no message"
-        raise StoreError(f"PyMM {how} opening {what}: {tail}; check the path, the engine and that the "
-                         "shelf fits the device, or recreate it (force_new=True, train: --overwrite)")
+        raise StoreError(
+            f"PyMM {how} opening {what}: {tail}; check the path, the engine and that the "
+            "shelf fits the device, or recreate it (force_new=True, train: --overwrite)"
+        )
 
 
 def default_name(path: Path) -> str:
@@ -256,7 +282,7 @@ def default_name(path: Path) -> str:
     one shelf per name; a directory moved elsewhere keeps its one nvmlib shelf."""
     made = sorted(path.glob("nvmlib*.data")) if path.is_dir() else []
     if len(made) == 1:
-        return made[0].name[:-len(".data")]
+        return made[0].name[: -len(".data")]
     return "nvmlib_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
 
 
@@ -265,20 +291,33 @@ class PymmStore(Store):
 
     kind = "pymm"
 
-    def __init__(self, path: str | Path | None = None, readonly: bool = False, size_mb: int = 1024,
-                 name: str | None = None, engine: str = "hstore-cc", force_new: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        readonly: bool = False,
+        size_mb: int = 1024,
+        name: str | None = None,
+        engine: str = "hstore-cc",
+        force_new: bool = False,
+    ) -> None:
         """path: the shelf's pmem_path (an fsdax directory or a devdax device); size_mb: the paper's -s;
         name: the shelf's name (default: default_name(path)); engine: hstore-cc (persists) or
         mapstore (this process's memory only)."""
         if path is None:
-            raise StoreError("the pymm tier needs a pmem_path: open_store('pymm', '/mnt/pmem0', size_mb=520000) "
-                             "or open_store('pymm', '/dev/dax0.0', size_mb=...)")
+            raise StoreError(
+                "the pymm tier needs a pmem_path: open_store('pymm', '/mnt/pmem0', size_mb=520000) "
+                "or open_store('pymm', '/dev/dax0.0', size_mb=...)"
+            )
         if engine not in ENGINES:
-            raise StoreError(f"PyMM engine (its backend=) {engine!r} is not one of {', '.join(ENGINES)}: hstore-cc persists "
-                             "the shelf, mapstore keeps it in this process's memory only")
+            raise StoreError(
+                f"PyMM engine (its backend=) {engine!r} is not one of {', '.join(ENGINES)}: hstore-cc persists "
+                "the shelf, mapstore keeps it in this process's memory only"
+            )
         path = Path(path).expanduser()
         self._device = path.exists() and stat.S_ISCHR(path.stat().st_mode)
-        super().__init__(path.resolve() if self._device else prepare_dir(path, readonly).resolve(), readonly)
+        super().__init__(
+            path.resolve() if self._device else prepare_dir(path, readonly).resolve(), readonly
+        )
         self.shelf_name, self.engine = name or default_name(self.path), engine
         self.persistent = engine != "mapstore"  # mapstore: nothing outlives the process
         self._pymm = _module()
@@ -287,8 +326,10 @@ class PymmStore(Store):
         if shared is None:
             shared = _open[self._key] = self._open_shelf(int(size_mb), force_new)
         elif shared.engine != engine or force_new:
-            raise LockedError(f"{self.describe()} is already open in this process (PyMM engine {shared.engine}); "
-                              "close that store first to recreate it or change its engine")
+            raise LockedError(
+                f"{self.describe()} is already open in this process (PyMM engine {shared.engine}); "
+                "close that store first to recreate it or change its engine"
+            )
         else:
             shared.users += 1
         self._shelf = shared.shelf
@@ -304,27 +345,41 @@ class PymmStore(Store):
         what = self.describe()
         data = self.path if self._device else self.path / f"{self.shelf_name}.data"
         files = self.engine != "mapstore"
-        loaded = (self.engine, str(self.path)) in _loaded  # PyMM keeps a directory's store once loaded
-        seen = _names.get(self.shelf_name) == str(self.path)  # this shelf was open here before: still mapped
+        loaded = (
+            self.engine,
+            str(self.path),
+        ) in _loaded  # PyMM keeps a directory's store once loaded
+        seen = _names.get(self.shelf_name) == str(
+            self.path
+        )  # this shelf was open here before: still mapped
         if files and self.shelf_name in _names and not seen:
-            raise StoreError(f"this process already opened a PyMM shelf named {self.shelf_name!r} (at "
-                             f"{_names[self.shelf_name]}), and PyMM keeps that name until the process exits: "
-                             "give this shelf another name (name=...) or open it in another process")
+            raise StoreError(
+                f"this process already opened a PyMM shelf named {self.shelf_name!r} (at "
+                f"{_names[self.shelf_name]}), and PyMM keeps that name until the process exits: "
+                "give this shelf another name (name=...) or open it in another process"
+            )
         if files and not seen and not self._device:
-            clash = [(r, _overlap(*r, _mapped())) for r in recorded_ranges(self.path / f"{self.shelf_name}.map")]
+            clash = [
+                (r, _overlap(*r, _mapped()))
+                for r in recorded_ranges(self.path / f"{self.shelf_name}.map")
+            ]
             clash = [(r, o) for r, o in clash if o is not None]
             if clash:
                 (lo, hi), (a, b) = clash[0]
-                raise StoreError(f"{what} was created at addresses {lo:#x}-{hi:#x}, which this process already "
-                                 f"uses ({a:#x}-{b:#x}, another shelf or library); open it in a process of its "
-                                 "own, or recreate it (force_new=True, train: --overwrite)")
+                raise StoreError(
+                    f"{what} was created at addresses {lo:#x}-{hi:#x}, which this process already "
+                    f"uses ({a:#x}-{b:#x}, another shelf or library); open it in a process of its "
+                    "own, or recreate it (force_new=True, train: --overwrite)"
+                )
         options = dict(size_mb=size_mb, pmem_path=str(self.path), backend=self.engine)
         if not loaded:
             options["load_addr"] = hex(load_address(size_mb << 20))
         if files and not loaded:
             if data.exists():
                 os.close(take_lock(data, what))  # free now: the child below must be able to take it
-            in_child(lambda: self._pymm.shelf(self.shelf_name, force_new=force_new, **options), what)
+            in_child(
+                lambda: self._pymm.shelf(self.shelf_name, force_new=force_new, **options), what
+            )
             force_new = False  # the child made it new
         lock_fd = take_lock(data, what) if files and data.exists() else None
         log: list[str] = []
@@ -335,12 +390,16 @@ class PymmStore(Store):
             if lock_fd is not None:
                 os.close(lock_fd)
             tail = " | ".join("".join(log).strip().splitlines()[-3:])
-            raise StoreError(f"PyMM could not open {what} ({size_mb} MB, {self.engine}): {exc} [{tail}]; "
-                             "check the path, the engine and that the shelf fits the device") from exc
+            raise StoreError(
+                f"PyMM could not open {what} ({size_mb} MB, {self.engine}): {exc} [{tail}]; "
+                "check the path, the engine and that the shelf fits the device"
+            ) from exc
         _loaded.add((self.engine, str(self.path)))
         if files:
             _names[self.shelf_name] = str(self.path)
-        if files and lock_fd is None and data.exists():  # created just now: hold its lock like the others
+        if (
+            files and lock_fd is None and data.exists()
+        ):  # created just now: hold its lock like the others
             lock_fd = take_lock(data, what)
         return _Shelf(shelf, self.engine, lock_fd)
 
@@ -351,19 +410,30 @@ class PymmStore(Store):
     def _item(self, name: str) -> Any:
         item = getattr(self._shelf, mangle(name))
         if item is None:
-            raise StoreError(f"the shelf {self.shelf_name!r} at {self.path} holds no array {name!r}")
+            raise StoreError(
+                f"the shelf {self.shelf_name!r} at {self.path} holds no array {name!r}"
+            )
         return item
 
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         """A new zero-filled array on the shelf, whole from the start (sparse is ignored: a shelf
         does not grow, so a compressed log there takes its worst case)."""
         self._check_writable()
         if name in self.names():
-            raise StoreError(f"array {name!r} already exists on shelf {self.shelf_name!r}; delete it first")
-        check_fits(self, footprint(int(np.prod(shape)) * np.dtype(dtype).itemsize), f"array {name!r}")
+            raise StoreError(
+                f"array {name!r} already exists on shelf {self.shelf_name!r}; delete it first"
+            )
+        check_fits(
+            self, footprint(int(np.prod(shape)) * np.dtype(dtype).itemsize), f"array {name!r}"
+        )
         with quiet():
-            setattr(self._shelf, mangle(name), self._pymm.ndarray(tuple(shape), dtype=np.dtype(dtype), zero=True))
+            setattr(
+                self._shelf,
+                mangle(name),
+                self._pymm.ndarray(tuple(shape), dtype=np.dtype(dtype), zero=True),
+            )
 
     def array(self, name: str) -> np.ndarray:
         view = self._item(name).view(np.ndarray)
@@ -389,16 +459,20 @@ class PymmStore(Store):
             with quiet():
                 self._shelf.erase(mangle(name))
         except RuntimeError as exc:
-            raise StoreError(f"PyMM cannot erase {name!r}: {exc}; drop every array you took from "
-                             "store.array() before deleting") from exc
+            raise StoreError(
+                f"PyMM cannot erase {name!r}: {exc}; drop every array you took from "
+                "store.array() before deleting"
+            ) from exc
 
     def write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         self._check_writable()
         item = self._item(name)
         n_rows = item.shape[0] if item.ndim else 1
         if start < 0 or start + len(rows) > n_rows:
-            raise StoreError(f"rows {start}..{start + len(rows)} are outside {name!r} of {n_rows} rows")
-        item.view(np.ndarray)[start:start + len(rows)] = rows
+            raise StoreError(
+                f"rows {start}..{start + len(rows)} are outside {name!r} of {n_rows} rows"
+            )
+        item.view(np.ndarray)[start : start + len(rows)] = rows
         per_row = item.size // max(n_rows, 1)
         lo, hi = start * per_row, (start + len(rows)) * per_row
         old = self._dirty.get(name)
@@ -435,5 +509,7 @@ class PymmStore(Store):
             with quiet():
                 shared.shelf = None  # PyMM closes the pool when its shelf goes
             if shared.lock_fd is not None:
-                os.close(shared.lock_fd)  # closing any fd on the file drops this process's POSIX locks, PyMM's too
+                os.close(
+                    shared.lock_fd
+                )  # closing any fd on the file drops this process's POSIX locks, PyMM's too
         super().close()

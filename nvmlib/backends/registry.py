@@ -1,4 +1,5 @@
 """Name -> tier table; optional tiers import lazily and say how to install what they miss."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,12 +12,16 @@ from nvmlib.errors import StoreError, TierUnavailable
 TIERS: dict[str, tuple[str, str]] = {
     "dram": ("nvmlib.backends.dram:DramStore", ""),
     "mmap": ("nvmlib.backends.mmap:MmapStore", ""),
-    "pmem": ("nvmlib.backends.pmem:PmemStore",
-             "install PMDK's libpmem: `apt-get install libpmem1` (Debian/Ubuntu) or `dnf install libpmem`"),
-    "pymm": ("nvmlib.backends.pymm:PymmStore",
-             "build IBM's standalone PyMM (github.com/IBM/pymm, commit a506739) into this Python "
-             "environment, as the 'PyMM' section of docs/tiers.md shows; the PyPI package named 'pymm' is "
-             "unrelated, do not install it"),
+    "pmem": (
+        "nvmlib.backends.pmem:PmemStore",
+        "install PMDK's libpmem: `apt-get install libpmem1` (Debian/Ubuntu) or `dnf install libpmem`",
+    ),
+    "pymm": (
+        "nvmlib.backends.pymm:PymmStore",
+        "build IBM's standalone PyMM (github.com/IBM/pymm, commit a506739) into this Python "
+        "environment, as the 'PyMM' section of docs/tiers.md shows; the PyPI package named 'pymm' is "
+        "unrelated, do not install it",
+    ),
     "zarr": ("nvmlib.backends.zarr:ZarrStore", "pip install 'nvmlib[zarr]'"),
 }
 

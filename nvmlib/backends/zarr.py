@@ -20,6 +20,7 @@ zarr writes each object to a temporary file and renames it into place; in a loca
 `persist` makes the objects written since the last persist and the directories above them
 durable (fsync), in that order.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -40,13 +41,25 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.errors import ZarrUserWarning
 
 from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain, refuse_links
-from nvmlib.backends.files import (DirectIO, disk_free, fsync_dir, occupied_bytes, os_error,
-                                  prepare_dir, punch, read_all, reserve, write_all)
+from nvmlib.backends.files import (
+    DirectIO,
+    disk_free,
+    fsync_dir,
+    occupied_bytes,
+    os_error,
+    prepare_dir,
+    punch,
+    read_all,
+    reserve,
+    write_all,
+)
 from nvmlib.errors import LockedError, StoreError
 
 OPEN, STATE = ".open", ".state"
 SHARD_BYTES = 128 << 20  # a shard: one object of at least ~100 MB, fetched whole by a reader
-INNER_BYTES = 1 << 20  # inner chunks of at least this (a few rows of a small model), at most one shard
+INNER_BYTES = (
+    1 << 20
+)  # inner chunks of at least this (a few rows of a small model), at most one shard
 NO_SHARD = (-1, 0, 0)
 SECTOR = 512  # bytes a device writes whole
 EMPTY = 2**64 - 1  # a shard index's (offset, nbytes) of an inner chunk that is not stored
@@ -70,13 +83,21 @@ def shard_index(log: zarr.Array, rows: int) -> bytes:
     whole uncompressed inner chunks, in order from offset 0: (offset, nbytes) uint64 pairs, then
     their crc32c (zarr v3 sharding codec, index_location "end")."""
     codec = log.metadata.codecs[0]
-    plain = (isinstance(codec, ShardingCodec) and codec.index_location.value == "end"
-             and [type(c) for c in codec.codecs] == [BytesCodec]
-             and [type(c) for c in codec.index_codecs] == [BytesCodec, Crc32cCodec]
-             and all(c.endian is None or c.endian.value == "little" for c in (codec.codecs[0], codec.index_codecs[0])))
+    plain = (
+        isinstance(codec, ShardingCodec)
+        and codec.index_location.value == "end"
+        and [type(c) for c in codec.codecs] == [BytesCodec]
+        and [type(c) for c in codec.index_codecs] == [BytesCodec, Crc32cCodec]
+        and all(
+            c.endian is None or c.endian.value == "little"
+            for c in (codec.codecs[0], codec.index_codecs[0])
+        )
+    )
     if not plain:
-        raise StoreError(f"{log.name} was not made by nvmlib's zarr tier (its shards are {codec}); "
-                         "append to it with zarr itself, or create the posterior with nvmlib")
+        raise StoreError(
+            f"{log.name} was not made by nvmlib's zarr tier (its shards are {codec}); "
+            "append to it with zarr itself, or create the posterior with nvmlib"
+        )
     inner, size = log.chunks[0], shard_chunk_bytes(log)
     index = np.full((log.shards[0] // inner, 1, 2), EMPTY, dtype="<u8")
     stored = -(-rows // inner)
@@ -94,69 +115,107 @@ class ZarrStore(Store):
     grows = True  # a log's shards are written as they fill; release deletes whole ones
     shared = True  # a dask worker opens it by its URL
 
-    def __init__(self, path: str | Path | None = None, readonly: bool = False,
-                 storage_options: dict | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        readonly: bool = False,
+        storage_options: dict | None = None,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> None:
         if path is None:
-            raise StoreError("the zarr tier needs a directory or URL: open_store('zarr', 'posterior.zarr')")
+            raise StoreError(
+                "the zarr tier needs a directory or URL: open_store('zarr', 'posterior.zarr')"
+            )
         self.local = "://" not in str(path)
         self.url = str(Path(path).expanduser().absolute()) if self.local else str(path)
         self.storage_options = None if self.local else storage_options
-        if self.url.startswith("file://") and not readonly:  # fsspec's local files: make the directory
+        if (
+            self.url.startswith("file://") and not readonly
+        ):  # fsspec's local files: make the directory
             self.storage_options = {"auto_mkdir": True, **(storage_options or {})}
         self.shard_bytes = int(shard_bytes)
         super().__init__(prepare_dir(Path(self.url), readonly) if self.local else None, readonly)
         try:
-            self.group = zarr.open_group(self.url, mode="r" if readonly else "a",
-                                         storage_options=self.storage_options)
+            self.group = zarr.open_group(
+                self.url, mode="r" if readonly else "a", storage_options=self.storage_options
+            )
         except (OSError, ValueError) as exc:  # zarr's not-found errors are both
-            raise StoreError(f"cannot open the zarr store {self.url}: {type(exc).__name__}: {exc}; check "
-                             "the URL (and its storage_options: credentials, endpoint)") from exc
+            raise StoreError(
+                f"cannot open the zarr store {self.url}: {type(exc).__name__}: {exc}; check "
+                "the URL (and its storage_options: credentials, endpoint)"
+            ) from exc
         except ImportError as exc:
-            raise StoreError(f"the zarr store {self.url} needs {exc.name!r}: pip install it "
-                             "(s3fs for s3://, gcsfs for gs://, adlfs for az://)") from exc
+            raise StoreError(
+                f"the zarr store {self.url} needs {exc.name!r}: pip install it "
+                "(s3fs for s3://, gcsfs for gs://, adlfs for az://)"
+            ) from exc
         if self.local and not readonly:
             refuse_links(self.path)
         self._arrays: dict[str, zarr.Array] = {}
         self._open: dict[str, np.ndarray] = {}  # log -> the writer's copy of its open shard
-        self._written: dict[str, tuple[int, int, int]] = {}  # log -> its record, as this writer wrote it
+        self._written: dict[
+            str, tuple[int, int, int]
+        ] = {}  # log -> its record, as this writer wrote it
         self._flushed: set[str] = set()  # logs whose open shard this writer has written to the log
         self._held: set[str] = set()
-        self._fds: dict[str, tuple[int, int, DirectIO | None]] = {}  # log -> (open shard, the writer's descriptors of its file)
-        self._small: dict[tuple[str, int], tuple[int, Path, tuple[int, ...], np.dtype]] = {}  # see _write_small
+        self._fds: dict[
+            str, tuple[int, int, DirectIO | None]
+        ] = {}  # log -> (open shard, the writer's descriptors of its file)
+        self._small: dict[
+            tuple[str, int], tuple[int, Path, tuple[int, ...], np.dtype]
+        ] = {}  # see _write_small
         self._logs: dict[str, tuple[int, int, int] | None] = {}  # see _log
         self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
-    def create(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-               sparse: bool = False) -> None:
+    def create(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         self._check_new(name, shape, dtype)
         chunks = (1,) + tuple(shape[1:]) if len(shape) > 1 else tuple(shape)
-        self.group.create_array(name, shape=tuple(shape), dtype=dtype, chunks=chunks,
-                                compressors=None, fill_value=0)
+        self.group.create_array(
+            name, shape=tuple(shape), dtype=dtype, chunks=chunks, compressors=None, fill_value=0
+        )
         self._sync_new(name)
 
-    def create_log(self, name: str, shape: tuple[int, int], dtype: np.dtype | str,
-                   sparse: bool = False) -> None:
+    def create_log(
+        self, name: str, shape: tuple[int, int], dtype: np.dtype | str, sparse: bool = False
+    ) -> None:
         """A log in whole shards (about shard_bytes each), written row after row beside them in an
         open shard that is sealed when it fills (see write_rows); its rows take their space as
         they are written, so a sparse log is checked for room row by row, not here."""
         self._check_new(name, shape, dtype, check_room=not sparse)
         rows, cols = shape
         shard, inner = log_layout(rows, cols * np.dtype(dtype).itemsize, self.shard_bytes)
-        self.group.create_array(name + OPEN, shape=(shard, cols), dtype=dtype, chunks=(1, cols),
-                                compressors=None, fill_value=0)
-        self.group.create_array(name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0,
-                                compressors=None)  # 24 plain bytes, rewritten in place (see _set_state)
+        self.group.create_array(
+            name + OPEN,
+            shape=(shard, cols),
+            dtype=dtype,
+            chunks=(1, cols),
+            compressors=None,
+            fill_value=0,
+        )
+        self.group.create_array(
+            name + STATE, shape=(3,), dtype="int64", chunks=(3,), fill_value=0, compressors=None
+        )  # 24 plain bytes, rewritten in place (see _set_state)
         self.group[name + STATE][:] = NO_SHARD
         self._mark(name + STATE, 0, 1)
-        self.group.create_array(name, shape=(rows, cols), dtype=dtype, chunks=(inner, cols),
-                                shards=(shard, cols), compressors=None, fill_value=0)
+        self.group.create_array(
+            name,
+            shape=(rows, cols),
+            dtype=dtype,
+            chunks=(inner, cols),
+            shards=(shard, cols),
+            compressors=None,
+            fill_value=0,
+        )
         for key in (name + OPEN, name + STATE, name):
             self._sync_new(key)
 
-    def _check_new(self, name: str, shape: tuple[int, ...], dtype: np.dtype | str,
-                   check_room: bool = True) -> None:
+    def _check_new(
+        self, name: str, shape: tuple[int, ...], dtype: np.dtype | str, check_room: bool = True
+    ) -> None:
         self._check_writable()
         if name in self:
             raise StoreError(f"array {name!r} already exists in {self.url}")
@@ -178,7 +237,9 @@ class ZarrStore(Store):
         with warnings.catch_warnings():  # zarr warns of objects that are no arrays: the writer's marker (see lock), a train state
             warnings.filterwarnings("ignore", r"Object at .* is not recognized", ZarrUserWarning)
             keys = set(self.group.array_keys())
-        return sorted(k for k in keys if not (k.endswith((OPEN, STATE)) and k.rsplit(".", 1)[0] in keys))
+        return sorted(
+            k for k in keys if not (k.endswith((OPEN, STATE)) and k.rsplit(".", 1)[0] in keys)
+        )
 
     def nbytes(self, name: str | None = None) -> int:
         """Bytes of the arrays, a log's side array and record included."""
@@ -259,8 +320,10 @@ class ZarrStore(Store):
             return
         self._check_writable()
         if start < 0 or start + len(rows) > self._log(name)[1]:
-            raise StoreError(f"rows {start}..{start + len(rows)} are outside {name!r} of "
-                             f"{self._log(name)[1]} rows")
+            raise StoreError(
+                f"rows {start}..{start + len(rows)} are outside {name!r} of "
+                f"{self._log(name)[1]} rows"
+            )
         for i, row in enumerate(rows):
             self._append(name, start + i, row)
 
@@ -268,13 +331,17 @@ class ZarrStore(Store):
         """Write one row of a sharded log: to the open shard, which joins the log when complete."""
         shard, i = divmod(row_index, self.shard_rows(name))
         current, lo, hi = self._written.get(name) or self._state(name)
-        if current != shard or not lo <= i <= hi or self._published(name, current):  # a new open shard (or a jump within one)
+        if (
+            current != shard or not lo <= i <= hi or self._published(name, current)
+        ):  # a new open shard (or a jump within one)
             if current >= 0:
                 self._flush(name, current, lo, hi)
             self._set_state(name, shard, i, i)  # before the open rows are overwritten
             self._begin(name, shard)
             lo, hi = i, i
-        elif not self.local and name not in self._open:  # a writer reopened mid-shard: take the side rows back
+        elif (
+            not self.local and name not in self._open
+        ):  # a writer reopened mid-shard: take the side rows back
             self._load(name, lo, hi)
         self._put(name, shard, i, row[None])
         self._flushed.discard(name)
@@ -287,8 +354,11 @@ class ZarrStore(Store):
         """(rows per shard, rows, bytes per row) of sharded log `name`; None for other arrays."""
         if name not in self._logs:
             arr = self.array(name)
-            self._logs[name] = None if arr.shards is None else (
-                arr.shards[0], arr.shape[0], arr.shape[1] * arr.dtype.itemsize)
+            self._logs[name] = (
+                None
+                if arr.shards is None
+                else (arr.shards[0], arr.shape[0], arr.shape[1] * arr.dtype.itemsize)
+            )
         return self._logs[name]
 
     def _rows_in(self, name: str, shard: int) -> int:
@@ -311,14 +381,28 @@ class ZarrStore(Store):
         tears no 512-byte sector; and far cheaper for what is rewritten on every update."""
         if (key, start) not in self._small:
             arr = self.array(key)
-            if not self.local or arr.shards is not None or rows.shape != arr.chunks or start % arr.chunks[0]:
+            if (
+                not self.local
+                or arr.shards is not None
+                or rows.shape != arr.chunks
+                or start % arr.chunks[0]
+            ):
                 return False
             if rows.nbytes > SECTOR or [type(c) for c in arr.metadata.codecs] != [BytesCodec]:
                 return False
-            file = self.path / key / arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (rows.ndim - 1))
+            file = (
+                self.path
+                / key
+                / arr.metadata.encode_chunk_key((start // arr.chunks[0],) + (0,) * (rows.ndim - 1))
+            )
             if not file.exists():  # never written (or zarr dropped it as all fill value)
                 return False
-            self._small[key, start] = (open_plain(file, os.O_WRONLY), file, rows.shape, arr.dtype.newbyteorder("<"))
+            self._small[key, start] = (
+                open_plain(file, os.O_WRONLY),
+                file,
+                rows.shape,
+                arr.dtype.newbyteorder("<"),
+            )
         fd, file, shape, dtype = self._small[key, start]
         if rows.shape != shape:
             return False
@@ -357,7 +441,9 @@ class ZarrStore(Store):
             return
         self._close_fd(name)
         path = self._open_file(name, shard)
-        for old in path.parent.glob("shard.*"):  # the previous open shard: in the log already, or dropped
+        for old in path.parent.glob(
+            "shard.*"
+        ):  # the previous open shard: in the log already, or dropped
             old.unlink()
         index = shard_index(self.array(name), self._rows_in(name, shard))
         size = self._rows_in(name, shard) * self._log(name)[2]
@@ -366,11 +452,17 @@ class ZarrStore(Store):
         try:
             reserve(fd, size, len(index), path)  # the rows take their blocks when written (_put)
             write_all(fd, memoryview(index), size)
-        except (OSError, StoreError) as exc:  # a full disk: no half-made shard file is left to be read
+        except (
+            OSError,
+            StoreError,
+        ) as exc:  # a full disk: no half-made shard file is left to be read
             os.close(fd)
             path.unlink()
-            raise exc if isinstance(exc, StoreError) else os_error(exc, path, "starting the open shard",
-                                                                   size + len(index)) from exc
+            raise (
+                exc
+                if isinstance(exc, StoreError)
+                else os_error(exc, path, "starting the open shard", size + len(index))
+            ) from exc
         self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
         self._dirty.setdefault(name + OPEN, set()).add(path)
 
@@ -383,8 +475,12 @@ class ZarrStore(Store):
             path = self._open_file(name, shard)
             if path.exists():
                 # a complete open shard is also linked into the log, by this tier (see _flush)
-                self._fds[name] = (shard, open_plain(path, os.O_RDWR, one_name=False),
-                                   DirectIO.open(path, readonly=False, one_name=False), path)
+                self._fds[name] = (
+                    shard,
+                    open_plain(path, os.O_RDWR, one_name=False),
+                    DirectIO.open(path, readonly=False, one_name=False),
+                    path,
+                )
             else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
                 self._begin(name, shard)
                 _, lo, hi = self._written.get(name) or self._state(name)
@@ -409,11 +505,13 @@ class ZarrStore(Store):
         """Rows i.. of open shard `shard`: written in place into its file (locally), else to the
         side array and the writer's copy."""
         if not self.local:
-            self._open[name][i:i + len(rows)] = rows
-            self.array(name + OPEN)[i:i + len(rows)] = rows
+            self._open[name][i : i + len(rows)] = rows
+            self.array(name + OPEN)[i : i + len(rows)] = rows
             return self._mark(name + OPEN, i, i + len(rows))
         fd, direct, path = self._fd(name, shard)
-        data = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))  # rows have the log's dtype
+        data = np.ascontiguousarray(
+            rows, dtype=rows.dtype.newbyteorder("<")
+        )  # rows have the log's dtype
         offset = i * self._log(name)[2]
         reserve(fd, offset, data.nbytes, path)  # a full disk refuses here, before writing
         try:
@@ -442,7 +540,7 @@ class ZarrStore(Store):
         if not self.local:
             if name not in self._open:
                 self._load(name, lo, hi)
-            self.array(name)[shard * R + lo:shard * R + hi] = self._open[name][lo:hi]
+            self.array(name)[shard * R + lo : shard * R + hi] = self._open[name][lo:hi]
             self._mark(name, shard * R + lo, shard * R + hi)
         else:
             for a, b in ((0, lo), (hi, self._rows_in(name, shard))):  # a partial shard
@@ -478,19 +576,23 @@ class ZarrStore(Store):
             self._close_fd(name)
             self._open_file(name, shard).unlink(missing_ok=True)
 
-    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         if self._log(name) is None:
             return super().read_rows(name, start, stop, out)
         return self._read_log(name, start, stop, 0, self.array(name).shape[1], out)
 
-    def read_cols(self, name: str, start: int, stop: int, col0: int, col1: int,
-                  out: np.ndarray | None = None) -> np.ndarray:
+    def read_cols(
+        self, name: str, start: int, stop: int, col0: int, col1: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         if self._log(name) is None:
             return super().read_cols(name, start, stop, col0, col1, out)
         return self._read_log(name, start, stop, col0, col1, out)
 
-    def _read_log(self, name: str, start: int, stop: int, c0: int, c1: int,
-                  out: np.ndarray | None) -> np.ndarray:
+    def _read_log(
+        self, name: str, start: int, stop: int, c0: int, c1: int, out: np.ndarray | None
+    ) -> np.ndarray:
         """Rows start..stop−1, columns c0..c1−1, of log `name`: from its shards, and from the open
         shard for the rows its record names."""
         R = self.shard_rows(name)
@@ -500,26 +602,31 @@ class ZarrStore(Store):
             state = self._state(name)
             for shard in range(start // R, (stop - 1) // R + 1 if stop > start else 0):
                 a, b = max(start, shard * R), min(stop, (shard + 1) * R)
-                self._read_shard(name, shard, a - shard * R, b - shard * R, c0, c1,
-                                 out[a - start:b - start])
+                self._read_shard(
+                    name, shard, a - shard * R, b - shard * R, c0, c1, out[a - start : b - start]
+                )
             shard, lo, hi = state
             a, b = max(start, shard * R + lo), min(stop, shard * R + hi)
             if shard >= 0 and a < b:
-                out[a - start:b - start] = self._open_rows(name, shard, a - shard * R,
-                                                           b - shard * R, c0, c1)
+                out[a - start : b - start] = self._open_rows(
+                    name, shard, a - shard * R, b - shard * R, c0, c1
+                )
             if self._state(name)[0] == shard:
                 return out
-        raise StoreError(f"{name} on {self.describe()} kept changing shards while it was read; retry")
+        raise StoreError(
+            f"{name} on {self.describe()} kept changing shards while it was read; retry"
+        )
 
-    def _read_shard(self, name: str, shard: int, a: int, b: int, c0: int, c1: int,
-                    out: np.ndarray) -> None:
+    def _read_shard(
+        self, name: str, shard: int, a: int, b: int, c0: int, c1: int, out: np.ndarray
+    ) -> None:
         """Rows a..b−1 (columns c0..c1−1) of shard `shard` of the log into `out`. A local shard in
         the layout this tier writes (its index says so) is read at the rows' offsets with O_DIRECT,
         like the mmap tier's log; any other through zarr."""
         R, _, row_bytes = self._log(name)
         log = self.array(name)
         if not self.local:
-            out[...] = log[shard * R + a:shard * R + b, c0:c1]
+            out[...] = log[shard * R + a : shard * R + b, c0:c1]
             return
         file = self._shard_file(name, shard)
         index = shard_index(log, self._rows_in(name, shard))
@@ -531,12 +638,17 @@ class ZarrStore(Store):
         try:
             size = os.fstat(fd).st_size
             if size < len(index) or os.pread(fd, len(index), size - len(index)) != index:
-                out[...] = log[shard * R + a:shard * R + b, c0:c1]  # another layout: zarr reads it
+                out[...] = log[
+                    shard * R + a : shard * R + b, c0:c1
+                ]  # another layout: zarr reads it
                 return
             # whole rows are one range; a block of columns is one range per row
             whole = c1 - c0 == log.shape[1]
-            ranges = [(a * row_bytes, out)] if whole else [
-                ((a + i) * row_bytes + c0 * log.dtype.itemsize, out[i]) for i in range(b - a)]
+            ranges = (
+                [(a * row_bytes, out)]
+                if whole
+                else [((a + i) * row_bytes + c0 * log.dtype.itemsize, out[i]) for i in range(b - a)]
+            )
             direct = None
             try:
                 for offset, part in ranges:
@@ -563,14 +675,20 @@ class ZarrStore(Store):
             file = self._open_file(name, shard)
             try:
                 fd = os.open(file, os.O_RDONLY)
-            except FileNotFoundError:  # the writer moved on meanwhile (read_rows reads again), or see above
+            except (
+                FileNotFoundError
+            ):  # the writer moved on meanwhile (read_rows reads again), or see above
                 fd = None
             if fd is not None:
                 rows = np.empty((b - a, c1 - c0), dtype)
                 try:
                     for i in range(b - a):
-                        read_all(fd, memoryview(rows[i]).cast("B"),
-                                 (a + i) * row_bytes + c0 * dtype.itemsize, file)
+                        read_all(
+                            fd,
+                            memoryview(rows[i]).cast("B"),
+                            (a + i) * row_bytes + c0 * dtype.itemsize,
+                            file,
+                        )
                 finally:
                     os.close(fd)
                 return rows
@@ -584,13 +702,17 @@ class ZarrStore(Store):
         meta = self.array(key).metadata
         grid = meta.chunk_grid.chunk_shape  # shards, when the array is sharded
         rest = (0,) * (len(grid) - 1)
-        self._dirty.setdefault(key, set()).update(self.path / key / meta.encode_chunk_key((i,) + rest)
-                                                  for i in range(start // grid[0], (stop - 1) // grid[0] + 1))
+        self._dirty.setdefault(key, set()).update(
+            self.path / key / meta.encode_chunk_key((i,) + rest)
+            for i in range(start // grid[0], (stop - 1) // grid[0] + 1)
+        )
 
     def persist(self, name: str) -> None:
         """fsync the objects written to `name` (a log: its open shard and record too) since the last
         persist, then their directories, deepest first."""
-        files = set().union(*(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name)))
+        files = set().union(
+            *(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name))
+        )
         try:
             for file in files:
                 if file.exists():
@@ -646,9 +768,15 @@ class ZarrStore(Store):
             return super().lock(name)
         if name in self._held:
             raise LockedError(f"{name} on {self.describe()} already has a writer in this process")
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(),
-                         "writer": uuid.uuid4().hex,
-                         "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        me = json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "user": getpass.getuser(),
+                "writer": uuid.uuid4().hex,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ).encode()
         store = self.group.store
         key = self._marker(name)
         proto = default_buffer_prototype()
@@ -657,13 +785,16 @@ class ZarrStore(Store):
         if held is None or held.to_bytes() != me:
             holder = held.to_bytes().decode(errors="replace") if held is not None else "unknown"
             if f'"host": {json.dumps(socket.gethostname())}, "pid": {os.getpid()},' in holder:
-                raise LockedError(f"{name} on {self.describe()} already has a writer in this process (another "
-                                  "posterior or SWAG object opened on the same URL); close that one first, or open "
-                                  "this one read-only (readonly=True)")
+                raise LockedError(
+                    f"{name} on {self.describe()} already has a writer in this process (another "
+                    "posterior or SWAG object opened on the same URL); close that one first, or open "
+                    "this one read-only (readonly=True)"
+                )
             raise LockedError(
                 f"{name} on {self.describe()} is being written by another process ({holder}); wait for "
                 "it to finish, open the posterior read-only (readonly=True), or, if that writer died, "
-                f"delete the object {self.url.rstrip('/')}/{key}")
+                f"delete the object {self.url.rstrip('/')}/{key}"
+            )
         self._held.add(name)
 
     def unlock(self, name: str) -> None:

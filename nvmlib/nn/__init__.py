@@ -8,6 +8,7 @@ staging     the copy of parameters off the device, and the flat-vector layout of
 sharded     DDP and FSDP2: who records what, and a sharded posterior read as one
 collect     when to collect and how to resume: what the training-loop callbacks share
 """
+
 from nvmlib.nn.multiswag import MultiSWAG
 from nvmlib.nn.swag import SWAG
 

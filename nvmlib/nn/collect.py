@@ -6,6 +6,7 @@ so far, this one included) is a multiple of `every_n_steps`, in epochs >= `start
 A checkpoint saves the number of iterates collected; a run resumed from it reopens the posterior
 at the same path and truncates it to that number, so it equals an uninterrupted run's.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,15 +27,24 @@ def _count(name: str, value: Any, least: int) -> int:
 class Collector:
     """Collects a model's parameters into an nvmlib.SWAG (`self.swag`) by the rule above."""
 
-    def __init__(self, tier: str = "dram", path: str | Path | None = None, *, start_epoch: int = 0,
-                 every_n_steps: int = 1, **swag_options: Any) -> None:
+    def __init__(
+        self,
+        tier: str = "dram",
+        path: str | Path | None = None,
+        *,
+        start_epoch: int = 0,
+        every_n_steps: int = 1,
+        **swag_options: Any,
+    ) -> None:
         self.tier = tier
         self.path = path
         self.start_epoch = _count("start_epoch", start_epoch, 0)
         self.every_n_steps = _count("every_n_steps", every_n_steps, 1)
         self.swag_options = swag_options
         self.swag: SWAG | None = None
-        self.resume_count: int | None = None  # iterates collected up to the checkpoint being resumed
+        self.resume_count: int | None = (
+            None  # iterates collected up to the checkpoint being resumed
+        )
         self._last_step = 0
 
     def start(self, model: nn.Module, global_step: int) -> None:
@@ -53,15 +63,21 @@ class Collector:
             n = self.swag.n_collected
             self.swag.close()
             self.swag = None
-            raise PosteriorError(f"the checkpoint being resumed counted {count} collected iterates, but the "
-                                 f"posterior at {self.path} holds {n}: they do not belong together; resume "
-                                 "from a checkpoint of the run that wrote this posterior, or point the callback "
-                                 "at that run's posterior path")
+            raise PosteriorError(
+                f"the checkpoint being resumed counted {count} collected iterates, but the "
+                f"posterior at {self.path} holds {n}: they do not belong together; resume "
+                "from a checkpoint of the run that wrote this posterior, or point the callback "
+                "at that run's posterior path"
+            )
         self.swag.truncate(count)
 
     def step(self, global_step: int, epoch: int) -> bool:
         """After an optimizer step: collect if the rule says so; whether it did."""
-        due = global_step != self._last_step and global_step % self.every_n_steps == 0 and epoch >= self.start_epoch
+        due = (
+            global_step != self._last_step
+            and global_step % self.every_n_steps == 0
+            and epoch >= self.start_epoch
+        )
         self._last_step = global_step
         if due:
             assert self.swag is not None, "start() runs before the first step"

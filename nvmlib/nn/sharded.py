@@ -9,6 +9,7 @@
   those of the full vectors, and sample() equals that of a single-process posterior of the same
   iterates (z₁ and z₂ come from the seed alone, nvmlib.posterior.sampling.draw).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,11 +84,19 @@ def local_shards(model: nn.Module) -> tuple[list[torch.Tensor], list[dict[str, A
     for name, p in model.named_parameters():
         if is_dtensor(p):
             if p.device_mesh.ndim != 1 or p.placements[0] != Shard(0):
-                raise ConfigError(f"parameter {name!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; "
-                                  "nvmlib records shards on dim 0 of a 1-D mesh (fully_shard's default): "
-                                  "shard the model with fully_shard(model) on one mesh dimension")
-            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            local, start, rows = p.to_local(), int(offset[0]) if p.dim() else 0, int(shape[0]) if p.dim() else 1
+                raise ConfigError(
+                    f"parameter {name!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; "
+                    "nvmlib records shards on dim 0 of a 1-D mesh (fully_shard's default): "
+                    "shard the model with fully_shard(model) on one mesh dimension"
+                )
+            shape, offset = compute_local_shape_and_global_offset(
+                p.shape, p.device_mesh, p.placements
+            )
+            local, start, rows = (
+                p.to_local(),
+                int(offset[0]) if p.dim() else 0,
+                int(shape[0]) if p.dim() else 1,
+            )
         elif rank == 0:
             local, start, rows = p.detach(), 0, p.shape[0] if p.dim() else 1
         else:
@@ -116,7 +125,9 @@ class ShardedPosterior:
     """The per-rank posteriors of one sharded run, read in one process as the posterior of the
     full parameter vector (in model.parameters() order, each parameter flattened)."""
 
-    def __init__(self, posts: list[SWAGPosterior], segments: list[tuple[int, int, int, int]], n_params: int) -> None:
+    def __init__(
+        self, posts: list[SWAGPosterior], segments: list[tuple[int, int, int, int]], n_params: int
+    ) -> None:
         self.posts = posts
         self.segments = segments  # (rank, local start, global start, length)
         self.n_params = n_params
@@ -126,23 +137,33 @@ class ShardedPosterior:
         self.work_dtype = posts[0].work_dtype
         counts = {post.n_collected for post in posts}
         if len(counts) > 1:
-            raise PosteriorError(f"the ranks' posteriors hold {sorted(post.n_collected for post in posts)} iterates: "
-                                 "the run stopped between two ranks' collects; resume it from its last checkpoint "
-                                 "(the callback truncates every rank to the checkpoint's count)")
+            raise PosteriorError(
+                f"the ranks' posteriors hold {sorted(post.n_collected for post in posts)} iterates: "
+                "the run stopped between two ranks' collects; resume it from its last checkpoint "
+                "(the callback truncates every rank to the checkpoint's count)"
+            )
 
     @classmethod
-    def open(cls, tier: str, root: str | Path, n_params: int | None = None, **store_options: Any) -> "ShardedPosterior":
+    def open(
+        cls, tier: str, root: str | Path, n_params: int | None = None, **store_options: Any
+    ) -> "ShardedPosterior":
         """Every rank's posterior under `root`, read-only."""
         layouts = [json.loads(p.read_text()) for p in sorted(Path(root).glob("rank-*-of-*.json"))]
         size = layouts[0]["world"]
-        if sorted(lay["rank"] for lay in layouts) != list(range(size)) or any(lay["world"] != size for lay in layouts):
-            raise PosteriorError(f"{root} holds the shards of ranks {sorted(lay['rank'] for lay in layouts)}, not of "
-                                 f"all {size}: copy every rank-*-of-{size} directory and .json file there")
+        if sorted(lay["rank"] for lay in layouts) != list(range(size)) or any(
+            lay["world"] != size for lay in layouts
+        ):
+            raise PosteriorError(
+                f"{root} holds the shards of ranks {sorted(lay['rank'] for lay in layouts)}, not of "
+                f"all {size}: copy every rank-*-of-{size} directory and .json file there"
+            )
         layouts.sort(key=lambda lay: lay["rank"])
         segments, total = cls._segments(layouts)
         if n_params is not None and total != n_params:
-            raise PosteriorError(f"the sharded posterior in {root} holds {total} parameters, not {n_params}: it "
-                                 "belongs to another model; open the right path")
+            raise PosteriorError(
+                f"the sharded posterior in {root} holds {total} parameters, not {n_params}: it "
+                "belongs to another model; open the right path"
+            )
         posts: list[SWAGPosterior] = []
         try:
             for rank in range(size):
@@ -170,11 +191,15 @@ class ShardedPosterior:
             for lay in layouts:
                 p = lay["params"][i]
                 if p["name"] != param["name"] or p["shape"] != shape:
-                    raise PosteriorError(f"rank {lay['rank']}'s shards are of parameter {p['name']} {p['shape']}, "
-                                         f"rank 0's of {param['name']} {shape}: the ranks ran different models")
+                    raise PosteriorError(
+                        f"rank {lay['rank']}'s shards are of parameter {p['name']} {p['shape']}, "
+                        f"rank 0's of {param['name']} {shape}: the ranks ran different models"
+                    )
                 if p["rows"]:
                     n = p["rows"] * inner
-                    segments.append((lay["rank"], cursor[lay["rank"]], start + p["offset"] * inner, n))
+                    segments.append(
+                        (lay["rank"], cursor[lay["rank"]], start + p["offset"] * inner, n)
+                    )
                     cursor[lay["rank"]] += n
             start += int(np.prod(shape)) if shape else 1
         return segments, start
@@ -184,12 +209,14 @@ class ShardedPosterior:
         first = np.asarray(parts[0])
         out = np.empty(first.shape[:-1] + (self.n_params,), first.dtype)
         for rank, local, start, n in self.segments:
-            out[..., start:start + n] = np.asarray(parts[rank])[..., local:local + n]
+            out[..., start : start + n] = np.asarray(parts[rank])[..., local : local + n]
         return out
 
     def _local(self, full: np.ndarray, rank: int) -> np.ndarray:
         """Rank `rank`'s part of a full vector."""
-        return np.concatenate([full[g:g + n] for r, _, g, n in self.segments if r == rank] or [full[:0]])
+        return np.concatenate(
+            [full[g : g + n] for r, _, g, n in self.segments if r == rank] or [full[:0]]
+        )
 
     @property
     def n_collected(self) -> int:
@@ -210,14 +237,20 @@ class ShardedPosterior:
 
     def low_rank(self, z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
         """Σ_k z₂ₖ (θ_k − θ̄) of the full vectors: each rank's part with the same z₂."""
-        parts = [post.low_rank(z2, self._local(mean, r)).numpy() for r, post in enumerate(self.posts)]
+        parts = [
+            post.low_rank(z2, self._local(mean, r)).numpy() for r, post in enumerate(self.posts)
+        ]
         return torch.from_numpy(self._full(parts))
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None) -> np.ndarray:
+    def sample(
+        self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None
+    ) -> np.ndarray:
         """S full parameter vectors, equal to those of one posterior of the same iterates and seed."""
         if executor is not None:
             raise ConfigError("a sharded posterior is sampled in this process: pass executor=None")
-        return draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank)
+        return draw(
+            S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank
+        )
 
     def close(self) -> None:
         for post in self.posts:

@@ -7,6 +7,7 @@ parameters into the slot's device buffer, a side stream copies that into the slo
 buffer, and a writer thread waits for the copy's event and records the host buffer. The slot is
 reused only after the writer is done with it, so training runs ahead by up to `depth` iterates.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 
 from nvmlib.errors import InputError
-
 
 NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
@@ -44,19 +44,23 @@ def unflatten_into(theta: np.ndarray | torch.Tensor, params: Sequence[torch.Tens
     vec = torch.from_numpy(np.ascontiguousarray(theta)) if isinstance(theta, np.ndarray) else theta
     n = sum(p.numel() for p in params)
     if tuple(vec.shape) != (n,):
-        raise InputError(f"θ has shape {tuple(vec.shape)} but the model has {n} parameters: "
-                         "pass a flat vector of this model's posterior")
+        raise InputError(
+            f"θ has shape {tuple(vec.shape)} but the model has {n} parameters: "
+            "pass a flat vector of this model's posterior"
+        )
     vec, at = vec.to(params[0].device), 0  # one transfer to a GPU model
     with torch.no_grad():
         for p in params:
-            p.copy_(vec[at:at + p.numel()].view_as(p))
+            p.copy_(vec[at : at + p.numel()].view_as(p))
             at += p.numel()
 
 
 class HostStager:
     """CPU models: flatten into one reused buffer and record it at once."""
 
-    def __init__(self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]
+    ) -> None:
         self.params = list(params)
         self.record = record
         n = sum(p.numel() for p in self.params)
@@ -76,7 +80,9 @@ class HostStager:
 class CudaStager:
     """CUDA models: device buffer → pinned host buffer on a side stream → writer thread."""
 
-    def __init__(self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool], depth: int = 4) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool], depth: int = 4
+    ) -> None:
         self.params = list(params)
         self.record = record
         n = sum(p.numel() for p in self.params)
@@ -148,7 +154,9 @@ class CudaStager:
             self.writer.join()
 
 
-def make_stager(params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]) -> HostStager | CudaStager:
+def make_stager(
+    params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]
+) -> HostStager | CudaStager:
     """The stager for where the parameters live."""
     if params[0].device.type == "cuda":
         return CudaStager(params, record)

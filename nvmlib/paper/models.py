@@ -1,4 +1,5 @@
 """The four MNIST classifiers of the paper, and the flat parameter vector SWAG records."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -14,9 +15,17 @@ from nvmlib.nn.staging import unflatten_into
 def model_2conv2fc() -> nn.Module:
     """Two 5x5 convolutions and two linear layers: 21,840 parameters."""
     return nn.Sequential(
-        nn.Conv2d(1, 10, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(10, 20, kernel_size=5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(320, 50), nn.ReLU(), nn.Linear(50, 10))
+        nn.Conv2d(1, 10, kernel_size=5),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(10, 20, kernel_size=5),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(320, 50),
+        nn.ReLU(),
+        nn.Linear(50, 10),
+    )
 
 
 def _mlp(*widths: int) -> nn.Module:

@@ -5,6 +5,7 @@ footer saying how it was made (`caption`: preset, machine, measured device bandw
 A tier has one colour in every figure (TIER_COLOURS), and so has each method (METHOD_COLOURS);
 counts (epochs, samples, iterates) get integer ticks with plain labels.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,17 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogLocator,
+    MaxNLocator,
+    NullFormatter,
+    NullLocator,
+)
 
 from nvmlib.paper.evaluate import METHODS
 
@@ -25,9 +33,22 @@ FORMATS = ("png", "pdf")
 METHOD_ORDER = list(METHODS)
 _COLOURS = sns.color_palette("colorblind")
 # tier (or the paper's label for one) -> colour, the same in every figure
-TIER_COLOURS = {"dram": _COLOURS[0], "mmap": _COLOURS[1], "memmap": _COLOURS[1], "pmem": _COLOURS[2],
-                "fs-dax": _COLOURS[2], "dev-dax": _COLOURS[9], "pymm": _COLOURS[3], "zarr": _COLOURS[4]}
-METHOD_COLOURS = {"SGD": _COLOURS[7], "SWA": _COLOURS[5], "SWAG": _COLOURS[6], "MultiSWAG": _COLOURS[8]}
+TIER_COLOURS = {
+    "dram": _COLOURS[0],
+    "mmap": _COLOURS[1],
+    "memmap": _COLOURS[1],
+    "pmem": _COLOURS[2],
+    "fs-dax": _COLOURS[2],
+    "dev-dax": _COLOURS[9],
+    "pymm": _COLOURS[3],
+    "zarr": _COLOURS[4],
+}
+METHOD_COLOURS = {
+    "SGD": _COLOURS[7],
+    "SWA": _COLOURS[5],
+    "SWAG": _COLOURS[6],
+    "MultiSWAG": _COLOURS[8],
+}
 PLAIN = FuncFormatter(lambda value, _: f"{value:g}")
 
 
@@ -44,21 +65,39 @@ def caption(preset: str, bandwidth: dict[str, dict[str, Any]]) -> str:
     """How a figure was made: preset, this machine (cores, RAM, load now), the device bandwidth
     measured in the run ({where: {"write_MBps", "read_MBps"}}) and the date."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    devices = "; ".join(f"{where}: {b['write_MBps']:.0f} MB/s write, {b['read_MBps']:.0f} MB/s read"
-                        for where, b in bandwidth.items()) or "device bandwidth not measured"
-    return (f"{preset} preset · {os.cpu_count()} cores, {ram:.0f} GiB RAM, load {os.getloadavg()[0]:.1f} · "
-            f"{devices} · {time.strftime('%Y-%m-%d %H:%M %Z')}")
+    devices = (
+        "; ".join(
+            f"{where}: {b['write_MBps']:.0f} MB/s write, {b['read_MBps']:.0f} MB/s read"
+            for where, b in bandwidth.items()
+        )
+        or "device bandwidth not measured"
+    )
+    return (
+        f"{preset} preset · {os.cpu_count()} cores, {ram:.0f} GiB RAM, load {os.getloadavg()[0]:.1f} · "
+        f"{devices} · {time.strftime('%Y-%m-%d %H:%M %Z')}"
+    )
 
 
-def save(fig: plt.Figure, name: str, figures_dir: str | Path, footer: str | None = None) -> list[Path]:
+def save(
+    fig: plt.Figure, name: str, figures_dir: str | Path, footer: str | None = None
+) -> list[Path]:
     """Write `fig` as figures_dir/name.png and .pdf with `footer` (a `caption`) under it; returns the paths."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     if footer:  # under everything drawn so far (axis labels may reach below the figure's edge)
-        width = max(40, int(fig.get_figwidth() * 72 / (7 * 0.55)))  # characters of 7-point text per line
+        width = max(
+            40, int(fig.get_figwidth() * 72 / (7 * 0.55))
+        )  # characters of 7-point text per line
         bottom = fig.get_tightbbox(fig.canvas.get_renderer()).y0 / fig.get_figheight()
-        fig.text(0.01, min(bottom, 0) - 0.02, textwrap.fill(footer, width), ha="left", va="top", fontsize=7,
-                 color="dimgray")
+        fig.text(
+            0.01,
+            min(bottom, 0) - 0.02,
+            textwrap.fill(footer, width),
+            ha="left",
+            va="top",
+            fontsize=7,
+            color="dimgray",
+        )
     paths = [out / f"{name}.{fmt}" for fmt in FORMATS]
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
@@ -92,7 +131,13 @@ def plain_log(axis: Any) -> None:
 def _bandwidth_lines(ax: plt.Axes, device_mbps: dict[str, float]) -> None:
     """A dashed line per measured device: {where: MB/s}."""
     for i, (where, mbps) in enumerate(device_mbps.items()):
-        ax.axhline(mbps, color="black", ls=("--", ":", "-.")[i % 3], lw=1, label=f"{where}: {mbps:.0f} MB/s")
+        ax.axhline(
+            mbps,
+            color="black",
+            ls=("--", ":", "-.")[i % 3],
+            lw=1,
+            label=f"{where}: {mbps:.0f} MB/s",
+        )
 
 
 def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figure:
@@ -105,11 +150,24 @@ def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figu
     backends = dict(zip(table.tier, table.backend)) if "backend" in table else {}
     palette = {tier: tier_colour(tier, backends.get(tier)) for tier in table.tier.unique()}
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    panels = (("epoch_ratio", "avg epoch time / DRAM"), ("total_ratio", "total time / DRAM"),
-              ("epoch_s", "avg epoch time (s)"), ("write_MBps", "posterior write rate (MB/s)"))
+    panels = (
+        ("epoch_ratio", "avg epoch time / DRAM"),
+        ("total_ratio", "total time / DRAM"),
+        ("epoch_s", "avg epoch time (s)"),
+        ("write_MBps", "posterior write rate (MB/s)"),
+    )
     for ax, (column, label) in zip(axes, panels):
-        sns.lineplot(data=table, x="epochs", y=column, hue="tier", style="tier", palette=palette, markers=True,
-                     dashes=False, ax=ax)
+        sns.lineplot(
+            data=table,
+            x="epochs",
+            y=column,
+            hue="tier",
+            style="tier",
+            palette=palette,
+            markers=True,
+            dashes=False,
+            ax=ax,
+        )
         ax.set(xlabel="epochs", ylabel=label)
         count_axis(ax.xaxis, table.epochs)
         ax.legend(title=None)
@@ -126,8 +184,18 @@ def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figu
 
 def _by_method(ax: plt.Axes, table: pd.DataFrame, x: str, y: str) -> None:
     """One line with markers per method (SGD, SWA, SWAG) of `y` against `x`."""
-    sns.lineplot(data=table, x=x, y=y, hue="method", hue_order=METHOD_ORDER, palette=METHOD_COLOURS,
-                 style="method", markers=True, dashes=False, ax=ax)
+    sns.lineplot(
+        data=table,
+        x=x,
+        y=y,
+        hue="method",
+        hue_order=METHOD_ORDER,
+        palette=METHOD_COLOURS,
+        style="method",
+        markers=True,
+        dashes=False,
+        ax=ax,
+    )
 
 
 def quality_vs_rank(table: pd.DataFrame) -> plt.Figure:
@@ -136,8 +204,11 @@ def quality_vs_rank(table: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, column in zip(axes, ("accuracy", "nll", "ece")):
         _by_method(ax, table, "K", column)
-        ax.set(xscale="log", xlabel="iterates in the posterior (K)",
-               ylabel=column.upper() if column != "accuracy" else "accuracy")
+        ax.set(
+            xscale="log",
+            xlabel="iterates in the posterior (K)",
+            ylabel=column.upper() if column != "accuracy" else "accuracy",
+        )
         count_axis(ax.xaxis, table.K)
         ax.legend(title=None)
     fig.suptitle("MNIST test: model averaging versus point estimates")
@@ -167,7 +238,13 @@ def reliability(table: pd.DataFrame, title: str = "Reliability (MNIST test)") ->
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="calibrated")
     for method in table.method.unique():
         rows = table[table.method == method]
-        ax.plot(rows.confidence, rows.accuracy, marker="o", label=method, color=METHOD_COLOURS.get(method))
+        ax.plot(
+            rows.confidence,
+            rows.accuracy,
+            marker="o",
+            label=method,
+            color=METHOD_COLOURS.get(method),
+        )
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
     ax.legend()
     return fig
@@ -183,8 +260,16 @@ def ood(scores: pd.DataFrame, auroc: pd.DataFrame) -> plt.Figure:
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), sharey=True)
     for ax, method in zip(np.atleast_1d(axes), methods):
         rows = scores[scores.method == method]
-        sns.histplot(data=rows, x="entropy", hue="data", stat="density", common_norm=False, bins=40,
-                     element="step", ax=ax)
+        sns.histplot(
+            data=rows,
+            x="entropy",
+            hue="data",
+            stat="density",
+            common_norm=False,
+            bins=40,
+            element="step",
+            ax=ax,
+        )
         value = float(auroc.loc[auroc.method == method, "auroc"].iloc[0])
         ax.set(title=f"{method}: AUROC {value:.3f}", xlabel="predictive entropy (nats)")
     fig.suptitle("OOD detection: MNIST (in) versus Fashion-MNIST (out)")
@@ -201,7 +286,9 @@ def sampling(table: pd.DataFrame, device_mbps: dict[str, float], tier: str) -> p
     _style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, column in zip(axes, ("seconds", "read_MBps")):
-        sns.lineplot(data=table, x="S", y=column, style="mode", color=tier_colour(tier), markers=True, ax=ax)
+        sns.lineplot(
+            data=table, x="S", y=column, style="mode", color=tier_colour(tier), markers=True, ax=ax
+        )
     axes[0].set(yscale="log", xlabel="samples S", ylabel="time (s)")
     plain_log(axes[0].yaxis)
     axes[1].set(xlabel="samples S", ylabel="posterior log read rate (MB/s)")
@@ -221,8 +308,15 @@ def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
     _style()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for ax, column in zip(axes, ("accuracy", "nll", "ece")):
-        sns.barplot(x=table.index, y=table[column], hue=table.index, palette=METHOD_COLOURS, saturation=1,
-                    legend=False, ax=ax)
+        sns.barplot(
+            x=table.index,
+            y=table[column],
+            hue=table.index,
+            palette=METHOD_COLOURS,
+            saturation=1,
+            legend=False,
+            ax=ax,
+        )
         ax.set(xlabel=None, ylabel=column if column == "accuracy" else column.upper())
         if column == "accuracy":
             ax.set_ylim(max(0.0, float(table[column].min()) - 0.05), 1.0)
@@ -234,11 +328,15 @@ def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
 def collection_cost(cost: pd.DataFrame) -> plt.Figure:
     """Milliseconds per training step and per collect() of each run; columns run, train_step_s, collect_s."""
     _style()
-    long = cost.melt(id_vars="run", value_vars=["train_step_s", "collect_s"], var_name="what", value_name="s")
+    long = cost.melt(
+        id_vars="run", value_vars=["train_step_s", "collect_s"], var_name="what", value_name="s"
+    )
     long["ms"] = long.s * 1e3
     long["what"] = long.what.map({"train_step_s": "training step", "collect_s": "swag.collect()"})
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    sns.barplot(data=long, x="run", y="ms", hue="what", palette=["0.65", "0.3"], ax=ax)  # greys: not tiers
+    sns.barplot(
+        data=long, x="run", y="ms", hue="what", palette=["0.65", "0.3"], ax=ax
+    )  # greys: not tiers
     ax.set(xlabel="run", ylabel="milliseconds", title="Cost of collection per training step")
     ax.legend(title=None)
     return fig
@@ -250,10 +348,27 @@ def cluster_scaling(table: pd.DataFrame) -> plt.Figure:
     _style()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     dask = table[table["mode"] == "dask"]
-    sns.lineplot(data=dask, x="workers", y="seconds", marker="o", errorbar=None, label="dask LocalCluster", ax=ax)
-    ax.axhline(table.loc[table["mode"] == "single process", "seconds"].mean(), color="C1", ls="--",
-               label="single process")
+    sns.lineplot(
+        data=dask,
+        x="workers",
+        y="seconds",
+        marker="o",
+        errorbar=None,
+        label="dask LocalCluster",
+        ax=ax,
+    )
+    ax.axhline(
+        table.loc[table["mode"] == "single process", "seconds"].mean(),
+        color="C1",
+        ls="--",
+        label="single process",
+    )
     ax.set_xticks(sorted(dask["workers"].unique()))
-    ax.set(xlabel="dask workers", ylabel="sample(S) time (s)", ylim=(0, None), title="Sampling on a cluster")
+    ax.set(
+        xlabel="dask workers",
+        ylabel="sample(S) time (s)",
+        ylim=(0, None),
+        title="Sampling on a cluster",
+    )
     ax.legend()
     return fig

@@ -7,6 +7,7 @@ largest of their peaks; posteriors kept at an explicit path stay and add up. `Pl
 compares a plan with what a machine has, phrased as need versus have (nvmlib.paper.reproduce refuses a
 run that does not fit before any work starts).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,8 @@ def one_after_another(needs: Iterable[Needs]) -> Needs:
 # ---- the pieces a notebook's needs are made of ----------------------------------------------------
 def n_params(model: str) -> int:
     """Parameters of one of the paper's models (nvmlib.paper.models)."""
-    from nvmlib.paper.models import make_model, n_params as count
+    from nvmlib.paper.models import make_model
+    from nvmlib.paper.models import n_params as count
 
     return count(make_model(model))
 
@@ -103,27 +105,36 @@ def probe(p: Mapping[str, Any]) -> Needs:
 
 # ---- each notebook's needs ------------------------------------------------------------------------
 def collect(p: Mapping[str, Any]) -> Needs:
-    post = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), kept_rows(p)))
+    post = on_tier(
+        p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), kept_rows(p))
+    )
     run = post + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]))
     return one_after_another([run, probe(p)])
 
 
 def tier_runtime(p: Mapping[str, Any]) -> Needs:
     size = posterior_bytes(n_params(p["model"]), kept_rows(p, max(p["epochs"])))
-    tiers = [on_tier(tier, path, size) + Needs(memory=data_bytes(p)) for tier, path in p["tiers"].values()]
+    tiers = [
+        on_tier(tier, path, size) + Needs(memory=data_bytes(p))
+        for tier, path in p["tiers"].values()
+    ]
     return one_after_another([*tiers, probe(p)])
 
 
 def posterior_quality(p: Mapping[str, Any]) -> Needs:
     n = n_params(p["model"])
     log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n, kept_rows(p)))
-    replay = on_tier(p.get("replay_tier", "dram"), p.get("replay_path"), posterior_bytes(n, max(p["ranks"])))
+    replay = on_tier(
+        p.get("replay_tier", "dram"), p.get("replay_path"), posterior_bytes(n, max(p["ranks"]))
+    )
     run = log + replay + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]))
     return one_after_another([run, probe(p)])
 
 
 def sampling(p: Mapping[str, Any]) -> Needs:
-    log = on_tier(p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), p["rank"]))
+    log = on_tier(
+        p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), p["rank"])
+    )
     run = log + Needs(memory=samples_bytes(p["model"], max(p["sample_counts"])))
     return one_after_another([run, probe(p)])
 
@@ -134,8 +145,11 @@ def any_model(p: Mapping[str, Any]) -> Needs:
     from nvmlib.paper.any_model import convnet
 
     n = sum(t.numel() for t in convnet(p["width"]).parameters())
-    posts = on_tier(p.get("tier", "mmap"), p.get("posterior_path"),
-                    (p["runs"] + 1) * posterior_bytes(n, p["max_rank"]))
+    posts = on_tier(
+        p.get("tier", "mmap"),
+        p.get("posterior_path"),
+        (p["runs"] + 1) * posterior_bytes(n, p["max_rank"]),
+    )
     return one_after_another([posts + Needs(memory=data_bytes(p)), probe(p)])
 
 
@@ -144,14 +158,22 @@ def cluster(p: Mapping[str, Any]) -> Needs:
     worker processes."""
     log = on_tier("zarr", None, posterior_bytes(n_params(p["model"]), kept_rows(p)))
     workers = max(p["worker_counts"]) * WORKER_BYTES
-    return one_after_another([log + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]) + workers),
-                              probe(p)])
+    return one_after_another(
+        [
+            log + Needs(memory=data_bytes(p) + samples_bytes(p["model"], p["samples"]) + workers),
+            probe(p),
+        ]
+    )
 
 
 # notebook -> its needs from its parameters; a notebook adds its own function here
 NEEDS: dict[str, Callable[[Mapping[str, Any]], Needs]] = {
-    "collect": collect, "tier_runtime": tier_runtime, "posterior_quality": posterior_quality, "sampling": sampling,
-    "any_model": any_model, "cluster": cluster,
+    "collect": collect,
+    "tier_runtime": tier_runtime,
+    "posterior_quality": posterior_quality,
+    "sampling": sampling,
+    "any_model": any_model,
+    "cluster": cluster,
 }
 
 
@@ -202,7 +224,10 @@ class Plan:
     def disk(self) -> dict[Path, int]:
         """Bytes needed under each place (devices such as devdax are not files: skipped)."""
         out: dict[Path, int] = {}
-        for path, n in [(self.scratch_dir, self.needs.scratch), *((Path(p), n) for p, n in self.needs.kept.items())]:
+        for path, n in [
+            (self.scratch_dir, self.needs.scratch),
+            *((Path(p), n) for p, n in self.needs.kept.items()),
+        ]:
             if not str(path).startswith("/dev/"):
                 out[path] = out.get(path, 0) + n
         return out
@@ -212,9 +237,13 @@ class Plan:
         short = []
         if self.needs.memory > machine.memory_available:
             top = max(self.by_notebook, key=lambda k: self.by_notebook[k].memory)
-            short.append(f"memory: needs {size(self.needs.memory)} at its peak ({top}), this machine has "
-                         f"{size(machine.memory_available)} available of {size(machine.memory_total)}")
-        by_device: dict[int, tuple[Path, list[Path], int]] = {}  # file system -> (a place on it, paths, bytes)
+            short.append(
+                f"memory: needs {size(self.needs.memory)} at its peak ({top}), this machine has "
+                f"{size(machine.memory_available)} available of {size(machine.memory_total)}"
+            )
+        by_device: dict[
+            int, tuple[Path, list[Path], int]
+        ] = {}  # file system -> (a place on it, paths, bytes)
         for path, n in self.disk().items():
             where = existing(path)
             first, paths, total = by_device.get(where.stat().st_dev, (where, [], 0))
@@ -222,8 +251,10 @@ class Plan:
         for where, paths, n in by_device.values():
             free = machine.disk_free(where)
             if n > free:
-                short.append(f"disk: needs {size(n)} under {', '.join(map(str, paths))}, "
-                             f"whose file system has {size(free)} free")
+                short.append(
+                    f"disk: needs {size(n)} under {', '.join(map(str, paths))}, "
+                    f"whose file system has {size(free)} free"
+                )
         return short
 
     def summary(self) -> str:
@@ -240,4 +271,3 @@ def plan(parameters: Mapping[str, Mapping[str, Any]], scratch_dir: str | Path) -
     """The plan of running each notebook in `parameters` ({notebook: its parameters}) in turn."""
     by = {name: needs_of(name, p) for name, p in parameters.items()}
     return Plan(one_after_another(by.values()), Path(scratch_dir), by)
-

@@ -7,6 +7,7 @@ is initialised from it and epoch e visits the data in an order drawn from (seed,
 the posterior writes a checkpoint, a small train state (model, optimizer, position, RNG) is
 written atomically beside it, so an interrupted run resumes to the same result (resume=True).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -25,54 +26,87 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from nvmlib.progress import tqdm
 
 from nvmlib.backends import open_store, tier_class
 from nvmlib.backends.base import Store
 from nvmlib.backends.files import not_a_directory, write_atomically
-from nvmlib.posterior.codec import check_codec
-from nvmlib.posterior.layout import check_max_rank
-from nvmlib.paper.data import Split, load
 from nvmlib.errors import ConfigError, PosteriorError, StoreError
 from nvmlib.nn.swag import SWAG
+from nvmlib.paper.data import Split, load
 from nvmlib.paper.models import MODELS, make_model, n_params
 from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.codec import check_codec
+from nvmlib.posterior.layout import check_max_rank
 from nvmlib.posterior.log import ASSUMED_RATIO
+from nvmlib.progress import tqdm
 
 STATE_FORMAT = 1
 STATE_FILE = "train_state.pt"
 # settings that must not change between an interrupted run and its --resume
-RESUME_KEYS = ("model", "epochs", "batch_size", "lr", "momentum", "record_every", "swag_start", "max_rank",
-               "seed", "limit", "dtype", "data_path", "codec")
-STATE_KEYS = ("format", "config", "epoch", "batch", "updates", "finished", "model", "optimizer", "torch_rng")
+RESUME_KEYS = (
+    "model",
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "record_every",
+    "swag_start",
+    "max_rank",
+    "seed",
+    "limit",
+    "dtype",
+    "data_path",
+    "codec",
+)
+STATE_KEYS = (
+    "format",
+    "config",
+    "epoch",
+    "batch",
+    "updates",
+    "finished",
+    "model",
+    "optimizer",
+    "torch_rng",
+)
 # what torch.load and load_state_dict raise on bytes that are not a train state (empty, truncated, garbage;
 # torch's zip reader also raises OSError EINVAL)
-NOT_A_STATE = (RuntimeError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError, OSError)
+NOT_A_STATE = (
+    RuntimeError,
+    ValueError,
+    TypeError,
+    KeyError,
+    EOFError,
+    pickle.UnpicklingError,
+    OSError,
+)
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; the comments name the paper's flags."""
 
-    model: str                          # positional
-    data_path: str | None = None        # -p: directory of MNIST idx files (None: bundled MNIST)
-    epochs: int = 1                     # -e
-    batch_size: int = 100               # -b
-    lr: float = 1e-4                    # -n
-    momentum: float = 0.0               # -m
-    record_every: int = 1               # -r
-    swag_start: int = 0                 # epochs of plain SGD before recording (0: the paper)
-    max_rank: int | None = None         # -K: iterates kept (None: every recorded one)
-    backend: str = "dram"               # memory tier
-    posterior_path: str | None = None   # --posterior_path / -f: the tier's path
-    shelf_size_mb: int | None = None    # -s: shelf size for shelf tiers
-    shelf_backend: str | None = None    # -back: PyMM's engine (its backend=), hstore-cc | mapstore
-    gpu: int = -1                       # -c: CUDA device id, -1 for CPU
-    limit: int | None = None            # first N training examples only
+    model: str  # positional
+    data_path: str | None = None  # -p: directory of MNIST idx files (None: bundled MNIST)
+    epochs: int = 1  # -e
+    batch_size: int = 100  # -b
+    lr: float = 1e-4  # -n
+    momentum: float = 0.0  # -m
+    record_every: int = 1  # -r
+    swag_start: int = 0  # epochs of plain SGD before recording (0: the paper)
+    max_rank: int | None = None  # -K: iterates kept (None: every recorded one)
+    backend: str = "dram"  # memory tier
+    posterior_path: str | None = None  # --posterior_path / -f: the tier's path
+    shelf_size_mb: int | None = None  # -s: shelf size for shelf tiers
+    shelf_backend: str | None = None  # -back: PyMM's engine (its backend=), hstore-cc | mapstore
+    gpu: int = -1  # -c: CUDA device id, -1 for CPU
+    limit: int | None = None  # first N training examples only
     seed: int = 0
-    dtype: str = "float32"              # precision of the iterates on the tier
-    codec: str | None = None            # --codec: None (raw rows) or a compressed delta log (nvmlib.posterior.codec)
-    checkpoint_every: int = 100         # updates between durable checkpoints
+    dtype: str = "float32"  # precision of the iterates on the tier
+    codec: str | None = (
+        None  # --codec: None (raw rows) or a compressed delta log (nvmlib.posterior.codec)
+    )
+    checkpoint_every: int = 100  # updates between durable checkpoints
     results_filepath: str | None = None  # timing CSV; a JSON record goes beside it
     resume: bool = False
     overwrite: bool = False
@@ -100,9 +134,12 @@ class TrainResult:
         self.store.close()
 
 
-def train(config: TrainConfig, store: Store | None = None,
-          on_batch: Callable[[int, int], None] | None = None,
-          script_start: float | None = None) -> TrainResult:
+def train(
+    config: TrainConfig,
+    store: Store | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+    script_start: float | None = None,
+) -> TrainResult:
     """Run the experiment `config` describes; every check happens before training starts.
 
     store: an open store to use instead of opening config.backend at config.posterior_path.
@@ -144,9 +181,17 @@ def train(config: TrainConfig, store: Store | None = None,
         if config.resume:
             swag, position = _resume(store, config, state_path, model, optimizer, device)
         else:
-            swag = SWAG(model, store=store, max_rank=config.max_rank, capacity=capacity, dtype=config.dtype,
-                        checkpoint_every=config.checkpoint_every, name=config.model, overwrite=config.overwrite,
-                        codec=config.codec)
+            swag = SWAG(
+                model,
+                store=store,
+                max_rank=config.max_rank,
+                capacity=capacity,
+                dtype=config.dtype,
+                checkpoint_every=config.checkpoint_every,
+                name=config.model,
+                overwrite=config.overwrite,
+                codec=config.codec,
+            )
             position = (0, 0, 0)
             if config.swag_start == 0 and swag.collect():
                 _save_state(state_path, config, model, optimizer, 0, 0, swag.n_collected, False)
@@ -154,9 +199,13 @@ def train(config: TrainConfig, store: Store | None = None,
         resumed_from = swag.n_collected if config.resume else None
 
         x_train, y_train = train_split.tensors(device)
-        bar = tqdm(total=config.epochs * n_batches, initial=position[0] * n_batches + position[1],
-                   disable=None if config.progress else True, unit="batch",
-                   desc=f"{config.model} on {store.kind}")
+        bar = tqdm(
+            total=config.epochs * n_batches,
+            initial=position[0] * n_batches + position[1],
+            disable=None if config.progress else True,
+            unit="batch",
+            desc=f"{config.model} on {store.kind}",
+        )
         with bar:
             for epoch in range(position[0], config.epochs):
                 t = time.perf_counter()
@@ -164,15 +213,19 @@ def train(config: TrainConfig, store: Store | None = None,
                 first = position[1] if epoch == position[0] else 0
                 model.train()
                 for b in range(first, n_batches):
-                    idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
-                    optimizer.zero_grad(set_to_none=False)  # reusing grad buffers avoids a page-faulting allocation per step
+                    idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
+                    optimizer.zero_grad(
+                        set_to_none=False
+                    )  # reusing grad buffers avoids a page-faulting allocation per step
                     loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
                     loss.backward()
                     optimizer.step()
                     if _records(config, n_batches, epoch, b):
                         if swag.collect():
                             nxt = (epoch, b + 1) if b + 1 < n_batches else (epoch + 1, 0)
-                            _save_state(state_path, config, model, optimizer, *nxt, swag.n_collected, False)
+                            _save_state(
+                                state_path, config, model, optimizer, *nxt, swag.n_collected, False
+                            )
                     bar.update()
                     if on_batch is not None:
                         on_batch(epoch, b)
@@ -194,7 +247,9 @@ def train(config: TrainConfig, store: Store | None = None,
     timings["posterior size (byte)"] = float(post.stored_bytes)
     timings["total experiment time (s)"] = time.perf_counter() - t_experiment
     timings["total script time (s)"] = time.perf_counter() - t_script
-    record = _record(config, store, post, train_split, test_split, timings, device, resumed_from, state_path)
+    record = _record(
+        config, store, post, train_split, test_split, timings, device, resumed_from, state_path
+    )
     if config.results_filepath:
         write_results(Path(config.results_filepath), timings, record)
     return TrainResult(swag, model, store, test_split, timings, record)
@@ -204,17 +259,25 @@ def train(config: TrainConfig, store: Store | None = None,
 def _check_config(config: TrainConfig) -> None:
     if config.model not in MODELS:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
-    for name, value, low in (("epochs (-e)", config.epochs, 1), ("batch size (-b)", config.batch_size, 1),
-                             ("record every (-r)", config.record_every, 1),
-                             ("checkpoint_every", config.checkpoint_every, 1), ("seed", config.seed, 0)):
+    for name, value, low in (
+        ("epochs (-e)", config.epochs, 1),
+        ("batch size (-b)", config.batch_size, 1),
+        ("record every (-r)", config.record_every, 1),
+        ("checkpoint_every", config.checkpoint_every, 1),
+        ("seed", config.seed, 0),
+    ):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, not {value}")
     if not config.lr > 0 or config.momentum < 0:
-        raise ConfigError(f"learning rate (-n) must be > 0 and momentum (-m) >= 0, not "
-                          f"{config.lr} and {config.momentum}")
+        raise ConfigError(
+            f"learning rate (-n) must be > 0 and momentum (-m) >= 0, not "
+            f"{config.lr} and {config.momentum}"
+        )
     if not 0 <= config.swag_start < config.epochs:
-        raise ConfigError(f"swag_start must be an epoch before the last (0..{config.epochs - 1}), "
-                          f"not {config.swag_start}")
+        raise ConfigError(
+            f"swag_start must be an epoch before the last (0..{config.epochs - 1}), "
+            f"not {config.swag_start}"
+        )
     check_max_rank(config.max_rank)
     check_codec(config.codec)
 
@@ -232,13 +295,21 @@ def resolve_device(gpu: int) -> torch.device:
     if gpu < 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
-        raise ConfigError(f"-c {gpu} asks for GPU {gpu} but {why} (torch {torch.__version__}); "
-                          "use -c -1 to train on the CPU")
+        why = (
+            "this torch build has no CUDA support"
+            if torch.version.cuda is None
+            else "no GPU is visible"
+        )
+        raise ConfigError(
+            f"-c {gpu} asks for GPU {gpu} but {why} (torch {torch.__version__}); "
+            "use -c -1 to train on the CPU"
+        )
     count = torch.cuda.device_count()
     if gpu >= count:
-        raise ConfigError(f"-c {gpu} asks for GPU {gpu} but this machine has {count} GPU(s), ids "
-                          f"0..{count - 1}; pick one of those (see nvidia-smi) or -c -1 for the CPU")
+        raise ConfigError(
+            f"-c {gpu} asks for GPU {gpu} but this machine has {count} GPU(s), ids "
+            f"0..{count - 1}; pick one of those (see nvidia-smi) or -c -1 for the CPU"
+        )
     return torch.device("cuda", gpu)
 
 
@@ -246,11 +317,19 @@ def check_writable(file: Path, flag: str = "--results_filepath", create: bool = 
     """Fail now, not after the work, when `file` (given with `flag`) cannot be written; creates its
     directory (create=False: tries the nearest directory that exists instead, and creates nothing)."""
     if file.is_dir():
-        raise ConfigError(f"{flag} {file} is a directory; give a file name such as {file / 'run.csv'}")
+        raise ConfigError(
+            f"{flag} {file} is a directory; give a file name such as {file / 'run.csv'}"
+        )
     blocked = not_a_directory(file.parent)
     if blocked is not None:
-        raise ConfigError(f"cannot write {file}: {blocked} is a file, not a directory; choose a writable {flag}")
-    where = file.parent if create else next(d for d in (file.parent, *file.parent.parents) if d.is_dir())
+        raise ConfigError(
+            f"cannot write {file}: {blocked} is a file, not a directory; choose a writable {flag}"
+        )
+    where = (
+        file.parent
+        if create
+        else next(d for d in (file.parent, *file.parent.parents) if d.is_dir())
+    )
     probe = where / f".{file.name}.probe"
     try:
         if create:
@@ -259,7 +338,9 @@ def check_writable(file: Path, flag: str = "--results_filepath", create: bool = 
             pass
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"cannot write {file}: {exc.strerror or exc}; choose a writable {flag}") from exc
+        raise ConfigError(
+            f"cannot write {file}: {exc.strerror or exc}; choose a writable {flag}"
+        ) from exc
     if file.exists() and not os.access(file, os.W_OK):
         raise ConfigError(f"{file} is not writable; fix its permissions or choose another {flag}")
 
@@ -268,14 +349,21 @@ def open_tier(config: TrainConfig) -> Store:
     """Open config.backend at config.posterior_path, passing the shelf options the tier takes."""
     options: dict[str, Any] = {}
     accepted = inspect.signature(tier_class(config.backend).__init__).parameters
-    for flag, key, value in (("-s", "size_mb", config.shelf_size_mb), ("-back", "engine", config.shelf_backend)):
+    for flag, key, value in (
+        ("-s", "size_mb", config.shelf_size_mb),
+        ("-back", "engine", config.shelf_backend),
+    ):
         if value is not None:
             if key not in accepted:
-                raise ConfigError(f"{flag} applies to shelf tiers; the {config.backend} tier does not take it")
+                raise ConfigError(
+                    f"{flag} applies to shelf tiers; the {config.backend} tier does not take it"
+                )
             options[key] = value
     if config.backend == "dram" and config.posterior_path:
-        raise ConfigError("the dram tier keeps the posterior in memory and takes no path; "
-                          "drop --posterior_path/-f or choose --backend mmap")
+        raise ConfigError(
+            "the dram tier keeps the posterior in memory and takes no path; "
+            "drop --posterior_path/-f or choose --backend mmap"
+        )
     return open_store(config.backend, config.posterior_path, **options)
 
 
@@ -283,23 +371,34 @@ def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> 
     """StoreError naming the size needed when the tier cannot hold the run's posterior."""
     rows = config.max_rank or capacity
     need = SWAGPosterior.required_bytes(n, rows, config.dtype, config.codec, store.grows)
-    guess = f" (its {config.codec} log counted at {ASSUMED_RATIO}x less than raw rows)" if \
-        config.codec and store.grows else ""
-    what = (f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
-            f"its posterior needs {need / 1e9:.3f} GB{guess}")
+    guess = (
+        f" (its {config.codec} log counted at {ASSUMED_RATIO}x less than raw rows)"
+        if config.codec and store.grows
+        else ""
+    )
+    what = (
+        f"{config.model} for {config.epochs} epoch(s) keeps {rows} iterates of {n} parameters: "
+        f"its posterior needs {need / 1e9:.3f} GB{guess}"
+    )
     if config.shelf_size_mb is not None and need > config.shelf_size_mb * 2**20:
-        raise StoreError(f"{what} but the shelf is {config.shelf_size_mb} MB; pass -s "
-                         f"{math.ceil(need / 2**20)} or more, or keep fewer iterates (-K, -r, -e)")
+        raise StoreError(
+            f"{what} but the shelf is {config.shelf_size_mb} MB; pass -s "
+            f"{math.ceil(need / 2**20)} or more, or keep fewer iterates (-K, -r, -e)"
+        )
     free = store.free_bytes()
     if free is not None and need > free:
-        raise StoreError(f"{what} but {store.describe()} has {free / 1e9:.3f} GB free; free space, "
-                         "choose a larger tier or path, or keep fewer iterates (-K, -r, -e)")
+        raise StoreError(
+            f"{what} but {store.describe()} has {free / 1e9:.3f} GB free; free space, "
+            "choose a larger tier or path, or keep fewer iterates (-K, -r, -e)"
+        )
 
 
 # ---- determinism and resuming -------------------------------------------------------------
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The order in which epoch `epoch` visits the n training examples: a function of (seed, epoch)."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    )
     return torch.randperm(n, generator=gen)
 
 
@@ -312,15 +411,30 @@ def state_file(store: Store, results_filepath: str | Path | None = None) -> Path
     return None
 
 
-def _save_state(path: Path | None, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                epoch: int, batch: int, updates: int, finished: bool) -> None:
+def _save_state(
+    path: Path | None,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    batch: int,
+    updates: int,
+    finished: bool,
+) -> None:
     """Write the train state atomically (files.write_atomically); a full disk is a StoreError naming it."""
     if path is None:
         return
-    state = {"format": STATE_FORMAT, "config": {k: getattr(config, k) for k in RESUME_KEYS},
-             "epoch": epoch, "batch": batch, "updates": updates, "finished": finished,
-             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "torch_rng": torch.get_rng_state()}
+    state = {
+        "format": STATE_FORMAT,
+        "config": {k: getattr(config, k) for k in RESUME_KEYS},
+        "epoch": epoch,
+        "batch": batch,
+        "updates": updates,
+        "finished": finished,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
     buf = io.BytesIO()
     torch.save(state, buf)
     write_atomically(path, buf.getbuffer())
@@ -330,12 +444,16 @@ def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]
     """A train state written by train: ConfigError when there is none or another version wrote it,
     PosteriorError when it is damaged (empty, truncated, not a train state)."""
     if not path.is_file():
-        raise ConfigError(f"no train state at {path}: this run cannot be resumed or reopened; "
-                          "check the path, or start it again without --resume")
+        raise ConfigError(
+            f"no train state at {path}: this run cannot be resumed or reopened; "
+            "check the path, or start it again without --resume"
+        )
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except NOT_A_STATE as exc:
-        raise _damaged(path, f"torch.load cannot read its {path.stat().st_size} bytes ({type(exc).__name__})") from None
+        raise _damaged(
+            path, f"torch.load cannot read its {path.stat().st_size} bytes ({type(exc).__name__})"
+        ) from None
     if not isinstance(state, dict) or "format" not in state:
         raise _damaged(path, "not a train state")
     if state["format"] != STATE_FORMAT:
@@ -346,12 +464,18 @@ def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]
 
 
 def _damaged(path: Path, why: str) -> PosteriorError:
-    return PosteriorError(f"the train state {path} is damaged: {why}; put back a copy of it, or train "
-                          "the run again from the start (nvmlib train ... --overwrite)")
+    return PosteriorError(
+        f"the train state {path} is damaged: {why}; put back a copy of it, or train "
+        "the run again from the start (nvmlib train ... --overwrite)"
+    )
 
 
-def _restore(path: Path, state: dict[str, Any], model: nn.Module,
-             optimizer: torch.optim.Optimizer | None = None) -> None:
+def _restore(
+    path: Path,
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Load the state's model (and optimizer and RNG) into `model` (and `optimizer`); PosteriorError
     when they do not fit."""
     try:
@@ -360,20 +484,35 @@ def _restore(path: Path, state: dict[str, Any], model: nn.Module,
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"].cpu())
     except NOT_A_STATE as exc:
-        raise _damaged(path, f"its parameters do not fit {state['config']['model']} ({type(exc).__name__})") from None
+        raise _damaged(
+            path, f"its parameters do not fit {state['config']['model']} ({type(exc).__name__})"
+        ) from None
 
 
-def _resume(store: Store, config: TrainConfig, state_path: Path | None, model: nn.Module,
-            optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[SWAG, tuple[int, int, int]]:
+def _resume(
+    store: Store,
+    config: TrainConfig,
+    state_path: Path | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> tuple[SWAG, tuple[int, int, int]]:
     """Reopen the posterior at the last train state and restore model, optimizer and RNG."""
     if state_path is None:
-        raise ConfigError("nothing to resume: a dram posterior does not outlive its process; "
-                          "use a persistent tier (--backend mmap --posterior_path DIR)")
+        raise ConfigError(
+            "nothing to resume: a dram posterior does not outlive its process; "
+            "use a persistent tier (--backend mmap --posterior_path DIR)"
+        )
     state = load_state(state_path, device)
-    changed = [f"{k}: {state['config'][k]!r} -> {getattr(config, k)!r}" for k in RESUME_KEYS
-               if state["config"][k] != getattr(config, k)]
+    changed = [
+        f"{k}: {state['config'][k]!r} -> {getattr(config, k)!r}"
+        for k in RESUME_KEYS
+        if state["config"][k] != getattr(config, k)
+    ]
     if changed:
-        raise ConfigError(f"--resume needs the settings of the interrupted run; changed: {'; '.join(changed)}")
+        raise ConfigError(
+            f"--resume needs the settings of the interrupted run; changed: {'; '.join(changed)}"
+        )
     _restore(state_path, state, model, optimizer)
     swag = SWAG.open(model, store=store)
     try:
@@ -384,8 +523,13 @@ def _resume(store: Store, config: TrainConfig, state_path: Path | None, model: n
     return swag, (state["epoch"], state["batch"], state["updates"])
 
 
-def reopen(backend: str, path: str | Path, device: torch.device | str = "cpu", readonly: bool = True,
-           results_filepath: str | Path | None = None) -> tuple[SWAGPosterior, nn.Module, Store]:
+def reopen(
+    backend: str,
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    readonly: bool = True,
+    results_filepath: str | Path | None = None,
+) -> tuple[SWAGPosterior, nn.Module, Store]:
     """A finished run on a persistent tier: its posterior and its SGD model (final parameters).
 
     results_filepath: the run's results CSV, for tiers whose path is not a directory (shelves).
@@ -394,8 +538,10 @@ def reopen(backend: str, path: str | Path, device: torch.device | str = "cpu", r
     try:
         where = state_file(store, results_filepath)
         if where is None:
-            raise ConfigError(f"{store.describe()} is not a directory: pass the run's --results_filepath "
-                              "to find its train state")
+            raise ConfigError(
+                f"{store.describe()} is not a directory: pass the run's --results_filepath "
+                "to find its train state"
+            )
         state = load_state(where, device)
         model = make_model(state["config"]["model"]).to(device)
         _restore(where, state, model)
@@ -417,40 +563,79 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
-    facts = {"host": platform.node(), "os": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-             "torch_threads": torch.get_num_threads(),
-             "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-             "device": str(device)}
+    facts = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "device": str(device),
+    }
     if device.type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
 
 
 def versions() -> dict[str, str | None]:
-    import nvmlib
     import tqdm as tqdm_module
-    return {"nvmlib": nvmlib.__version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "cuda": torch.version.cuda, "numpy": np.__version__, "tqdm": tqdm_module.__version__}
+
+    import nvmlib
+
+    return {
+        "nvmlib": nvmlib.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "numpy": np.__version__,
+        "tqdm": tqdm_module.__version__,
+    }
 
 
-def _record(config: TrainConfig, store: Store, post: SWAGPosterior, train_split: Split, test_split: Split,
-            timings: dict[str, float], device: torch.device, resumed_from: int | None,
-            state_path: Path | None) -> dict[str, Any]:
+def _record(
+    config: TrainConfig,
+    store: Store,
+    post: SWAGPosterior,
+    train_split: Split,
+    test_split: Split,
+    timings: dict[str, float],
+    device: torch.device,
+    resumed_from: int | None,
+    state_path: Path | None,
+) -> dict[str, Any]:
     return {
         "config": asdict(config),
-        "tier": {"kind": store.kind, "path": str(store.path) if store.path else None,
-                 "describe": store.describe(), "persistent": store.persistent},
-        "posterior": {"n_params": post.n_params, "n_collected": post.n_collected, "rank": post.rank,
-                      "max_rank": post.max_rank, "capacity": post.capacity, "dtype": str(post.dtype),
-                      "nbytes": post.nbytes, "stored_bytes": post.stored_bytes, "codec": post.meta.get("codec")},
-        "data": {s.split: {"source": s.source, "examples": len(s), "verified": s.verified}
-                 for s in (train_split, test_split)},
-        "timings": timings, "resumed_from_update": resumed_from,
+        "tier": {
+            "kind": store.kind,
+            "path": str(store.path) if store.path else None,
+            "describe": store.describe(),
+            "persistent": store.persistent,
+        },
+        "posterior": {
+            "n_params": post.n_params,
+            "n_collected": post.n_collected,
+            "rank": post.rank,
+            "max_rank": post.max_rank,
+            "capacity": post.capacity,
+            "dtype": str(post.dtype),
+            "nbytes": post.nbytes,
+            "stored_bytes": post.stored_bytes,
+            "codec": post.meta.get("codec"),
+        },
+        "data": {
+            s.split: {"source": s.source, "examples": len(s), "verified": s.verified}
+            for s in (train_split, test_split)
+        },
+        "timings": timings,
+        "resumed_from_update": resumed_from,
         "train_state": str(state_path) if state_path else None,
-        "versions": versions(), "machine": machine_facts(device),
+        "versions": versions(),
+        "machine": machine_facts(device),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

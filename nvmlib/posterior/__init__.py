@@ -7,6 +7,7 @@ journal    the count, the two checkpoint slots, recovery and replay
 sampling   the draw formula and the one D·z₂ kernel
 posterior  SWAGPosterior, the façade over them
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

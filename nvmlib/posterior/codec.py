@@ -11,6 +11,7 @@ never larger than DeltaCodec.bound.
 Encoded row: int64 [n_frames, length of each frame (negative: stored raw)], then the frames.
 Threads: every core, or NVMLIB_CODEC_THREADS (a whole number >= 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ from nvmlib.errors import InputError
 
 CODECS = ("delta-zstd", "delta-lz4")
 UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}  # the values' bits, as words of their width
-SEGMENT_BYTES = 1 << 20  # bytes of the row per task: small enough to spread, big enough to compress well
+SEGMENT_BYTES = (
+    1 << 20
+)  # bytes of the row per task: small enough to spread, big enough to compress well
 
 
 @numba.njit(nogil=True, cache=True)
@@ -56,8 +59,12 @@ def _ungroup(planes: np.ndarray, prev: np.ndarray, delta: bool, out: np.ndarray)
         if width > 2:
             x |= (word(planes[2, i]) << 16) | (word(planes[3, i]) << 24)
         if width > 4:
-            x |= (word(planes[4, i]) << 32) | (word(planes[5, i]) << 40) | \
-                (word(planes[6, i]) << 48) | (word(planes[7, i]) << 56)
+            x |= (
+                (word(planes[4, i]) << 32)
+                | (word(planes[5, i]) << 40)
+                | (word(planes[6, i]) << 48)
+                | (word(planes[7, i]) << 56)
+            )
         out[i] = x ^ prev[i] if delta else x
 
 
@@ -78,8 +85,10 @@ def codec_threads() -> int:
     if not text:
         return os.cpu_count() or 1
     if not text.isdigit() or int(text) < 1:
-        raise InputError(f"NVMLIB_CODEC_THREADS={text!r}: set it to a whole number of threads >= 1 "
-                         "(e.g. NVMLIB_CODEC_THREADS=4), or unset it to use every core")
+        raise InputError(
+            f"NVMLIB_CODEC_THREADS={text!r}: set it to a whole number of threads >= 1 "
+            "(e.g. NVMLIB_CODEC_THREADS=4), or unset it to use every core"
+        )
     return int(text)
 
 
@@ -89,20 +98,31 @@ def _compressors(codec: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes,
     try:
         if codec == "delta-zstd":
             import zstandard
+
             local = threading.local()
 
             def contexts() -> threading.local:
                 if not hasattr(local, "c"):
-                    local.c, local.d = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
+                    local.c, local.d = (
+                        zstandard.ZstdCompressor(level=1),
+                        zstandard.ZstdDecompressor(),
+                    )
                 return local
 
-            return (lambda b: contexts().c.compress(b),
-                    lambda b, n: contexts().d.decompress(b, max_output_size=n))
+            return (
+                lambda b: contexts().c.compress(b),
+                lambda b, n: contexts().d.decompress(b, max_output_size=n),
+            )
         import lz4.block
-        return (lambda b: lz4.block.compress(b, store_size=False),
-                lambda b, n: lz4.block.decompress(b, uncompressed_size=n))
+
+        return (
+            lambda b: lz4.block.compress(b, store_size=False),
+            lambda b, n: lz4.block.decompress(b, uncompressed_size=n),
+        )
     except ImportError as exc:
-        raise InputError(f"codec {codec!r} needs the Python package {exc.name!r}: pip install {exc.name}") from None
+        raise InputError(
+            f"codec {codec!r} needs the Python package {exc.name!r}: pip install {exc.name}"
+        ) from None
 
 
 class DeltaCodec:
@@ -117,7 +137,9 @@ class DeltaCodec:
         self.segments = [(a, min(a + step, n)) for a in range(0, n, step)]
         self.n_frames = len(self.segments) * self.width
         self._compress, self._decompress = _compressors(codec)
-        self._pool = ThreadPoolExecutor(threads or codec_threads(), thread_name_prefix="nvmlib-codec")
+        self._pool = ThreadPoolExecutor(
+            threads or codec_threads(), thread_name_prefix="nvmlib-codec"
+        )
 
     @staticmethod
     def bound(dtype: np.dtype, n: int) -> int:
@@ -142,7 +164,9 @@ class DeltaCodec:
             return out
 
         frames = [f for seg in self._pool.map(segment, self.segments) for f in seg]
-        table = np.array([len(frames)] + [len(f) if isinstance(f, bytes) else -len(f) for f in frames], np.int64)
+        table = np.array(
+            [len(frames)] + [len(f) if isinstance(f, bytes) else -len(f) for f in frames], np.int64
+        )
         return [table.tobytes(), *frames]
 
     def decode(self, data: memoryview, prev: np.ndarray | None, out: np.ndarray) -> None:
@@ -150,7 +174,7 @@ class DeltaCodec:
         ValueError when `data` is not a row this codec wrote (a damaged record)."""
         if len(data) < 8 or int(np.frombuffer(data[:8], np.int64)[0]) != self.n_frames:
             raise ValueError("the record's frame table does not match this log's layout")
-        table = np.frombuffer(data[8:8 * (1 + self.n_frames)], np.int64)
+        table = np.frombuffer(data[8 : 8 * (1 + self.n_frames)], np.int64)
         ends = np.cumsum(np.abs(table)) + 8 * (1 + self.n_frames)
         if len(table) != self.n_frames or ends[-1] > len(data):
             raise ValueError("the record is shorter than its frame table says")
@@ -163,14 +187,18 @@ class DeltaCodec:
             planes = np.empty((self.width, b - a), np.uint8)
             for k in range(self.width):
                 j = i * self.width + k
-                frame = data[starts[j]:ends[j]]
-                planes[k] = np.frombuffer(frame if table[j] < 0 else self._decompress(frame, b - a), np.uint8)
+                frame = data[starts[j] : ends[j]]
+                planes[k] = np.frombuffer(
+                    frame if table[j] < 0 else self._decompress(frame, b - a), np.uint8
+                )
             _ungroup(planes, old[a:b], prev is not None, dst[a:b])
 
         try:
             list(self._pool.map(segment, range(len(self.segments))))
         except Exception as exc:  # the compressor's own error, or a frame of the wrong size
-            raise ValueError(f"a frame of the record does not decode ({type(exc).__name__}: {exc})") from None
+            raise ValueError(
+                f"a frame of the record does not decode ({type(exc).__name__}: {exc})"
+            ) from None
 
     def close(self) -> None:
         self._pool.shutdown()

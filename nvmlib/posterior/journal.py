@@ -11,17 +11,18 @@ of the rows appended after it that verify, up to the count (checkpoint_every <= 
 them in the log). Every digest is seeded with the posterior's identity, so files of two posteriors
 never mix.
 """
+
 from __future__ import annotations
 
-import numpy as np
-
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
 
 from nvmlib.backends.base import Store, aligned_empty
 from nvmlib.errors import PosteriorError, SnapshotError, StoreError
 from nvmlib.posterior.checksum import digest
 from nvmlib.posterior.layout import COMMIT, COUNT, MOMENTS, SHIFT
-from nvmlib.posterior.log import REPLAY_ROWS, RawLog, DeltaLog
+from nvmlib.posterior.log import REPLAY_ROWS, DeltaLog, RawLog
 from nvmlib.posterior.moments import Moments
 
 Checkpoint = tuple[int, int, int, int]  # (seq, count, moments digest, shift digest)
@@ -30,8 +31,9 @@ Checkpoint = tuple[int, int, int, int]  # (seq, count, moments digest, shift dig
 class Journal:
     """The count, checkpoints and recovery of the posterior whose `log` and `moments` it records."""
 
-    def __init__(self, store: Store, ident: int, log: RawLog | DeltaLog, moments: Moments,
-                 readonly: bool) -> None:
+    def __init__(
+        self, store: Store, ident: int, log: RawLog | DeltaLog, moments: Moments, readonly: bool
+    ) -> None:
         self.store = store
         self.ident = ident
         self.log = log
@@ -55,12 +57,16 @@ class Journal:
 
     def write_count(self, count: int) -> None:
         value = np.array([count], np.int64)
-        self.store.write_rows(COUNT, 0, np.append(value, digest(value, self.ident)).astype(np.int64))
+        self.store.write_rows(
+            COUNT, 0, np.append(value, digest(value, self.ident)).astype(np.int64)
+        )
 
     def state(self) -> tuple[bytes, bytes]:
         """The count and commit records as they stand (a reader sees whether a writer moved)."""
-        return (self.store.read_rows(COUNT, 0, 2).tobytes(),
-                self.store.read_rows(COMMIT, 0, 2).tobytes())
+        return (
+            self.store.read_rows(COUNT, 0, 2).tobytes(),
+            self.store.read_rows(COMMIT, 0, 2).tobytes(),
+        )
 
     def write_shift(self) -> None:
         self.store.write_rows(SHIFT, 0, self.moments.shift)
@@ -96,8 +102,16 @@ class Journal:
         slot = seq % 2
         self.store.write_rows(MOMENTS, slot, block[None])
         self.store.persist(MOMENTS)
-        head = np.array([seq, count, digest(block, self.ident),
-                         digest(self.moments.shift, self.ident), self.ident], dtype=np.int64)
+        head = np.array(
+            [
+                seq,
+                count,
+                digest(block, self.ident),
+                digest(self.moments.shift, self.ident),
+                self.ident,
+            ],
+            dtype=np.int64,
+        )
         record = np.append(head, digest(head, self.ident)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
         self.store.persist(COMMIT)
@@ -128,10 +142,12 @@ class Journal:
             self.seq, self.ckpt_count = self._durable
             self.failed = True
             if isinstance(exc, StoreError):
-                raise StoreError(f"{exc}. The checkpoint of {failed} updates, written behind "
-                                 f"training, failed: the updates are recorded, but a crash would "
-                                 f"rebuild them from the checkpoint of {self.ckpt_count} updates "
-                                 "and the rows after it") from exc
+                raise StoreError(
+                    f"{exc}. The checkpoint of {failed} updates, written behind "
+                    f"training, failed: the updates are recorded, but a crash would "
+                    f"rebuild them from the checkpoint of {self.ckpt_count} updates "
+                    "and the rows after it"
+                ) from exc
             raise
         self._durable = self.seq, self.ckpt_count
         self.failed = False
@@ -154,10 +170,14 @@ class Journal:
             if seq == 0 and not r.any():
                 continue  # never written
             if ident != self.ident:
-                problems.append(f"{COMMIT} slot {slot} belongs to another posterior (identity "
-                                f"{ident:x}, not {self.ident:x}): files of two posteriors were mixed")
+                problems.append(
+                    f"{COMMIT} slot {slot} belongs to another posterior (identity "
+                    f"{ident:x}, not {self.ident:x}): files of two posteriors were mixed"
+                )
             elif check != digest(r[:5], self.ident) or seq < 1 or count < 0 or seq % 2 != slot:
-                problems.append(f"{COMMIT} slot {slot} fails its checksum (a torn or damaged record)")
+                problems.append(
+                    f"{COMMIT} slot {slot} fails its checksum (a torn or damaged record)"
+                )
             elif bound is None or count <= bound:
                 valid.append((seq, count, d_moments, d_shift))
         return sorted(valid, reverse=True)
@@ -175,33 +195,44 @@ class Journal:
             candidates = [c for c in candidates if c[1] <= bound]
         moments = self.moments
         empty = np.zeros((2, moments.padded))  # calloc'd: its pages take no memory until written
-        if exact:  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
+        if (
+            exact
+        ):  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
             candidates.append((0, 0, digest(empty, self.ident), -1))
         for seq, count, d_moments, d_shift in candidates:
             block = self.store.read_rows(MOMENTS, seq % 2, seq % 2 + 1)[0] if seq else empty
             if digest(block, self.ident) != d_moments:
-                problems.append(f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} "
-                                "updates)")
+                problems.append(
+                    f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} updates)"
+                )
                 continue
             shift = self.store.read_rows(SHIFT, 0, moments.n_params)
             if count > 0 and digest(shift, self.ident) != d_shift:
-                problems.append(f"{SHIFT} fails its checksum: the first iterate, which every moment is "
-                                "relative to, is damaged")
+                problems.append(
+                    f"{SHIFT} fails its checksum: the first iterate, which every moment is "
+                    "relative to, is damaged"
+                )
                 continue
             moments.load(block)
             moments.set_shift(shift)
             reached = self.replay(count, bound, problems)
             if reached < bound and (exact or reached < count):
                 continue
-            if (count == 0 and reached > 0 and not self.readonly
-                    and moments.shift.tobytes() != shift.tobytes()):
+            if (
+                count == 0
+                and reached > 0
+                and not self.readonly
+                and moments.shift.tobytes() != shift.tobytes()
+            ):
                 self.write_shift()
             newest = max((c[0] for c in self.checkpoints(None, [])), default=0)
             self.seq, self.ckpt_count = self._durable = seq or newest, count
             return reached
         what = "; ".join(dict.fromkeys(problems)) or "no commit record was ever written"
-        raise PosteriorError(f"the posterior on {self.store.describe()} cannot be rebuilt to {bound} "
-                             f"updates from a valid checkpoint: {what}. It is damaged beyond recovery")
+        raise PosteriorError(
+            f"the posterior on {self.store.describe()} cannot be rebuilt to {bound} "
+            f"updates from a valid checkpoint: {what}. It is damaged beyond recovery"
+        )
 
     def replay(self, start: int, stop: int, problems: list[str]) -> int:
         """Add the log's rows of iterates start..stop−1 to the moments until one fails to verify;

@@ -24,6 +24,7 @@ Both: a row written by write(t) verifies only once it is whole (a torn one fails
 report how many rows verified and why the next did not ("overwritten": a newer iterate took its
 slot; "fails its checksum": damaged).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -46,7 +47,9 @@ REPLAY_ROWS = 64  # rows per read when a recovery replays the log
 STAGING_BYTES = 512 << 20  # bytes of the writer's ring of staged rows (3 to MAX_STAGED rows)
 MAX_STAGED = 16
 
-Batch = tuple[int, np.ndarray, int, str]  # (first iterate, values, how many verify, why the next does not)
+Batch = tuple[
+    int, np.ndarray, int, str
+]  # (first iterate, values, how many verify, why the next does not)
 Runs = list[tuple[int, int]]  # [t0, t1) ranges of iterates, read in this order
 
 
@@ -67,7 +70,6 @@ def staged_rows(n_params: int, dtype: str) -> int:
     """Rows a writer stages: iterates wait there, written, until the moments add them as a batch
     (3 at least: the row being staged, the one being written, and a delta log's base)."""
     return int(min(MAX_STAGED, max(3, STAGING_BYTES // (n_params * np.dtype(dtype).itemsize))))
-
 
 
 # raw bytes per stored byte that a room check assumes of a compressed log on a tier that grows: the
@@ -120,8 +122,8 @@ class RawLog:
         self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
         self.slots, self.row_len = meta["capacity"] + 1, meta["row_len"]
         self._rows = aligned_empty((staged, self.row_len), self.dtype)  # padded with zeros
-        self._rows[:, self.n_params:] = 0
-        self.rows = self._rows[:, :self.n_params]
+        self._rows[:, self.n_params :] = 0
+        self.rows = self._rows[:, : self.n_params]
 
     @staticmethod
     def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -131,7 +133,10 @@ class RawLog:
         """Stamp staged row t % staged as iterate t and write it to its slot."""
         row = self._rows[t % len(self._rows)]
         raw = row.view(np.uint8)
-        tail = np.array([t, digest(raw[:self.n_params * self.dtype.itemsize], row_seed(self.ident, t))], np.int64)
+        tail = np.array(
+            [t, digest(raw[: self.n_params * self.dtype.itemsize], row_seed(self.ident, t))],
+            np.int64,
+        )
         raw[-TRAILER:] = tail.view(np.uint8)
         self.store.write_rows(LOG, t % self.slots, row[None, :])
 
@@ -140,20 +145,28 @@ class RawLog:
         raw = rows.reshape(len(rows), -1).view(np.uint8)
         tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
         nbytes = self.n_params * self.dtype.itemsize
-        return self.check(tails, t0,
-                          lambda i: digest(raw[i, :nbytes], row_seed(self.ident, t0 + i)))
+        return self.check(
+            tails, t0, lambda i: digest(raw[i, :nbytes], row_seed(self.ident, t0 + i))
+        )
 
-    def check(self, tails: np.ndarray, t0: int,
-              values_digest: Callable[[int], int] | None) -> tuple[int, str]:
+    def check(
+        self, tails: np.ndarray, t0: int, values_digest: Callable[[int], int] | None
+    ) -> tuple[int, str]:
         """How many rows whose trailers are `tails` (iterates t0, t0+1, ...) hold their iterate and,
         unless values_digest is None, the digest values_digest(i) of row i's values; why the next
         one does not."""
         for i, (t, check) in enumerate(tails):
             want = t0 + i
             if t != want:
-                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) {_missing(int(t), want)}"
+                return (
+                    i,
+                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) {_missing(int(t), want)}",
+                )
             if values_digest is not None and values_digest(i) != check:
-                return i, f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged"
+                return (
+                    i,
+                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged",
+                )
         return len(tails), ""
 
     def columns(self, start: int, stop: int) -> "Columns":
@@ -173,13 +186,15 @@ class RawLog:
                 t += b - a
         if not parts:
             return iter([])
-        buffers = [aligned_empty((max(b - a for a, b in parts), self.row_len), self.dtype)
-                   for _ in range(min(2, len(parts)))]
+        buffers = [
+            aligned_empty((max(b - a for a, b in parts), self.row_len), self.dtype)
+            for _ in range(min(2, len(parts)))
+        ]
 
         def read(i: int) -> Batch:
             a, b = parts[i]
-            rows = self.store.read_rows(LOG, a, b, out=buffers[i % 2][:b - a])
-            return (firsts[i], rows[:, :self.n_params], *self._verify(rows, firsts[i]))
+            rows = self.store.read_rows(LOG, a, b, out=buffers[i % 2][: b - a])
+            return (firsts[i], rows[:, : self.n_params], *self._verify(rows, firsts[i]))
 
         return _prefetched(read, len(parts))
 
@@ -189,7 +204,10 @@ class RawLog:
         zero[:] = 0
         for t in range(start, min(stop, start + self.slots)):
             row = self.store.read_rows(LOG, t % self.slots, t % self.slots + 1)
-            if int(np.ascontiguousarray(row.view(np.uint8)[0, -TRAILER:]).view(np.int64)[0]) >= start:
+            if (
+                int(np.ascontiguousarray(row.view(np.uint8)[0, -TRAILER:]).view(np.int64)[0])
+                >= start
+            ):
                 self.store.write_rows(LOG, t % self.slots, zero)
                 dropped = True
         return dropped
@@ -207,8 +225,10 @@ class RawLog:
                 t, a = t + end - a, end
         per_group = max(1, group_bytes // (R * self.row_len * self.dtype.itemsize))
         shards = sorted(by_shard)
-        return [[run for s in shards[i:i + per_group] for run in by_shard[s]]
-                for i in range(0, len(shards), per_group)]
+        return [
+            [run for s in shards[i : i + per_group] for run in by_shard[s]]
+            for i in range(0, len(shards), per_group)
+        ]
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """Bytes of the log: its rows take their slots whether kept or not."""
@@ -233,8 +253,9 @@ class Columns:
         self.log, self.start = log, start
         self.parts = spans(start, stop, log.slots, log.slots)
         width = TRAILER // log.dtype.itemsize
-        tails = [log.store.read_cols(LOG, a, b, log.row_len - width, log.row_len)
-                 for a, b in self.parts]
+        tails = [
+            log.store.read_cols(LOG, a, b, log.row_len - width, log.row_len) for a, b in self.parts
+        ]
         self.tails = np.ascontiguousarray(np.concatenate(tails)).view(np.int64).reshape(-1, 2)
         self.digests = [Digest(row_seed(log.ident, t)) for t in range(start, stop)]
         self.at = 0  # the parameter the next block starts at
@@ -246,7 +267,7 @@ class Columns:
         out = aligned_empty((len(self.digests), b - a), self.log.dtype)
         done = 0
         for s0, s1 in self.parts:
-            self.log.store.read_cols(LOG, s0, s1, a, b, out[done:done + s1 - s0])
+            self.log.store.read_cols(LOG, s0, s1, a, b, out[done : done + s1 - s0])
             done += s1 - s0
         for d, row in zip(self.digests, out):
             d.update(row)
@@ -265,7 +286,9 @@ class DeltaLog:
     """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies;
     iterates are staged in `rows` as for RawLog."""
 
-    FIELDS = 7  # index row: t, first block, bytes, keyframe, record digest, values digest, row digest
+    FIELDS = (
+        7  # index row: t, first block, bytes, keyframe, record digest, values digest, row digest
+    )
     SPARSE = frozenset({LOG})  # the records take space as they are written
 
     def __init__(self, store: Store, meta: dict, ident: int, staged: int = 0) -> None:
@@ -276,9 +299,13 @@ class DeltaLog:
         self.blocks = self.slots * self.record_blocks
         self.codec = DeltaCodec(meta["codec"], self.dtype, self.n_params)
         self.rows = np.empty((staged, self.n_params), self.dtype)
-        self._prev = np.empty(self.n_params, self.dtype)  # the iterate written last, the next one's base
+        self._prev = np.empty(
+            self.n_params, self.dtype
+        )  # the iterate written last, the next one's base
         self._base = self._prev  # where a restart decodes the base (never a staged row)
-        self._prev_t: int | None = None  # which iterate _prev holds (None: the next write is a keyframe)
+        self._prev_t: int | None = (
+            None  # which iterate _prev holds (None: the next write is a keyframe)
+        )
         self._key = self._pos = 0  # keyframe of the open chunk; the block the next record starts on
         self._buf: np.ndarray | None = None  # the record being written, whole blocks
         self._keys: list[tuple[int, int]] = []  # (keyframe, first block) of chunks not released
@@ -287,7 +314,10 @@ class DeltaLog:
     @staticmethod
     def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         slots = meta["capacity"] + meta["chunk"]
-        return {LOG: ((slots * meta["record_blocks"], BLOCK), "uint8"), INDEX: ((slots, DeltaLog.FIELDS), "int64")}
+        return {
+            LOG: ((slots * meta["record_blocks"], BLOCK), "uint8"),
+            INDEX: ((slots, DeltaLog.FIELDS), "int64"),
+        }
 
     # ---- writing ------------------------------------------------------------------------
     def write(self, t: int) -> None:
@@ -303,10 +333,10 @@ class DeltaLog:
             self._buf = aligned_empty((self.record_blocks, BLOCK), np.uint8)
         flat, at = self._buf.reshape(-1), 0
         for part in parts:
-            flat[at:at + len(part)] = np.frombuffer(part, np.uint8)
+            flat[at : at + len(part)] = np.frombuffer(part, np.uint8)
             at += len(part)
         n_blocks = blocks_of(at)
-        flat[at:n_blocks * BLOCK] = 0
+        flat[at : n_blocks * BLOCK] = 0
         seed = row_seed(self.ident, t)
         head = [t, self._pos, at, key, digest(flat[:at], seed), digest(row.view(np.uint8), seed)]
         blocks = spans(self._pos, self._pos + n_blocks, self.blocks, n_blocks)
@@ -314,10 +344,12 @@ class DeltaLog:
             self.store.allocate(LOG, a, b)
         done = 0
         for a, b in blocks:
-            self.store.write_rows(LOG, a, self._buf[done:done + b - a])
+            self.store.write_rows(LOG, a, self._buf[done : done + b - a])
             done += b - a
         index = np.array(head, np.int64)
-        self.store.write_rows(INDEX, t % self.slots, np.append(index, digest(index, self.ident))[None])
+        self.store.write_rows(
+            INDEX, t % self.slots, np.append(index, digest(index, self.ident))[None]
+        )
         self._prev = row  # the base of iterate t + 1, staged over only by iterate t + staged
         if key == t:
             self._keys.append((t, self._pos))
@@ -370,7 +402,9 @@ class DeltaLog:
     # ---- reading ------------------------------------------------------------------------
     def _index(self, start: int, stop: int) -> np.ndarray:
         """Index rows of iterates start..stop−1 (of slots, when stop − start = slots), in order."""
-        parts = [self.store.read_rows(INDEX, a, b) for a, b in spans(start, stop, self.slots, self.slots)]
+        parts = [
+            self.store.read_rows(INDEX, a, b) for a, b in spans(start, stop, self.slots, self.slots)
+        ]
         return np.concatenate(parts) if parts else np.empty((0, self.FIELDS), np.int64)
 
     def _valid(self, row: np.ndarray) -> bool:
@@ -387,7 +421,9 @@ class DeltaLog:
                 return i, f"{where} fails its checksum: it is damaged"
             if row[0] != want:
                 return i, f"{where} {_missing(int(row[0]), want)}"
-            if not (0 <= row[2] <= self.record_blocks * BLOCK and want - self.chunk < row[3] <= want):
+            if not (
+                0 <= row[2] <= self.record_blocks * BLOCK and want - self.chunk < row[3] <= want
+            ):
                 return i, f"{where} points outside the log: it is damaged"
         return len(index), ""
 
@@ -404,12 +440,17 @@ class DeltaLog:
         index = self._index(start, stop)
         ok, why = self._check_index(index, start)
         index, first = index[:ok], start
-        if ok and index[0, 3] < start:  # decode from the keyframe: rows before `start` are only bases
+        if (
+            ok and index[0, 3] < start
+        ):  # decode from the keyframe: rows before `start` are only bases
             key = int(index[0, 3])
             head = self._index(key, start)
             n, why_key = self._check_index(head, key)
             if n < len(head):
-                index, why = index[:0], f"iterate {start} cannot be decoded from its keyframe: {why_key}"
+                index, why = (
+                    index[:0],
+                    f"iterate {start} cannot be decoded from its keyframe: {why_key}",
+                )
             else:
                 index, first = np.concatenate([head, index]), key
         batches = self._batches(index, step_bytes)
@@ -419,17 +460,21 @@ class DeltaLog:
         out = [np.empty((per, self.n_params), self.dtype) for _ in range(min(2, len(batches)))]
         prev = np.empty(self.n_params, self.dtype)  # the last row decoded: the next one's base
 
-        def fetch(i: int) -> np.ndarray:  # on the I/O thread: a batch's records, while the one before is decoded
+        def fetch(
+            i: int,
+        ) -> np.ndarray:  # on the I/O thread: a batch's records, while the one before is decoded
             rows = index[slice(*batches[i])]
             a, b = int(rows[0, 1]), record_end(rows[-1])
-            return np.concatenate([self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)])
+            return np.concatenate(
+                [self.store.read_rows(LOG, x, y) for x, y in spans(a, b, self.blocks, b - a)]
+            )
 
         io = ThreadPoolExecutor(1)
         fetched = {0: io.submit(fetch, 0)}
 
         def read(i: int) -> Batch:  # on the decoding thread, while the batch before is used
             lo, hi = batches[i]
-            rows, values = index[lo:hi], out[i % 2][:hi - lo]
+            rows, values = index[lo:hi], out[i % 2][: hi - lo]
             a = int(rows[0, 1])
             flat = fetched.pop(i).result().reshape(-1)
             if i + 1 < len(batches):
@@ -437,19 +482,37 @@ class DeltaLog:
             n, fail = 0, ""
             for t, pos, nbytes, key, d_rec, d_val, _ in rows:
                 at = (int(pos) - a) * BLOCK
-                fail = self._decode(flat[at:at + int(nbytes)], values[n], None if key == t else prev,
-                                    int(t), int(d_rec), int(d_val))
+                fail = self._decode(
+                    flat[at : at + int(nbytes)],
+                    values[n],
+                    None if key == t else prev,
+                    int(t),
+                    int(d_rec),
+                    int(d_val),
+                )
                 if fail:
                     break
                 prev[:] = values[n]
                 n += 1
             skip = max(0, start - first - lo)
-            return first + lo + skip, values[skip:], max(0, n - skip), fail or (why if i + 1 == len(batches) else "")
+            return (
+                first + lo + skip,
+                values[skip:],
+                max(0, n - skip),
+                fail or (why if i + 1 == len(batches) else ""),
+            )
 
         return _prefetched(read, len(batches), io)
 
-    def _decode(self, record: np.ndarray, out: np.ndarray, prev: np.ndarray | None, t: int, d_rec: int,
-                d_val: int) -> str:
+    def _decode(
+        self,
+        record: np.ndarray,
+        out: np.ndarray,
+        prev: np.ndarray | None,
+        t: int,
+        d_rec: int,
+        d_val: int,
+    ) -> str:
         """Decode one record into `out` and check it; why it fails, or ""."""
         seed = row_seed(self.ident, t)
         where = f"record of iterate {t} in {LOG}"
@@ -476,7 +539,9 @@ class DeltaLog:
     def groups(self, start: int, stop: int, group_bytes: int) -> list[Runs]:
         """Iterates start..stop−1 as runs of whole chunks (each decoded from its keyframe) of
         about `group_bytes` of raw values, one run a group."""
-        step = max(1, group_bytes // (self.n_params * self.dtype.itemsize) // self.chunk) * self.chunk
+        step = (
+            max(1, group_bytes // (self.n_params * self.dtype.itemsize) // self.chunk) * self.chunk
+        )
         cuts = [start, *range((start // step + 1) * step, stop, step), stop]
         return [[(a, b)] for a, b in zip(cuts, cuts[1:])]
 
@@ -485,7 +550,9 @@ class DeltaLog:
         index = self._index(start, stop)
         if len(index) and self._valid(index[0]) and index[0, 3] < start:
             index = np.concatenate([self._index(int(index[0, 3]), start), index])
-        return sum(blocks_of(r[2]) * BLOCK for r in index if self._valid(r)) + self.store.nbytes(INDEX)
+        return sum(blocks_of(r[2]) * BLOCK for r in index if self._valid(r)) + self.store.nbytes(
+            INDEX
+        )
 
     def persist(self) -> None:
         self.store.persist(LOG)
@@ -502,8 +569,10 @@ class DeltaLog:
 def _missing(found: int, want: int) -> str:
     """Why a slot meant for iterate `want` holds iterate `found` instead."""
     if found > want:
-        return (f"was overwritten by iterate {found} (a running writer has moved on, or a crash kept a later "
-                "row and lost the ones before it)")
+        return (
+            f"was overwritten by iterate {found} (a running writer has moved on, or a crash kept a later "
+            "row and lost the ones before it)"
+        )
     return "was not written (or was dropped by truncate)"
 
 

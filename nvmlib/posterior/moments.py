@@ -15,6 +15,7 @@ made update() slower (omp threads waiting on a busy core starve the writer); NUM
 when set, is used instead (capped at the cores). The omp and tbb layers take kernels from several
 threads at once; the workqueue layer does not, so there every launch is serialised by a lock.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,10 @@ from nvmlib.backends.base import aligned_empty
 BLOCK = 1 << 16  # parameters a thread takes at a time
 TILE = 8192  # parameters whose sums stay in L2 while a batch's rows are added to them
 CORES = len(os.sched_getaffinity(0))
-THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS,
-                     CORES if "NUMBA_NUM_THREADS" in os.environ else CORES - 1))
+THREADS = max(
+    1,
+    min(numba.config.NUMBA_NUM_THREADS, CORES if "NUMBA_NUM_THREADS" in os.environ else CORES - 1),
+)
 _LAUNCH = threading.Lock()  # serialises kernel launches on a threading layer that is not threadsafe
 _threadsafe: bool | None = None  # whether the layer numba loaded takes concurrent launches
 
@@ -56,14 +59,22 @@ def _stage(src: np.ndarray, dst: np.ndarray) -> bool:
 
 
 @numba.njit(nogil=True, cache=True)
-def _add_block(rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: np.ndarray,
-               s2: np.ndarray, lo: int, hi: int) -> None:
+def _add_block(
+    rows: np.ndarray,
+    first: int,
+    count: int,
+    shift: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
     ring = rows.shape[0]
     for a in range(lo, hi, TILE):
         m = min(hi, a + TILE) - a
-        t1, t2, sh = s1[a:a + m], s2[a:a + m], shift[a:a + m]
+        t1, t2, sh = s1[a : a + m], s2[a : a + m], shift[a : a + m]
         for r in range(count):
-            row = rows[(first + r) % ring, a:a + m]
+            row = rows[(first + r) % ring, a : a + m]
             for i in range(m):  # from 0: the loop vectorises
                 d = np.float64(row[i]) - sh[i]
                 t1[i] += d
@@ -71,8 +82,9 @@ def _add_block(rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: 
 
 
 @numba.njit(nogil=True, cache=True, parallel=True)
-def _add_rows(rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: np.ndarray,
-              s2: np.ndarray) -> None:
+def _add_rows(
+    rows: np.ndarray, first: int, count: int, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray
+) -> None:
     n = shift.shape[0]
     for b in numba.prange((n + BLOCK - 1) // BLOCK):
         _add_block(rows, first, count, shift, s1, s2, b * BLOCK, min(n, (b + 1) * BLOCK))
@@ -99,8 +111,14 @@ def stage(src: np.ndarray, dst: np.ndarray) -> bool:
     return bool(_launch(_stage, src, dst))
 
 
-def add_rows(rows: np.ndarray, shift: np.ndarray, s1: np.ndarray, s2: np.ndarray, first: int = 0,
-             count: int | None = None) -> None:
+def add_rows(
+    rows: np.ndarray,
+    shift: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    first: int = 0,
+    count: int | None = None,
+) -> None:
     """s1 += row − shift and s2 += (row − shift)², in float64, for rows first, first+1, … of the
     (B, n) array `rows` (`count` of them, all by default; indices modulo B: a ring), in order."""
     count = len(rows) if count is None else count

@@ -4,6 +4,7 @@ posterior stay on its GPU, so that the host thread only writes rows and checkpoi
 The same arithmetic as the host kernels, d = θ − θ₀ in float64 then Σd and Σd², as torch
 operations on the device; a checkpoint copies the sums to the host. Runs on CPU tensors too.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,8 @@ class TorchMoments(Moments):
         count = len(rows) if count is None else count
         for r in range(first, first + count):
             d = torch.from_numpy(rows[r % len(rows)]).to(self.device, torch.float64) - self._shift
-            self.block[0, :self.n_params].add_(d)
-            self.block[1, :self.n_params].add_(d * d)
+            self.block[0, : self.n_params].add_(d)
+            self.block[1, : self.n_params].add_(d * d)
 
     def sums(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.block[:, a:b].cpu().numpy()

@@ -8,6 +8,7 @@ nothing kept). A reader sees one snapshot: the moments of a count n and rows it 
 iterates n−K..n−1 (SnapshotError once a running writer has overwritten one of them; sample and
 kept_rows then move to a newer snapshot by themselves).
 """
+
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,18 +18,26 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
+import nvmlib.posterior.layout as layout
+import nvmlib.posterior.moments as moments
 from nvmlib.backends import open_store
 from nvmlib.backends.base import Store, check_fits
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
-import nvmlib.posterior.layout as layout
-import nvmlib.posterior.moments as moments
 from nvmlib.posterior.checksum import identity_seed
 from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
 from nvmlib.posterior.moments_torch import TorchMoments
-from nvmlib.posterior.sampling import (DRAWS, SHAPE, Draws, Sink, check_sampling, draw,
-                                      draw_blocks, low_rank)
+from nvmlib.posterior.sampling import (
+    DRAWS,
+    SHAPE,
+    Draws,
+    Sink,
+    check_sampling,
+    draw,
+    draw_blocks,
+    low_rank,
+)
 
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
 T = TypeVar("T")
@@ -40,11 +49,15 @@ def _as_vector(theta: Any, n_params: int) -> np.ndarray:
         theta = theta.detach().to("cpu").numpy()
     arr = np.asarray(theta)
     if arr.dtype.kind not in "f":
-        raise TypeError(f"θ has dtype {arr.dtype}; parameters must be floating point "
-                        "(float16/32/64): pass the model's flat parameter vector")
+        raise TypeError(
+            f"θ has dtype {arr.dtype}; parameters must be floating point "
+            "(float16/32/64): pass the model's flat parameter vector"
+        )
     if arr.shape != (n_params,):
-        raise ValueError(f"θ has shape {arr.shape} but this posterior holds {n_params} parameters: "
-                         f"pass a 1-D vector of length {n_params} (flatten the model's parameters)")
+        raise ValueError(
+            f"θ has shape {arr.shape} but this posterior holds {n_params} parameters: "
+            f"pass a 1-D vector of length {n_params} (flatten the model's parameters)"
+        )
     return arr
 
 
@@ -52,11 +65,15 @@ def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
     """The error for a θ that has NaN/Inf values, or values its posterior's dtype cannot hold."""
     bad = ~np.isfinite(vec)
     if bad.any():
-        return InputError(f"θ has {int(bad.sum())} NaN/Inf values (first at index "
-                          f"{int(np.flatnonzero(bad)[0])}); training diverged: lower the learning "
-                          "rate. The posterior was not changed")
-    return InputError(f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
-                      "store the posterior as float32 or float64. The posterior was not changed")
+        return InputError(
+            f"θ has {int(bad.sum())} NaN/Inf values (first at index "
+            f"{int(np.flatnonzero(bad)[0])}); training diverged: lower the learning "
+            "rate. The posterior was not changed"
+        )
+    return InputError(
+        f"θ overflows {dtype} (|θ| up to {np.abs(vec).max():.3g}); "
+        "store the posterior as float32 or float64. The posterior was not changed"
+    )
 
 
 MOMENTS_KINDS = ("auto", "host", "device")
@@ -67,8 +84,10 @@ def _check_moments(kind: Any, device: Any) -> None:
     if kind not in MOMENTS_KINDS:
         raise InputError(f"moments={kind!r} is not one of {', '.join(MOMENTS_KINDS)}")
     if kind == "device" and device is None:
-        raise InputError('moments="device" keeps the sums on a torch device: pass device= '
-                         "(the model's, e.g. \"cuda:0\")")
+        raise InputError(
+            'moments="device" keeps the sums on a torch device: pass device= '
+            '(the model\'s, e.g. "cuda:0")'
+        )
 
 
 def _moments(kind: str, n_params: int, padded: int, device: Any) -> moments.Moments:
@@ -83,8 +102,9 @@ class SWAGPosterior:
 
     required_bytes = staticmethod(layout.required_bytes)
 
-    def __init__(self, store: Store, meta: dict, readonly: bool, moments: str = "auto",
-                 device: Any = None) -> None:
+    def __init__(
+        self, store: Store, meta: dict, readonly: bool, moments: str = "auto", device: Any = None
+    ) -> None:
         self.store = store
         self.meta = meta
         self.n_params: int = meta["n_params"]
@@ -94,7 +114,9 @@ class SWAGPosterior:
         self.checkpoint_every: int = meta["checkpoint_every"]
         self.readonly = readonly
         self._count = 0
-        self._folded = 0  # updates the moments hold: the rows after it wait in the log's staged ring
+        self._folded = (
+            0  # updates the moments hold: the rows after it wait in the log's staged ring
+        )
         self._moments = _moments(moments, self.n_params, meta["moments_len"], device)
         staged = 0 if readonly else staged_rows(self.n_params, meta["dtype"])
         self.log = log_class(meta)(store, meta, identity_seed(meta["id"]), staged)
@@ -105,11 +127,20 @@ class SWAGPosterior:
 
     # ---- creating and opening -----------------------------------------------------------
     @classmethod
-    def create(cls, store: Store, n_params: int, max_rank: int | None = None,
-               dtype: str = "float32", checkpoint_every: int = 100, capacity: int | None = None,
-               model: str | None = None, overwrite: bool = False,
-               codec: str | None = None, moments: str = "auto", device: Any = None
-               ) -> "SWAGPosterior":
+    def create(
+        cls,
+        store: Store,
+        n_params: int,
+        max_rank: int | None = None,
+        dtype: str = "float32",
+        checkpoint_every: int = 100,
+        capacity: int | None = None,
+        model: str | None = None,
+        overwrite: bool = False,
+        codec: str | None = None,
+        moments: str = "auto",
+        device: Any = None,
+    ) -> "SWAGPosterior":
         """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
 
         codec: None keeps raw rows; "delta-zstd" or "delta-lz4" stores each iterate as the
@@ -135,25 +166,39 @@ class SWAGPosterior:
                 except PosteriorError as exc:
                     whole = "incomplete" not in str(exc)  # a torn create holds nothing to keep
                 if whole and not overwrite:
-                    raise PosteriorError(f"{store.describe()} already holds a posterior; open it with "
-                                         "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
-                                         "or choose another path")
+                    raise PosteriorError(
+                        f"{store.describe()} already holds a posterior; open it with "
+                        "SWAGPosterior.open, pass overwrite=True (train: --overwrite), "
+                        "or choose another path"
+                    )
             old = [name for name in NAMES if name in store]  # or a torn create's
-            room = "" if codec is None else (
-                f", {codec} at {ASSUMED_RATIO}x less than raw rows" if store.grows else
-                f", {codec} with room for incompressible rows: {store.describe()} does not grow")
-            check_fits(store, layout.required_bytes(n, cap, meta["dtype"], codec, store.grows),
-                       f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{room})",
-                       reclaimable=sum(store.occupied(name) for name in old))
+            room = (
+                ""
+                if codec is None
+                else (
+                    f", {codec} at {ASSUMED_RATIO}x less than raw rows"
+                    if store.grows
+                    else f", {codec} with room for incompressible rows: {store.describe()} does not grow"
+                )
+            )
+            check_fits(
+                store,
+                layout.required_bytes(n, cap, meta["dtype"], codec, store.grows),
+                f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{room})",
+                reclaimable=sum(store.occupied(name) for name in old),
+            )
             arrays = layout.arrays(meta)
             for name, (shape, dt) in arrays.items():
-                layout.check_file_size_limit(store, name, int(np.prod(shape)) * np.dtype(dt).itemsize)
+                layout.check_file_size_limit(
+                    store, name, int(np.prod(shape)) * np.dtype(dt).itemsize
+                )
             for name in old:
                 store.delete(name)
             sparse = log_class(meta).SPARSE
             for name, (shape, dt) in arrays.items():
-                (store.create_log if name == LOG else store.create)(name, shape, dt,
-                                                                    sparse=name in sparse)
+                (store.create_log if name == LOG else store.create)(
+                    name, shape, dt, sparse=name in sparse
+                )
             post = cls(store, meta, readonly=False, moments=moments, device=device)
             post._journal.checkpoint(0, force=True)
             layout.write_meta(store, meta)
@@ -163,8 +208,15 @@ class SWAGPosterior:
         return post
 
     @classmethod
-    def open(cls, store: Store, n_params: int | None = None, model: str | None = None,
-             readonly: bool = False, moments: str = "auto", device: Any = None) -> "SWAGPosterior":
+    def open(
+        cls,
+        store: Store,
+        n_params: int | None = None,
+        model: str | None = None,
+        readonly: bool = False,
+        moments: str = "auto",
+        device: Any = None,
+    ) -> "SWAGPosterior":
         """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint.
 
         readonly=True: a reader; it sees one consistent snapshot even while a writer collects.
@@ -172,16 +224,22 @@ class SWAGPosterior:
         _check_moments(moments, device)
         meta = read_meta(store)
         if n_params is not None and meta["n_params"] != n_params:
-            raise PosteriorError(f"the posterior on {store.describe()} was made for {meta['n_params']} "
-                                 f"parameters, not {n_params}: it belongs to another model "
-                                 f"({meta.get('model') or 'unnamed'}); open the right path")
+            raise PosteriorError(
+                f"the posterior on {store.describe()} was made for {meta['n_params']} "
+                f"parameters, not {n_params}: it belongs to another model "
+                f"({meta.get('model') or 'unnamed'}); open the right path"
+            )
         if model is not None and (meta.get("model") or model).split("#")[0] != model:
-            raise PosteriorError(f"the posterior on {store.describe()} was made for model "
-                                 f"{meta['model']!r}, not {model!r}; open the right path")
+            raise PosteriorError(
+                f"the posterior on {store.describe()} was made for model "
+                f"{meta['model']!r}, not {model!r}; open the right path"
+            )
         if not readonly:
             if store.readonly:
-                raise PosteriorError(f"{store.describe()} was opened read-only: open the posterior "
-                                     "with readonly=True, or open the store for writing")
+                raise PosteriorError(
+                    f"{store.describe()} was opened read-only: open the posterior "
+                    "with readonly=True, or open the store for writing"
+                )
             store.lock(LOG)
         post = cls(store, meta, readonly, moments, device)
         try:
@@ -210,10 +268,15 @@ class SWAGPosterior:
                 self._count = self._folded = journal.recover(journal.read_count(), exact=False)
                 break
             except PosteriorError:
-                if (not self.readonly or (journal.state() == before and attempt > 0)
-                        or attempt + 1 == SNAPSHOT_TRIES):
+                if (
+                    not self.readonly
+                    or (journal.state() == before and attempt > 0)
+                    or attempt + 1 == SNAPSHOT_TRIES
+                ):
                     raise
-        if not self.readonly:  # rows the crash left beyond the recovered count (e.g. the one in flight)
+        if (
+            not self.readonly
+        ):  # rows the crash left beyond the recovered count (e.g. the one in flight)
             journal.discard(self._count, max(journal.read_count() or 0, self._count) + 2)
 
     def refresh(self) -> None:
@@ -264,8 +327,10 @@ class SWAGPosterior:
         return self.nbytes
 
     def __repr__(self) -> str:
-        return (f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} "
-                f"rank={self.rank} max_rank={self.max_rank} on {self.store.describe()}>")
+        return (
+            f"<SWAGPosterior n_params={self.n_params} n_collected={self._count} "
+            f"rank={self.rank} max_rank={self.max_rank} on {self.store.describe()}>"
+        )
 
     # ---- collecting ---------------------------------------------------------------------
     def update(self, theta: Any) -> bool:
@@ -289,9 +354,11 @@ class SWAGPosterior:
         if self.max_rank is None and self._count + (self._pending is not None) >= self.capacity:
             self._settle()  # whether the log is full depends on the row in flight
             if self._count >= self.capacity:
-                raise PosteriorError(f"the log is full: it was created for {self.capacity} "
-                                     "iterates; create the posterior with a larger capacity or a "
-                                     "max_rank (ring)")
+                raise PosteriorError(
+                    f"the log is full: it was created for {self.capacity} "
+                    "iterates; create the posterior with a larger capacity or a "
+                    "max_rank (ring)"
+                )
         t = self._count + (self._pending is not None)
         row = self.log.rows[t % len(self.log.rows)]  # the moments are of what the tier stores
         if not moments.stage(vec, row):
@@ -341,10 +408,14 @@ class SWAGPosterior:
             if self._count == 0:
                 self._journal.write_shift()
         except BaseException as exc:
-            if isinstance(exc, StoreError):  # the row was written behind the update() call that gave it
-                raise StoreError(f"{exc}. Iterate {self._count}, given to the last update() call, "
-                                 f"was not recorded: n_collected stays {self._count}; record it "
-                                 "again") from exc
+            if isinstance(
+                exc, StoreError
+            ):  # the row was written behind the update() call that gave it
+                raise StoreError(
+                    f"{exc}. Iterate {self._count}, given to the last update() call, "
+                    f"was not recorded: n_collected stays {self._count}; record it "
+                    "again"
+                ) from exc
             raise
         self._count += 1
         self._journal.write_count(self._count)
@@ -421,7 +492,8 @@ class SWAGPosterior:
                 f"{count} and every iterate after it, but the ring (max_rank={self.max_rank}) keeps "
                 f"only iterates {first}..{old - 1} and no checkpoint at or before {count} is among "
                 f"them (or a row after it fails its checksum). This posterior can be truncated to "
-                f"{can}. Nothing was changed") from None
+                f"{can}. Nothing was changed"
+            ) from None
         self._journal.discard(int(count), old)
         self._journal.write_count(int(count))
         self._journal.checkpoint(int(count), force=True)
@@ -439,8 +511,15 @@ class SWAGPosterior:
         self._check_nonempty()
         return self._moments.variance(self._count)
 
-    def sample(self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None,
-               out: Store | None = None, name: str = DRAWS) -> np.ndarray | Draws:
+    def sample(
+        self,
+        S: int,
+        scale: float = 0.5,
+        seed: int | None = None,
+        executor: Any = None,
+        out: Store | None = None,
+        name: str = DRAWS,
+    ) -> np.ndarray | Draws:
         """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, n_params) float32, in one pass over the log.
 
         The pass goes over blocks of parameters (sampling.BLOCK): each kept row's block is read
@@ -464,21 +543,26 @@ class SWAGPosterior:
     def _check_out(self, out: Store, name: str, S: int) -> None:
         """Refuse, before anything is written, an `out` that cannot take S draws as `name`."""
         if name in NAMES:
-            raise InputError(f"name={name!r} is one of the posterior's own arrays: write the draws "
-                             f"under another name (the default is {DRAWS!r})")
+            raise InputError(
+                f"name={name!r} is one of the posterior's own arrays: write the draws "
+                f"under another name (the default is {DRAWS!r})"
+            )
         if out.readonly:
-            raise StoreError(f"{out.describe()} was opened read-only: open a store for writing to "
-                             "take the draws")
+            raise StoreError(
+                f"{out.describe()} was opened read-only: open a store for writing to take the draws"
+            )
         self._settle()
         need = Draws.nbytes(S, self.n_params)
         if self.meta.get("codec") and self.rank >= 2:
             need += Draws.nbytes(self.rank, self.n_params, self.dtype)
         have = sum(out.nbytes(n) for n in (name, name + SHAPE) if n in out)
-        check_fits(out, need, f"{S} draws of {self.n_params} parameters (float32)",
-                   reclaimable=have)
+        check_fits(
+            out, need, f"{S} draws of {self.n_params} parameters (float32)", reclaimable=have
+        )
 
-    def _draw(self, S: int, scale: float, seed: int | None, executor: Any, out: Store | None,
-              name: str) -> np.ndarray | Draws:
+    def _draw(
+        self, S: int, scale: float, seed: int | None, executor: Any, out: Store | None, name: str
+    ) -> np.ndarray | Draws:
         """sample() on the snapshot held, D z₂ from a block-wise pass here or from the executor;
         the draws in memory, or as `name` on `out` (removed again if the pass fails)."""
         self._check_nonempty()
@@ -495,19 +579,30 @@ class SWAGPosterior:
             if executor is None:
                 self._draw_blocks(S, scale, seed, sink, out, name)
             else:
+
                 def low(z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
                     return torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
 
-                draw(S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, low,
-                     sink)
+                draw(
+                    S,
+                    scale,
+                    seed,
+                    self.mean(),
+                    self.variance(),
+                    self.rank,
+                    self.work_dtype,
+                    low,
+                    sink,
+                )
         except BaseException:
             if draws is not None:
                 draws.delete()
             raise
         return held if draws is None else draws
 
-    def _draw_blocks(self, S: int, scale: float, seed: int | None, sink: Sink,
-                     out: Store | None, name: str) -> None:
+    def _draw_blocks(
+        self, S: int, scale: float, seed: int | None, sink: Sink, out: Store | None, name: str
+    ) -> None:
         """The local pass of sample() over parameter blocks; a raw log's kept rows read a block at
         a time (and verified once all are read), a compressed log's decoded once into a
         block-major copy (`name`.rows on `out`, or in memory)."""
@@ -525,8 +620,13 @@ class SWAGPosterior:
             self._verified(K, *columns.verify())
             draw_blocks(*args, columns.read, sink)
             return self._verified(K, *columns.verify())
-        copy = Draws.create(out if out is not None else open_store("dram"), name + ".rows", K,
-                            self.n_params, self.dtype)
+        copy = Draws.create(
+            out if out is not None else open_store("dram"),
+            name + ".rows",
+            K,
+            self.n_params,
+            self.dtype,
+        )
         try:
             for t, rows in self.stream([(first, count)]):
                 for i, row in enumerate(rows):
@@ -567,9 +667,11 @@ class SWAGPosterior:
         if ok < n or why:
             if self._overtaken(why):
                 raise SnapshotError(why + "; reopen the posterior for a newer snapshot")
-            raise PosteriorError(why + f"; mean and variance are intact, but iterates "
-                                 f"{self._count - self.rank}..{self._count} (sample, kept_rows) "
-                                 "cannot be trusted")
+            raise PosteriorError(
+                why + f"; mean and variance are intact, but iterates "
+                f"{self._count - self.rank}..{self._count} (sample, kept_rows) "
+                "cannot be trusted"
+            )
 
     def _overtaken(self, why: str) -> bool:
         """Whether a row failed because a running writer moved past this reader's snapshot: the row
@@ -595,11 +697,13 @@ class SWAGPosterior:
         self._check_open()
         first = self._count - self.rank
         if not first <= start <= stop <= self._count:
-            raise ValueError(f"iterates {start}..{stop} are not all kept: this posterior keeps "
-                             f"{first}..{self._count} (max_rank={self.max_rank})")
+            raise ValueError(
+                f"iterates {start}..{stop} are not all kept: this posterior keeps "
+                f"{first}..{self._count} (max_rank={self.max_rank})"
+            )
         out = np.empty((stop - start, self.n_params), self.dtype)
         for t, rows in self.stream([(start, stop)]):
-            out[t - start:t - start + len(rows)] = rows
+            out[t - start : t - start + len(rows)] = rows
         return out
 
     def kept_rows(self) -> np.ndarray:
@@ -640,10 +744,13 @@ class SWAGPosterior:
 
     def _check_usable(self, write: bool = False) -> None:
         if self._closed:
-            raise PosteriorError("this posterior was closed; reopen it with SWAGPosterior.open(store)")
+            raise PosteriorError(
+                "this posterior was closed; reopen it with SWAGPosterior.open(store)"
+            )
         if write and self.readonly:
-            raise PosteriorError("this posterior was opened read-only; open it with readonly=False "
-                                 "to write")
+            raise PosteriorError(
+                "this posterior was opened read-only; open it with readonly=False to write"
+            )
 
     def _check_open(self, write: bool = False) -> None:
         """Usable, with the row in flight settled and every counted row in the moments."""

@@ -1,5 +1,6 @@
 """Drawing from a SWAG posterior: θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), and the one D·z₂ kernel that
 every caller uses (a posterior's own pass over its log, a sharded posterior, a dask worker's share)."""
+
 from __future__ import annotations
 
 import math
@@ -20,15 +21,22 @@ def check_sampling(S: Any, scale: Any) -> tuple[int, float]:
     every layer that draws from a posterior checks its arguments here."""
     if isinstance(S, bool) or not isinstance(S, numbers.Integral) or S < 1:
         raise InputError(f"S={S!r}: the number of draws must be an integer >= 1 (e.g. 30)")
-    if (isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale)
-            or scale < 0):
-        raise InputError(f"scale={scale!r}: the covariance scale must be a finite number >= 0 "
-                         "(0.5 in Maddox et al.)")
+    if (
+        isinstance(scale, bool)
+        or not isinstance(scale, numbers.Real)
+        or not math.isfinite(scale)
+        or scale < 0
+    ):
+        raise InputError(
+            f"scale={scale!r}: the covariance scale must be a finite number >= 0 "
+            "(0.5 in Maddox et al.)"
+        )
     return int(S), float(scale)
 
 
-def low_rank(batches: Iterable[tuple[int, np.ndarray]], z2: torch.Tensor, mean: np.ndarray,
-             first: int) -> torch.Tensor:
+def low_rank(
+    batches: Iterable[tuple[int, np.ndarray]], z2: torch.Tensor, mean: np.ndarray, first: int
+) -> torch.Tensor:
     """Σ_k z₂ₖ (θ_k − θ̄) over the rows of `batches` ((first iterate, rows) pairs, rows in any
     order; iterate t takes row t − first of z2 (K, S)), (S, n_params) in z2's dtype. The rows are
     centred in place, in mean's dtype."""
@@ -36,7 +44,7 @@ def low_rank(batches: Iterable[tuple[int, np.ndarray]], z2: torch.Tensor, mean: 
     for t, rows in batches:
         rows = rows.astype(mean.dtype, copy=False)
         rows -= mean
-        acc.addmm_(z2[t - first:t - first + len(rows)].T, torch.from_numpy(rows))  # += z2ᵀ·rows
+        acc.addmm_(z2[t - first : t - first + len(rows)].T, torch.from_numpy(rows))  # += z2ᵀ·rows
     return acc
 
 
@@ -69,12 +77,20 @@ class Noise:
             stream = np.random.Generator(np.random.Philox(key=self.key, counter=g << 192))
             z = stream.standard_normal((self.S, BLOCK), dtype=self.work)
             lo, hi = max(a, g * BLOCK), min(b, (g + 1) * BLOCK)
-            out[:, lo - a:hi - a] = z[:, lo - g * BLOCK:hi - g * BLOCK]
+            out[:, lo - a : hi - a] = z[:, lo - g * BLOCK : hi - g * BLOCK]
         return out
 
 
-def _combine(noise: Noise, a: int, b: int, mean: np.ndarray, variance: np.ndarray,
-             acc: np.ndarray | None, K: int, scale: float) -> np.ndarray:
+def _combine(
+    noise: Noise,
+    a: int,
+    b: int,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    acc: np.ndarray | None,
+    K: int,
+    scale: float,
+) -> np.ndarray:
     """The draws' parameters a..b−1, θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, b − a) float32, from
     that block's θ̄ (in the work dtype), Σ_diag and Σ_k z₂ₖ (θ_k − θ̄) (None: K < 2)."""
     out = noise.z1(a, b)
@@ -87,9 +103,17 @@ def _combine(noise: Noise, a: int, b: int, mean: np.ndarray, variance: np.ndarra
     return out.astype(np.float32, copy=False)
 
 
-def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.ndarray, K: int,
-         work: type, low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
-         sink: Sink | None = None) -> np.ndarray | None:
+def draw(
+    S: int,
+    scale: float,
+    seed: int | None,
+    mean: np.ndarray,
+    variance: np.ndarray,
+    K: int,
+    work: type,
+    low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
+    sink: Sink | None = None,
+) -> np.ndarray | None:
     """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)) with D z₂ of the whole vector from elsewhere:
     low_rank(z2, θ̄) gives Σ_k z₂ₖ (θ_k − θ̄), (S, n) (a sharded posterior's ranks, a dask
     cluster). z₁ and z₂ are Noise(seed), so these draws equal a local pass's to float32
@@ -100,8 +124,9 @@ def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.
     acc = None if noise.z2 is None else low_rank(noise.z2, mean).numpy()
     out = np.empty((S, n), np.float32) if sink is None else None
     for a, b in blocks(n):
-        part = _combine(noise, a, b, mean[a:b], variance[a:b], None if acc is None else acc[:, a:b],
-                        K, scale)
+        part = _combine(
+            noise, a, b, mean[a:b], variance[a:b], None if acc is None else acc[:, a:b], K, scale
+        )
         if out is None:
             sink(a, b, part)
         else:
@@ -109,9 +134,17 @@ def draw(S: int, scale: float, seed: int | None, mean: np.ndarray, variance: np.
     return out
 
 
-def draw_blocks(S: int, scale: float, seed: int | None, n: int, K: int, work: type,
-                stats: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
-                rows: Callable[[int, int], np.ndarray] | None, sink: Sink) -> None:
+def draw_blocks(
+    S: int,
+    scale: float,
+    seed: int | None,
+    n: int,
+    K: int,
+    work: type,
+    stats: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+    rows: Callable[[int, int], np.ndarray] | None,
+    sink: Sink,
+) -> None:
     """S draws, as `draw`, in one pass over parameter blocks: for block [a, b), stats(a, b) gives
     its θ̄ and Σ_diag and rows(a, b) the K kept rows' parameters a..b−1 (K, b − a), read in block
     order (None: K < 2); the draws' block goes to `sink` while the next block is read and
@@ -122,8 +155,11 @@ def draw_blocks(S: int, scale: float, seed: int | None, n: int, K: int, work: ty
     def block(a: int, b: int) -> np.ndarray:
         mean, variance = stats(a, b)
         mean = mean.astype(work)
-        acc = None if noise.z2 is None or rows is None else \
-            low_rank([(0, rows(a, b))], noise.z2, mean, 0).numpy()
+        acc = (
+            None
+            if noise.z2 is None or rows is None
+            else low_rank([(0, rows(a, b))], noise.z2, mean, 0).numpy()
+        )
         return _combine(noise, a, b, mean, variance, acc, K, scale)
 
     edges = blocks(n)
@@ -179,7 +215,7 @@ class Draws:
         """Parameters a..b−1 (a block of `blocks(n)`) of every row, (rows, b − a)."""
         if b - a < BLOCK:
             whole = np.zeros((self.rows, BLOCK), self.dtype)
-            whole[:, :b - a] = block
+            whole[:, : b - a] = block
             block = whole
         block = block.astype(self.dtype, copy=False)
         self.store.write_rows(self.name, a // BLOCK * self.rows, block)
@@ -188,13 +224,13 @@ class Draws:
         """Row r, (n,)."""
         part = np.zeros((1, BLOCK), self.dtype)
         for a, b in blocks(self.n):
-            part[0, :b - a] = row[a:b]
+            part[0, : b - a] = row[a:b]
             self.store.write_rows(self.name, a // BLOCK * self.rows + r, part)
 
     def read_block(self, a: int, b: int) -> np.ndarray:
         """Parameters a..b−1 (a block of `blocks(n)`) of every row, (rows, b − a), a new array."""
         g = a // BLOCK
-        return self.store.read_rows(self.name, g * self.rows, (g + 1) * self.rows)[:, :b - a]
+        return self.store.read_rows(self.name, g * self.rows, (g + 1) * self.rows)[:, : b - a]
 
     def row(self, r: int) -> np.ndarray:
         """Row r, (n,)."""
@@ -204,7 +240,7 @@ class Draws:
         out = np.empty(self.n, self.dtype)
         for a, b in blocks(self.n):
             at = a // BLOCK * self.rows + r
-            out[a:b] = self.store.read_rows(self.name, at, at + 1)[0, :b - a]
+            out[a:b] = self.store.read_rows(self.name, at, at + 1)[0, : b - a]
         return out
 
     def __len__(self) -> int:
@@ -229,5 +265,6 @@ class Draws:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        return (f"<Draws {self.rows} × {self.n} {self.dtype} as {self.name} on "
-                f"{self.store.describe()}>")
+        return (
+            f"<Draws {self.rows} × {self.n} {self.dtype} as {self.name} on {self.store.describe()}>"
+        )
