@@ -38,8 +38,10 @@ class InputError(NvmlibError, ValueError):
 
 
 class ResourceError(NvmlibError):
-    """The machine has too little memory or disk for what was asked; the message says need and have."""
+    """The machine has too little memory or disk for what was asked; the message says need and
+    have."""
 
 
 class NotebookError(NvmlibError):
-    """A notebook of the reproduction failed; the message names it, the error and its executed copy."""
+    """A notebook of the reproduction failed; the message names it, the error and its executed
+    copy."""

@@ -1,7 +1,7 @@
 """SWAG in a Hugging Face Trainer run, in one line (extra: pip install nvmlib[hf]):
 
-    transformers.Trainer(model=model, args=args, train_dataset=ds,
-                         callbacks=[SWAGCallback("mmap", path, max_rank=20, start_epoch=1, every_n_steps=2)]).train()
+    transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[
+        SWAGCallback("mmap", path, max_rank=20, start_epoch=1, every_n_steps=2)]).train()
 
 The rule of what is collected, and resuming, are nvmlib.nn.collect's: the step is state.global_step
 at on_step_end, its epoch the one it runs in (state.epoch reaches 1.0 on the last step of epoch 0).
@@ -64,9 +64,10 @@ class SWAGCallback(Collector, TrainerCallback, ExportableState):
     ) -> None:
         if state.global_step > 0 and self.resume_count is None and self.swag is None:
             raise ConfigError(
-                f"this run resumes at step {state.global_step}, but the SWAG callback's saved count "
-                "was not restored: pass TrainingArguments(restore_callback_states_from_checkpoint="
-                "True) so that the posterior is rolled back to the checkpoint"
+                f"this run resumes at step {state.global_step}, but the SWAG callback's saved "
+                "count was not restored: pass "
+                "TrainingArguments(restore_callback_states_from_checkpoint=True) so that the "
+                "posterior is rolled back to the checkpoint"
             )
         self.start(model, state.global_step)
 

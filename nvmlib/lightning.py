@@ -33,8 +33,8 @@ class SWAGCallback(Collector, pl.Callback):
         if type(trainer.strategy).__name__ == "FSDPStrategy":
             raise ConfigError(
                 "strategy='fsdp' (FSDP1) flattens parameters, which SWAG cannot map back to the "
-                "model: use lightning's ModelParallelStrategy with torch.distributed.fsdp.fully_shard "
-                "in configure_model (FSDP2), or strategy='ddp'"
+                "model: use lightning's ModelParallelStrategy with "
+                "torch.distributed.fsdp.fully_shard in configure_model (FSDP2), or strategy='ddp'"
             )
         self.start(pl_module, trainer.global_step)
 

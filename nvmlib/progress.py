@@ -19,7 +19,8 @@ ENV = "NVMLIB_PROGRESS"
 
 
 def tqdm(*args: Any, **kwargs: Any) -> text_bar:
-    """tqdm.auto's bar (a widget in a Jupyter kernel), or a text bar on stdout when NVMLIB_PROGRESS=text."""
+    """tqdm.auto's bar (a widget in a Jupyter kernel), or a text bar on stdout when
+    NVMLIB_PROGRESS=text."""
     if os.environ.get(ENV) != "text":
         return auto_bar(*args, **kwargs)
     kwargs.setdefault("file", sys.stdout)  # stderr would be shown as an error in the notebook

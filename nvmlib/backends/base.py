@@ -27,11 +27,11 @@ class Store(ABC):
 
     kind: ClassVar[str]
     persistent: ClassVar[bool] = True
-    shared: ClassVar[bool] = (
-        False  # other machines can open it by its URL (a dask worker reads the log there)
-    )
-    grows: bool = False  # create(sparse=True) takes no space up front: allocate() gives it as rows
-    # are written, release() hands it back; where False, every array takes its whole size at create
+    # other machines can open it by its URL (a dask worker reads the log there)
+    shared: ClassVar[bool] = False
+    # create(sparse=True) takes no space up front: allocate() gives it as rows are written,
+    # release() hands it back; where False, every array takes its whole size at create
+    grows: bool = False
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None
@@ -113,8 +113,9 @@ class Store(ABC):
         library (plain zarr), when its writer stops; a no-op where every write already is."""
 
     def order(self, name: str) -> None:
-        """Make earlier writes to `name` reach the media before any later write (a store fence); where
-        that costs a flush (files), a no-op: checksums then catch a later write that overtook it."""
+        """Make earlier writes to `name` reach the media before any later write (a store fence);
+        where that costs a flush (files), a no-op: checksums then catch a later write that overtook
+        it."""
 
     def shard_rows(self, name: str) -> int:
         """Rows of array `name` that are stored together (a zarr shard): a reader elsewhere reads
@@ -122,8 +123,8 @@ class Store(ABC):
         return 1
 
     def reopen_args(self) -> tuple[str, str, dict]:
-        """(tier, path or URL, options): what open_store needs to open this store read-only in another
-        process; on another machine too where `shared` says so."""
+        """(tier, path or URL, options): what open_store needs to open this store read-only in
+        another process; on another machine too where `shared` says so."""
         return self.kind, str(self.path), {}
 
     def nbytes(self, name: str | None = None) -> int:
@@ -170,9 +171,9 @@ class Store(ABC):
             os.close(fd)
             if holder == str(os.getpid()):
                 raise LockedError(
-                    f"{name} on {self.describe()} already has a writer in this process (another posterior or "
-                    "SWAG object opened on the same path); close that one first, or open this one read-only "
-                    "(readonly=True)"
+                    f"{name} on {self.describe()} already has a writer in this process (another "
+                    "posterior or SWAG object opened on the same path); close that one first, or "
+                    "open this one read-only (readonly=True)"
                 ) from None
             raise LockedError(
                 f"{name} on {self.describe()} is being written by another process (pid {holder}); "
@@ -189,7 +190,8 @@ class Store(ABC):
             os.close(fd)
 
     def _lock_path(self, name: str) -> Path:
-        """Lock file for `name`: beside the data for file tiers; tiers without a directory override."""
+        """Lock file for `name`: beside the data for file tiers; tiers without a directory
+        override."""
         assert self.path is not None
         return self.path / f".{name}.lock"
 
@@ -219,17 +221,17 @@ def open_lock_file(path: Path) -> int:
 
 
 def open_plain(path: Path, flags: int, one_name: bool = True) -> int:
-    """Open a file a tier owns without following a link; for writing (O_WRONLY/O_RDWR), refuse anything
-    but a plain file with one name (one_name=False: names the tier gave it itself are allowed), so that a
-    planted symlink, hard link or device is never written through."""
+    """Open a file a tier owns without following a link; for writing (O_WRONLY/O_RDWR), refuse
+    anything but a plain file with one name (one_name=False: names the tier gave it itself are
+    allowed), so that a planted symlink, hard link or device is never written through."""
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise StoreError(
-                f"{path} is a symbolic link; nvmlib never reads or writes a posterior's files through "
-                "one: put the file itself there (cp --remove-destination TARGET LINK) or remove "
-                "the link"
+                f"{path} is a symbolic link; nvmlib never reads or writes a posterior's files "
+                "through one: put the file itself there (cp --remove-destination TARGET LINK) or "
+                "remove the link"
             ) from None
         raise StoreError(
             f"cannot open {path}: {exc.strerror}; check that it exists and its permissions"
@@ -247,14 +249,15 @@ def open_plain(path: Path, flags: int, one_name: bool = True) -> int:
 
 
 def refuse_links(root: Path) -> None:
-    """StoreError if any entry below directory `root` is a symbolic link (a writer would write through it)."""
+    """StoreError if any entry below directory `root` is a symbolic link (a writer would write
+    through it)."""
     for top, dirs, files in os.walk(root):
         for entry in dirs + files:
             if os.path.islink(os.path.join(top, entry)):
                 raise StoreError(
-                    f"{os.path.join(top, entry)} is a symbolic link inside the store {root}; nvmlib "
-                    "never writes a posterior through one: replace it with what it points to, or "
-                    "remove it"
+                    f"{os.path.join(top, entry)} is a symbolic link inside the store {root}; "
+                    "nvmlib never writes a posterior through one: replace it with what it points "
+                    "to, or remove it"
                 )
 
 
@@ -280,15 +283,16 @@ def private_dir() -> Path:
     return path
 
 
-ALIGN = (
-    4096  # O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
-)
-# posterior pads its log rows and moments to it on every tier, so its layout is the same wherever it lies
+# O_DIRECT's alignment of offsets, lengths and buffers (covers 512 B and 4 KiB sectors); a
+# posterior pads its log rows and moments to it on every tier, so its layout is the same wherever it
+# lies
+ALIGN = 4096
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, huge: bool = False) -> np.ndarray:
     """An uninitialised array whose data starts on a page boundary, so O_DIRECT can use it as is;
-    huge: ask for transparent huge pages (far fewer page faults when a large array is first touched)."""
+    huge: ask for transparent huge pages (far fewer page faults when a large array is first
+    touched)."""
     count = int(np.prod(shape))
     buf = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):

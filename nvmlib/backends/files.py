@@ -143,9 +143,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_atomically(path: Path, data: memoryview | bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old file or the new one: a new temporary
-    file beside it (never through a link), fsync, rename, fsync of the directory. A full disk or a
-    file size limit is a StoreError that names it; the old file is kept."""
+    """Replace `path` with `data` so that a crash leaves the old file or the new one: a new
+    temporary file beside it (never through a link), fsync, rename, fsync of the directory. A full
+    disk or a file size limit is a StoreError that names it; the old file is kept."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(
@@ -266,7 +266,8 @@ class DirectIO:
 
     @staticmethod
     def fits(offset: int, nbytes: int) -> bool:
-        """Whether [offset, offset + nbytes) is whole blocks, and large enough to be worth O_DIRECT."""
+        """Whether [offset, offset + nbytes) is whole blocks, and large enough to be worth
+        O_DIRECT."""
         return offset % ALIGN == 0 and nbytes % ALIGN == 0 and nbytes >= DirectIO.MIN_BYTES
 
     def _stage(self, nbytes: int) -> np.ndarray:

@@ -59,7 +59,8 @@ def lib() -> ctypes.CDLL:
             getattr(dll, fn).restype, getattr(dll, fn).argtypes = restype, argtypes
     except (OSError, AttributeError) as exc:
         raise TierUnavailable(
-            f"the pmem tier needs PMDK's libpmem, which cannot be loaded ({exc}): {TIERS['pmem'][1]}"
+            f"the pmem tier needs PMDK's libpmem, which cannot be loaded ({exc}): "
+            f"{TIERS['pmem'][1]}"
         ) from exc
     return dll
 
@@ -73,16 +74,17 @@ class Mapping:
     """One pmem_map_file mapping of a whole file or device.
 
     Writes go through `copy` (non-temporal copy + flush when the mapping is persistent memory,
-    pwrite into the same page cache otherwise) and become durable with `persist` (pmem_drain, or pmem_msync of
-    the range when the mapping is not persistent memory). Every view keeps its mapping alive,
-    so the memory is unmapped only when the last view is gone (like np.memmap).
+    pwrite into the same page cache otherwise) and become durable with `persist` (pmem_drain, or
+    pmem_msync of the range when the mapping is not persistent memory). Every view keeps its mapping
+    alive, so the memory is unmapped only when the last view is gone (like np.memmap).
     """
 
     def __init__(
         self, path: Path, length: int = 0, tmpfile: bool = False, readonly: bool = False
     ) -> None:
-        """Map all of file or device `path`; tmpfile: map a new unnamed file of `length` in directory `path`;
-        readonly: map it for reading only (libpmem maps read-write, which a read-only mount refuses)."""
+        """Map all of file or device `path`; tmpfile: map a new unnamed file of `length` in
+        directory `path`; readonly: map it for reading only (libpmem maps read-write, which a
+        read-only mount refuses)."""
         self.fd = self.direct = None
         if readonly:
             return self._map_readonly(path)
@@ -100,8 +102,9 @@ class Mapping:
             bool(is_pmem.value),
         )
         self.readonly = False
-        # Off persistent memory the mapping is page cache: pwrite fills it without a page fault per page,
-        # and whole 4 KiB blocks (the log's rows) go to the device with O_DIRECT, past the cache.
+        # Off persistent memory the mapping is page cache: pwrite fills it without a page fault per
+        # page, and whole 4 KiB blocks (the log's rows) go to the device with O_DIRECT, past the
+        # cache.
         self.fd = None if self.is_pmem or tmpfile else os.open(path, os.O_RDWR)
         self.direct = (
             None
@@ -133,7 +136,8 @@ class Mapping:
             os.close(fd)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise StoreError(
-                f"cannot map {path} for reading: {os.strerror(ctypes.get_errno()) if length else 'it is empty'}"
+                f"cannot map {path} for reading: "
+                f"{os.strerror(ctypes.get_errno()) if length else 'it is empty'}"
             )
         self.path, self.addr, self.length, self.is_pmem, self.readonly = (
             path,
@@ -169,8 +173,9 @@ class Mapping:
             write_all(self.fd, memoryview(data).cast("B"), offset)
 
     def populate(self, offset: int, length: int) -> None:
-        """Fault [offset, offset+length) in for writing now (madvise MADV_POPULATE_WRITE, Linux >= 5.14),
-        so that appends do not take a page fault per page; where the kernel lacks it, nothing happens."""
+        """Fault [offset, offset+length) in for writing now (madvise MADV_POPULATE_WRITE, Linux >=
+        5.14), so that appends do not take a page fault per page; where the kernel lacks it, nothing
+        happens."""
         start = offset - offset % mmap.PAGESIZE
         ctypes.CDLL(None).madvise(
             ctypes.c_void_p(self.addr + start),

@@ -59,7 +59,8 @@ class Extent(NamedTuple):
 
 
 def device_lock_path(device: Path, name: str) -> Path:
-    """A lock file in this user's private directory, keyed by the device path (a device has no directory)."""
+    """A lock file in this user's private directory, keyed by the device path (a device has no
+    directory)."""
     key = str(Path(device).resolve()).strip("/").replace("/", "_")
     return private_dir() / f"{key}-{name}.lock"
 
@@ -148,8 +149,9 @@ class DeviceLayout:
             )
         if not os.access(self.path, os.R_OK if readonly else os.R_OK | os.W_OK):
             raise StoreError(
-                f"the device {self.path} is not {'readable' if readonly else 'readable and writable'} "
-                f"by you; run `sudo chmod go+rw {self.path}` or choose another path"
+                f"the device {self.path} is not "
+                f"{'readable' if readonly else 'readable and writable'} by you; run `sudo chmod "
+                f"go+rw {self.path}` or choose another path"
             )
         self.readonly = readonly
         self.map = Mapping(self.path, readonly=readonly)
@@ -186,8 +188,8 @@ class DeviceLayout:
         return best
 
     def _extents(self, entries: dict) -> dict[str, Extent]:
-        """The table's entries, each checked to lie inside the device's data area (a table with a valid
-        checksum but an entry outside it is damage nvmlib must not map: StoreError)."""
+        """The table's entries, each checked to lie inside the device's data area (a table with a
+        valid checksum but an entry outside it is damage nvmlib must not map: StoreError)."""
         table = {}
         for name, entry in entries.items():
             try:
@@ -203,15 +205,16 @@ class DeviceLayout:
                 ok = False
             if not ok:
                 raise StoreError(
-                    f"the table of {self.path} has an invalid entry for {name!r} ({entry!r}: outside "
-                    f"bytes {DATA_START}..{self.map.length} of the device); the device's table is "
-                    "damaged: nvmlib will not map it"
+                    f"the table of {self.path} has an invalid entry for {name!r} ({entry!r}: "
+                    f"outside bytes {DATA_START}..{self.map.length} of the device); the device's "
+                    "table is damaged: nvmlib will not map it"
                 )
             table[name] = extent
         return table
 
     def _write(self, table: dict[str, Extent]) -> None:
-        """Write `table` into the older slot and persist it; the newer slot stays valid meanwhile."""
+        """Write `table` into the older slot and persist it; the newer slot stays valid
+        meanwhile."""
         body = json.dumps(
             {n: [e.offset, list(e.shape), e.dtype.str] for n, e in table.items()}
         ).encode()
@@ -269,7 +272,8 @@ class DeviceLayout:
             return start
         raise StoreError(
             f"the device {self.path} has no free extent of {nbytes / 1e9:.3f} GB "
-            f"({self.free_bytes() / 1e9:.3f} GB free in pieces); delete arrays or use a larger device"
+            f"({self.free_bytes() / 1e9:.3f} GB free in pieces); delete arrays or use a larger "
+            "device"
         )
 
     def delete(self, name: str) -> None:
@@ -312,7 +316,8 @@ class PmemStore(Store):
     def __init__(
         self, path: str | Path | None = None, readonly: bool = False, device: bool | None = None
     ) -> None:
-        """path: an fsdax directory or a devdax device; device=True treats a regular file as a device."""
+        """path: an fsdax directory or a devdax device; device=True treats a regular file as a
+        device."""
         if path is None:
             raise StoreError(
                 "the pmem tier needs a directory on an fsdax mount or a devdax device: "
@@ -422,7 +427,8 @@ class PmemStore(Store):
         return out
 
     def order(self, name: str) -> None:
-        """pmem_drain on persistent memory: the copies made so far are durable before any later one."""
+        """pmem_drain on persistent memory: the copies made so far are durable before any later
+        one."""
         mapping, _ = self._entry(name)
         if mapping.is_pmem:
             lib().pmem_drain()

@@ -65,7 +65,8 @@ ADDR_LOW, ADDR_HIGH, ADDR_ALIGN, ADDR_WINDOW = 0x1000_0000_0000, 0x5000_0000_000
 
 
 def mangle(name: str) -> str:
-    """An identifier for `name`: ASCII letters and digits kept, every other UTF-8 byte as _XX (hex)."""
+    """An identifier for `name`: ASCII letters and digits kept, every other UTF-8 byte as _XX
+    (hex)."""
     return PREFIX + "".join(
         chr(b) if chr(b).isalnum() and b < 128 else f"_{b:02x}" for b in name.encode()
     )
@@ -114,7 +115,7 @@ def quiet(errors: list[str] | None = None) -> Iterator[None]:
     fds = (1, 2) if errors is not None else (1,)
     saved = [os.dup(fd) for fd in fds]
     sinks = [open(os.devnull, "wb"), tempfile.TemporaryFile()][: len(fds)]
-    for fd, sink in zip(fds, sinks):
+    for fd, sink in zip(fds, sinks, strict=True):
         os.dup2(sink.fileno(), fd)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -123,7 +124,7 @@ def quiet(errors: list[str] | None = None) -> Iterator[None]:
         ctypes.CDLL(None).fflush(
             None
         )  # C stdio buffers what it prints to a pipe: drop it here, not later
-        for fd, old in zip(fds, saved):
+        for fd, old in zip(fds, saved, strict=True):
             os.dup2(old, fd)
             os.close(old)
         if errors is not None:
@@ -203,12 +204,15 @@ def load_address(size_bytes: int) -> int:
 
 
 def recorded_ranges(map_file: Path) -> list[tuple[int, int]]:
-    """The address ranges a shelf was created at, from its map file (`<name>.map`: addr size lines)."""
+    """The address ranges a shelf was created at, from its map file (`<name>.map`: addr size
+    lines)."""
     try:
         fields = map_file.read_text().split()
     except OSError:
         return []
-    return [(int(a, 0), int(a, 0) + int(s, 0)) for a, s in zip(fields[::2], fields[1::2])]
+    return [
+        (int(a, 0), int(a, 0) + int(s, 0)) for a, s in zip(fields[::2], fields[1::2], strict=False)
+    ]
 
 
 def lock_holder(path: Path) -> str:
@@ -243,14 +247,16 @@ def in_child(action: Callable[[], None], what: str) -> None:
     PyMM maps shelves with MADV_DONTFORK: the child has none of this process's shelf memory, so it
     must not finalise this process's objects (PyMM's shelf calls gc.collect(), and a PyMM array
     left in a garbage cycle, a closed store's array held by a dropped traceback, then persists
-    memory the child does not have: SIGSEGV). gc.freeze() puts them all out of the collector's reach."""
+    memory the child does not have: SIGSEGV). gc.freeze() puts them all out of the collector's
+    reach."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: only PyMM calls, then leave without running any cleanup
         gc.freeze()
         code = 1
         try:
-            faulthandler.disable()  # an abort here is expected and reported: no traceback dump on the caller's tty
+            # an abort here is expected and reported: no traceback dump on the caller's tty
+            faulthandler.disable()
             os.close(read_end)
             os.dup2(write_end, 2)
             with quiet():
@@ -300,8 +306,8 @@ class PymmStore(Store):
         engine: str = "hstore-cc",
         force_new: bool = False,
     ) -> None:
-        """path: the shelf's pmem_path (an fsdax directory or a devdax device); size_mb: the paper's -s;
-        name: the shelf's name (default: default_name(path)); engine: hstore-cc (persists) or
+        """path: the shelf's pmem_path (an fsdax directory or a devdax device); size_mb: the paper's
+        -s; name: the shelf's name (default: default_name(path)); engine: hstore-cc (persists) or
         mapstore (this process's memory only)."""
         if path is None:
             raise StoreError(
@@ -310,8 +316,8 @@ class PymmStore(Store):
             )
         if engine not in ENGINES:
             raise StoreError(
-                f"PyMM engine (its backend=) {engine!r} is not one of {', '.join(ENGINES)}: hstore-cc persists "
-                "the shelf, mapstore keeps it in this process's memory only"
+                f"PyMM engine (its backend=) {engine!r} is not one of {', '.join(ENGINES)}: "
+                "hstore-cc persists the shelf, mapstore keeps it in this process's memory only"
             )
         path = Path(path).expanduser()
         self._device = path.exists() and stat.S_ISCHR(path.stat().st_mode)

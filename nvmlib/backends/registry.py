@@ -14,13 +14,14 @@ TIERS: dict[str, tuple[str, str]] = {
     "mmap": ("nvmlib.backends.mmap:MmapStore", ""),
     "pmem": (
         "nvmlib.backends.pmem:PmemStore",
-        "install PMDK's libpmem: `apt-get install libpmem1` (Debian/Ubuntu) or `dnf install libpmem`",
+        "install PMDK's libpmem: `apt-get install libpmem1` (Debian/Ubuntu) or `dnf install "
+        "libpmem`",
     ),
     "pymm": (
         "nvmlib.backends.pymm:PymmStore",
         "build IBM's standalone PyMM (github.com/IBM/pymm, commit a506739) into this Python "
-        "environment, as the 'PyMM' section of docs/tiers.md shows; the PyPI package named 'pymm' is "
-        "unrelated, do not install it",
+        "environment, as the 'PyMM' section of docs/tiers.md shows; the PyPI package named 'pymm' "
+        "is unrelated, do not install it",
     ),
     "zarr": ("nvmlib.backends.zarr:ZarrStore", "pip install 'nvmlib[zarr]'"),
 }

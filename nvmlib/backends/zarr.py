@@ -234,7 +234,8 @@ class ZarrStore(Store):
         return (name in self._arrays and not name.endswith((OPEN, STATE))) or name in self.names()
 
     def names(self) -> list[str]:
-        with warnings.catch_warnings():  # zarr warns of objects that are no arrays: the writer's marker (see lock), a train state
+        # zarr warns of objects that are no arrays: the writer's marker (see lock), a train state
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", r"Object at .* is not recognized", ZarrUserWarning)
             keys = set(self.group.array_keys())
         return sorted(
@@ -414,7 +415,8 @@ class ZarrStore(Store):
         return True
 
     def _open_file(self, name: str, shard: int) -> Path:
-        """A local log's open shard: a file in zarr's shard format inside the side array's directory."""
+        """A local log's open shard: a file in zarr's shard format inside the side array's
+        directory."""
         return self.path / (name + OPEN) / f"shard.{shard}"
 
     def _shard_file(self, name: str, shard: int) -> Path:
@@ -423,7 +425,8 @@ class ZarrStore(Store):
 
     def _published(self, name: str, shard: int) -> bool:
         """Whether open shard `shard` is in the log already (linked by this writer, or, for a writer
-        that reopened it, by one before): its file is then the shard's and is never written again."""
+        that reopened it, by one before): its file is then the shard's and is never written
+        again."""
         if name not in self._flushed and self.local and self._fds.get(name, (None,))[0] != shard:
             try:
                 if os.path.samefile(self._open_file(name, shard), self._shard_file(name, shard)):
@@ -467,9 +470,9 @@ class ZarrStore(Store):
         self._dirty.setdefault(name + OPEN, set()).add(path)
 
     def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None, Path]:
-        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`, and its file; a writer
-        reopened mid-shard opens it again (or starts it, when a crash came between its record and
-        its file)."""
+        """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`, and its
+        file; a writer reopened mid-shard opens it again (or starts it, when a crash came between
+        its record and its file)."""
         if self._fds.get(name, (None,))[0] != shard:
             self._close_fd(name)
             path = self._open_file(name, shard)
@@ -481,7 +484,9 @@ class ZarrStore(Store):
                     DirectIO.open(path, readonly=False, one_name=False),
                     path,
                 )
-            else:  # rows the record names that are not in a file lie in the side array (see _open_rows)
+            else:
+                # rows the record names that are not in a file lie in the side array (see
+                # _open_rows)
                 self._begin(name, shard)
                 _, lo, hi = self._written.get(name) or self._state(name)
                 if lo < hi:
@@ -738,7 +743,8 @@ class ZarrStore(Store):
         self._synced.update(dirs)
 
     def _sync_new(self, key: str) -> None:
-        """fsync a new array's metadata and every directory from its own up to the store's parent."""
+        """fsync a new array's metadata and every directory from its own up to the store's
+        parent."""
         if not self.local:
             return
         file = self.path / key / "zarr.json"
@@ -787,13 +793,13 @@ class ZarrStore(Store):
             if f'"host": {json.dumps(socket.gethostname())}, "pid": {os.getpid()},' in holder:
                 raise LockedError(
                     f"{name} on {self.describe()} already has a writer in this process (another "
-                    "posterior or SWAG object opened on the same URL); close that one first, or open "
-                    "this one read-only (readonly=True)"
+                    "posterior or SWAG object opened on the same URL); close that one first, or "
+                    "open this one read-only (readonly=True)"
                 )
             raise LockedError(
-                f"{name} on {self.describe()} is being written by another process ({holder}); wait for "
-                "it to finish, open the posterior read-only (readonly=True), or, if that writer died, "
-                f"delete the object {self.url.rstrip('/')}/{key}"
+                f"{name} on {self.describe()} is being written by another process ({holder}); wait "
+                "for it to finish, open the posterior read-only (readonly=True), or, if that "
+                f"writer died, delete the object {self.url.rstrip('/')}/{key}"
             )
         self._held.add(name)
 
@@ -817,7 +823,7 @@ class ZarrStore(Store):
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     """[a, b) ranges where `mask` is True."""
     edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
 
 
 def _fsync_file(file: Path) -> None:

@@ -48,8 +48,8 @@ class Collector:
         self._last_step = 0
 
     def start(self, model: nn.Module, global_step: int) -> None:
-        """Before the first training step: a new posterior, or (resuming) the one at `path` rolled back
-        to the checkpoint's count; every mismatch is refused here, before training."""
+        """Before the first training step: a new posterior, or (resuming) the one at `path` rolled
+        back to the checkpoint's count; every mismatch is refused here, before training."""
         count, self.resume_count = self.resume_count, None
         self._last_step = global_step
         if self.swag is None:

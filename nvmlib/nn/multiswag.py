@@ -86,7 +86,7 @@ class MultiSWAG:
         seeds = np.random.SeedSequence(seed).generate_state(len(self.runs))
         return [
             run.predict(loader, S, bn_loader, scale, int(s), update_bn, memory_budget=memory_budget)
-            for run, s in zip(self.runs, seeds)
+            for run, s in zip(self.runs, seeds, strict=True)
         ]
 
     def predict(

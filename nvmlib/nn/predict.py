@@ -44,7 +44,8 @@ def batches(
 
 
 def check_reiterable(loader: Loader, name: str) -> None:
-    """Refuse a one-shot iterator (a generator, iter(loader)) where each drawn model reads `loader` again."""
+    """Refuse a one-shot iterator (a generator, iter(loader)) where each drawn model reads `loader`
+    again."""
     if isinstance(loader, Iterator):
         raise InputError(
             f"{name} is a one-shot iterator ({type(loader).__name__}): it is read once per model, "
@@ -82,8 +83,9 @@ def check_bn(model: nn.Module, bn_loader: Loader | None, update_bn: bool) -> Non
 def load(
     model: nn.Module, theta: np.ndarray, bn_loader: Loader | None, update_bn: bool = True
 ) -> nn.Module:
-    """`model` with parameters `theta` (each in its own dtype), in eval mode, its BatchNorm statistics
-    recomputed on bn_loader (torch.optim.swa_utils.update_bn) when it has BatchNorm and update_bn is set."""
+    """`model` with parameters `theta` (each in its own dtype), in eval mode, its BatchNorm
+    statistics recomputed on bn_loader (torch.optim.swa_utils.update_bn) when it has BatchNorm and
+    update_bn is set."""
     unflatten_into(theta, model.parameters())
     if update_bn and has_batchnorm(model):
         check_bn(model, bn_loader, update_bn)

@@ -85,8 +85,8 @@ def local_shards(model: nn.Module) -> tuple[list[torch.Tensor], list[dict[str, A
         if is_dtensor(p):
             if p.device_mesh.ndim != 1 or p.placements[0] != Shard(0):
                 raise ConfigError(
-                    f"parameter {name!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D mesh; "
-                    "nvmlib records shards on dim 0 of a 1-D mesh (fully_shard's default): "
+                    f"parameter {name!r} is placed as {p.placements} on a {p.device_mesh.ndim}-D "
+                    "mesh; nvmlib records shards on dim 0 of a 1-D mesh (fully_shard's default): "
                     "shard the model with fully_shard(model) on one mesh dimension"
                 )
             shape, offset = compute_local_shape_and_global_offset(
@@ -138,9 +138,9 @@ class ShardedPosterior:
         counts = {post.n_collected for post in posts}
         if len(counts) > 1:
             raise PosteriorError(
-                f"the ranks' posteriors hold {sorted(post.n_collected for post in posts)} iterates: "
-                "the run stopped between two ranks' collects; resume it from its last checkpoint "
-                "(the callback truncates every rank to the checkpoint's count)"
+                f"the ranks' posteriors hold {sorted(post.n_collected for post in posts)} "
+                "iterates: the run stopped between two ranks' collects; resume it from its last "
+                "checkpoint (the callback truncates every rank to the checkpoint's count)"
             )
 
     @classmethod
@@ -154,8 +154,8 @@ class ShardedPosterior:
             lay["world"] != size for lay in layouts
         ):
             raise PosteriorError(
-                f"{root} holds the shards of ranks {sorted(lay['rank'] for lay in layouts)}, not of "
-                f"all {size}: copy every rank-*-of-{size} directory and .json file there"
+                f"{root} holds the shards of ranks {sorted(lay['rank'] for lay in layouts)}, not "
+                f"of all {size}: copy every rank-*-of-{size} directory and .json file there"
             )
         layouts.sort(key=lambda lay: lay["rank"])
         segments, total = cls._segments(layouts)
@@ -245,7 +245,8 @@ class ShardedPosterior:
     def sample(
         self, S: int, scale: float = 0.5, seed: int | None = None, executor: Any = None
     ) -> np.ndarray:
-        """S full parameter vectors, equal to those of one posterior of the same iterates and seed."""
+        """S full parameter vectors, equal to those of one posterior of the same iterates and
+        seed."""
         if executor is not None:
             raise ConfigError("a sharded posterior is sampled in this process: pass executor=None")
         return draw(
@@ -258,4 +259,7 @@ class ShardedPosterior:
             post.store.close()
 
     def __repr__(self) -> str:
-        return f"<ShardedPosterior n_params={self.n_params} of {len(self.posts)} ranks n_collected={self.n_collected}>"
+        return (
+            f"<ShardedPosterior n_params={self.n_params} of {len(self.posts)} ranks "
+            f"n_collected={self.n_collected}>"
+        )

@@ -31,7 +31,8 @@ def host_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
 
 
 def flatten_into(params: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """The parameters, concatenated into `out` (one copy, no allocation), each cast to out's dtype."""
+    """The parameters, concatenated into `out` (one copy, no allocation), each cast to out's
+    dtype."""
     with torch.no_grad():
         torch.cat([p.detach().reshape(-1) for p in params], out=out)
     return out

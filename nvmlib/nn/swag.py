@@ -194,8 +194,9 @@ class SWAG:
         moments: str = "auto",
         **store_options: Any,
     ) -> "SWAG":
-        """Reopen the posterior of `model` at `path` (or on `store`); refused for another architecture.
-        The directory of a sharded run opens, read-only, as the posterior of the full model."""
+        """Reopen the posterior of `model` at `path` (or on `store`); refused for another
+        architecture. The directory of a sharded run opens, read-only, as the posterior of the full
+        model."""
         model, params, where, _ = _place(model, path, distributed, write=not readonly)
         self = cls.__new__(cls)
         if params is None:
@@ -207,8 +208,9 @@ class SWAG:
         )  # the ranks' posteriors, in one process
         if sharded and not readonly:
             raise PosteriorError(
-                f"{path} holds the per-rank posteriors of a sharded run: open it with readonly=True "
-                "to sample it in one process, or for writing from each rank of that run"
+                f"{path} holds the per-rank posteriors of a sharded run: open it with "
+                "readonly=True to sample it in one process, or for writing from each rank of that "
+                "run"
             )
         own = store is None and not sharded
         store = open_store(tier, where, readonly=readonly, **store_options) if own else store
@@ -284,8 +286,8 @@ class SWAG:
         """The SWAGPosterior underneath, with every collected iterate recorded."""
         if self._post is None:
             raise PosteriorError(
-                f"rank {world()[0]} records nothing: the parameters are replicated (DDP), so global "
-                "rank 0 writes the posterior; use it there, or open it after training with "
+                f"rank {world()[0]} records nothing: the parameters are replicated (DDP), so "
+                "global rank 0 writes the posterior; use it there, or open it after training with "
                 "SWAG.open(model, tier, path, readonly=True)"
             )
         if self._stager is not None:
@@ -309,7 +311,8 @@ class SWAG:
         self._until_checkpoint = None
 
     def truncate(self, count: int) -> None:
-        """Roll back to the first `count` iterates, e.g. to resume training from a checkpoint taken then."""
+        """Roll back to the first `count` iterates, e.g. to resume training from a checkpoint taken
+        then."""
         if self._post is None:
             self._idle = count
             return
@@ -401,16 +404,17 @@ class SWAG:
         executor: Any = None,
         memory_budget: float | None = None,
     ) -> np.ndarray:
-        """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S models.
+        """Bayesian model average: softmax probabilities (N, classes) float64 averaged over S
+        models.
 
         The S drawn parameter vectors stay in memory when they fit memory_budget (bytes; default a
         quarter of the memory available), else they go to a scratch store beside the posterior and
         the models are loaded one draw at a time (sample_models).
 
-        executor: nvmlib.dask.DaskExecutor(client); the S models' BatchNorm refreshes and predictions
-        then run on its workers (the loaders are gathered into tensors and sent once), and a posterior
-        on a tier the workers can open (Store.shared: zarr) is also sampled there. The result equals
-        the local one to float rounding."""
+        executor: nvmlib.dask.DaskExecutor(client); the S models' BatchNorm refreshes and
+        predictions then run on its workers (the loaders are gathered into tensors and sent once),
+        and a posterior on a tier the workers can open (Store.shared: zarr) is also sampled there.
+        The result equals the local one to float rounding."""
         self._check_bn(bn_loader, update_bn)
         check_reiterable(loader, "loader")
         shared = executor if executor is not None and self.store.shared else None

@@ -1,4 +1,5 @@
-"""argparse types that every subcommand's parser shares (cli.py and the modules that add their own)."""
+"""argparse types that every subcommand's parser shares (cli.py and the modules that add their
+own)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Callable
 
 
 def number(kind: type, low: float, what: str, strict: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to pass
-    (the subcommands' modules use it too)."""
+    """An argparse type: a finite `kind` >= low (> low when strict), else one line saying what to
+    pass (the subcommands' modules use it too)."""
 
     def parse(text: str) -> float:
         try:

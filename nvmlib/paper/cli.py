@@ -36,7 +36,8 @@ def _tier_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tier(args: argparse.Namespace) -> tuple[str, str | None]:
-    """(backend, path) from --backend, --posterior_path and -f, as the paper's scripts meant them."""
+    """(backend, path) from --backend, --posterior_path and -f, as the paper's scripts meant
+    them."""
     if args.posterior_path and args.shelf_path and args.posterior_path != args.shelf_path:
         raise ConfigError(
             "give the tier's path once: --posterior_path (file tiers) or -f (shelves)"
@@ -175,8 +176,8 @@ def run_evaluate(args: argparse.Namespace, script_start: float) -> int:
     if path is None:
         raise ConfigError(
             "a dram posterior does not outlive its training run: evaluate it in Python "
-            "(nvmlib.paper.train.train, then nvmlib.paper.evaluate.evaluate) or train on a persistent "
-            "tier and pass its --posterior_path"
+            "(nvmlib.paper.train.train, then nvmlib.paper.evaluate.evaluate) or train on a "
+            "persistent tier and pass its --posterior_path"
         )
     if args.results_filepath:
         check_writable(Path(args.results_filepath))

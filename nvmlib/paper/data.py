@@ -58,7 +58,8 @@ HOW_TO_GET = {
 
 @dataclass(frozen=True)
 class Split:
-    """One split of a data set: uint8 images (N, 28, 28), uint8 labels (N,), and where they came from."""
+    """One split of a data set: uint8 images (N, 28, 28), uint8 labels (N,), and where they came
+    from."""
 
     dataset: str
     split: str

@@ -73,7 +73,8 @@ def entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
-    """Probability that an out-of-distribution score exceeds an in-distribution one (ties count 1/2)."""
+    """Probability that an out-of-distribution score exceeds an in-distribution one (ties count
+    1/2)."""
     ranks = pd.Series(np.concatenate([in_scores, out_scores])).rank().to_numpy()
     n_in, n_out = len(in_scores), len(out_scores)
     return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
@@ -119,7 +120,8 @@ class Evaluation:
 
 
 def inputs(test: Split, ood: Split | None, angles: Iterable[float]) -> dict[str, torch.Tensor]:
-    """The evaluation's input sets (CPU): `test` rotated by each nonzero angle, `test`, and `ood`."""
+    """The evaluation's input sets (CPU): `test` rotated by each nonzero angle, `test`, and
+    `ood`."""
     sets = {f"rotated {a}": rotate(test, a) for a in angles if a != 0}
     sets["mnist"] = test.tensors("cpu")[0]
     if ood is not None:
@@ -141,8 +143,8 @@ def evaluate(
     """SGD (the model's current parameters), SWA (posterior mean) and SWAG (BMA over `samples`
     draws) on `test`, on `test` rotated by each angle, and OOD AUROC against `ood`.
 
-    executor: nvmlib.dask.DaskExecutor(client): the SWAG draws are sampled and their predictions made
-    on its workers; the same metrics as without one.
+    executor: nvmlib.dask.DaskExecutor(client): the SWAG draws are sampled and their predictions
+    made on its workers; the same metrics as without one.
     """
     samples, scale = check_sampling(samples, scale)
     device = next(model.parameters()).device

@@ -41,7 +41,8 @@ REPLAY_ROWS = 64  # log rows read at a time when replaying
 def write_record(
     name: str, parameters: dict[str, Any], measured: dict[str, Any], results_dir: str | Path
 ) -> Path:
-    """results_dir/name.json: what an experiment measured, with its parameters, versions and machine."""
+    """results_dir/name.json: what an experiment measured, with its parameters, versions and
+    machine."""
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -86,7 +87,8 @@ def epoch_table(timings: dict[str, float]) -> pd.DataFrame:
 def tier_location(
     backend: str, path: str | None, scratch_dir: str | Path, label: str
 ) -> Iterator[str | None]:
-    """Where a tier keeps a posterior: `path`, else scratch_dir/label, removed afterwards (dram: none)."""
+    """Where a tier keeps a posterior: `path`, else scratch_dir/label, removed afterwards (dram:
+    none)."""
     if backend == "dram" or path is not None:
         yield path
         return
@@ -111,7 +113,8 @@ def run_on_tier(
 def usable_tiers(
     tiers: dict[str, Sequence[str | None]],
 ) -> tuple[dict[str, tuple[str, str | None]], dict[str, str]]:
-    """Split {label: (backend, path)} into the tiers this machine has and {label: why not} for the rest."""
+    """Split {label: (backend, path)} into the tiers this machine has and {label: why not} for the
+    rest."""
     status = available_tiers()
     ok, skipped = {}, {}
     for label, (backend, path) in tiers.items():
@@ -185,8 +188,8 @@ def device_bandwidth(
 def growing(
     posterior: SWAGPosterior, ranks: Sequence[int], store: Store
 ) -> Iterator[tuple[int, SWAGPosterior, np.ndarray]]:
-    """(K, posterior of the first K iterates, iterate K) for each K in increasing `ranks`, by replaying
-    the log of a posterior that kept every iterate into a new one on `store`."""
+    """(K, posterior of the first K iterates, iterate K) for each K in increasing `ranks`, by
+    replaying the log of a posterior that kept every iterate into a new one on `store`."""
     if posterior.max_rank is not None or max(ranks) > posterior.n_collected:
         raise ValueError(
             f"replaying K up to {max(ranks)} needs a posterior that kept every iterate "
@@ -340,7 +343,8 @@ def scaling(
     """Seconds of `post.sample(S)` in this process and on a LocalCluster of each number of workers,
     interleaved (the local pass, then each cluster's, `repeats` times over) so that load from
     elsewhere on a shared machine falls on all alike; each pass reads a cold log (after one warm-up
-    call per cluster). Columns: mode, workers, repeat, seconds, max_abs_diff (from the local draws)."""
+    call per cluster). Columns: mode, workers, repeat, seconds, max_abs_diff (from the local
+    draws)."""
     from nvmlib import dask  # the edge that imports dask, only when a cluster is asked for
 
     def timed(client: Any = None) -> tuple[float, np.ndarray]:
@@ -367,7 +371,7 @@ def scaling(
                     "max_abs_diff": 0.0,
                 }
             )
-            for workers, (_, client) in zip(worker_counts, clusters):
+            for workers, (_, client) in zip(worker_counts, clusters, strict=True):
                 seconds, out = timed(client)
                 rows.append(
                     {

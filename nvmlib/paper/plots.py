@@ -73,15 +73,16 @@ def caption(preset: str, bandwidth: dict[str, dict[str, Any]]) -> str:
         or "device bandwidth not measured"
     )
     return (
-        f"{preset} preset · {os.cpu_count()} cores, {ram:.0f} GiB RAM, load {os.getloadavg()[0]:.1f} · "
-        f"{devices} · {time.strftime('%Y-%m-%d %H:%M %Z')}"
+        f"{preset} preset · {os.cpu_count()} cores, {ram:.0f} GiB RAM, load "
+        f"{os.getloadavg()[0]:.1f} · {devices} · {time.strftime('%Y-%m-%d %H:%M %Z')}"
     )
 
 
 def save(
     fig: plt.Figure, name: str, figures_dir: str | Path, footer: str | None = None
 ) -> list[Path]:
-    """Write `fig` as figures_dir/name.png and .pdf with `footer` (a `caption`) under it; returns the paths."""
+    """Write `fig` as figures_dir/name.png and .pdf with `footer` (a `caption`) under it; returns
+    the paths."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     if footer:  # under everything drawn so far (axis labels may reach below the figure's edge)
@@ -147,7 +148,7 @@ def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figu
     device_mbps: {device: measured sequential write MB/s} of the devices under the file tiers.
     """
     _style()
-    backends = dict(zip(table.tier, table.backend)) if "backend" in table else {}
+    backends = dict(zip(table.tier, table.backend, strict=True)) if "backend" in table else {}
     palette = {tier: tier_colour(tier, backends.get(tier)) for tier in table.tier.unique()}
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     panels = (
@@ -156,7 +157,7 @@ def tier_runtime(table: pd.DataFrame, device_mbps: dict[str, float]) -> plt.Figu
         ("epoch_s", "avg epoch time (s)"),
         ("write_MBps", "posterior write rate (MB/s)"),
     )
-    for ax, (column, label) in zip(axes, panels):
+    for ax, (column, label) in zip(axes, panels, strict=True):
         sns.lineplot(
             data=table,
             x="epochs",
@@ -202,7 +203,7 @@ def quality_vs_rank(table: pd.DataFrame) -> plt.Figure:
     """Accuracy, NLL and ECE of SGD, SWA and SWAG as the posterior grows; columns K, method, ..."""
     _style()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, column in zip(axes, ("accuracy", "nll", "ece")):
+    for ax, column in zip(axes, ("accuracy", "nll", "ece"), strict=True):
         _by_method(ax, table, "K", column)
         ax.set(
             xscale="log",
@@ -220,7 +221,7 @@ def rotated(table: pd.DataFrame) -> plt.Figure:
     """Accuracy and NLL against the rotation angle; columns method, angle, accuracy, nll."""
     _style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, column in zip(axes, ("accuracy", "nll")):
+    for ax, column in zip(axes, ("accuracy", "nll"), strict=True):
         _by_method(ax, table, "angle", column)
         ax.set(xlabel="rotation (degrees)", ylabel=column if column == "accuracy" else "NLL")
         ax.xaxis.set_major_locator(MaxNLocator(steps=[1, 3, 4.5, 9], integer=True))
@@ -258,7 +259,7 @@ def ood(scores: pd.DataFrame, auroc: pd.DataFrame) -> plt.Figure:
     _style()
     methods = [m for m in METHOD_ORDER if m in set(scores.method)]
     fig, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.4), sharey=True)
-    for ax, method in zip(np.atleast_1d(axes), methods):
+    for ax, method in zip(np.atleast_1d(axes), methods, strict=True):
         rows = scores[scores.method == method]
         sns.histplot(
             data=rows,
@@ -285,7 +286,7 @@ def sampling(table: pd.DataFrame, device_mbps: dict[str, float], tier: str) -> p
     """
     _style()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, column in zip(axes, ("seconds", "read_MBps")):
+    for ax, column in zip(axes, ("seconds", "read_MBps"), strict=True):
         sns.lineplot(
             data=table, x="S", y=column, style="mode", color=tier_colour(tier), markers=True, ax=ax
         )
@@ -307,7 +308,7 @@ def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
     """Accuracy, NLL and ECE per method as bars; `table` is indexed by method."""
     _style()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, column in zip(axes, ("accuracy", "nll", "ece")):
+    for ax, column in zip(axes, ("accuracy", "nll", "ece"), strict=True):
         sns.barplot(
             x=table.index,
             y=table[column],
@@ -326,7 +327,8 @@ def method_metrics(table: pd.DataFrame, title: str) -> plt.Figure:
 
 
 def collection_cost(cost: pd.DataFrame) -> plt.Figure:
-    """Milliseconds per training step and per collect() of each run; columns run, train_step_s, collect_s."""
+    """Milliseconds per training step and per collect() of each run; columns run, train_step_s,
+    collect_s."""
     _style()
     long = cost.melt(
         id_vars="run", value_vars=["train_step_s", "collect_s"], var_name="what", value_name="s"

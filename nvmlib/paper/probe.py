@@ -72,7 +72,8 @@ def sequential_bandwidth(path: str | Path, nbytes: int = DEFAULT_BYTES) -> dict[
 
 
 def _measure(path: Path, nbytes: int) -> dict[str, Any]:
-    """sequential_bandwidth's measurement; OSError when the file cannot be created, written or read."""
+    """sequential_bandwidth's measurement; OSError when the file cannot be created, written or
+    read."""
     block = min(BLOCK, max(mmap.PAGESIZE, nbytes))
     with mmap.mmap(-1, block) as buf:  # page aligned, as O_DIRECT needs
         buf.write(os.urandom(block))

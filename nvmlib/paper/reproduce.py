@@ -120,9 +120,9 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
             "tiers": {"dram": ["dram", None], "mmap": ["mmap", None], "pmem": ["pmem", None]},
             "probe_bytes": 128 << 20,
         },
-        # SWAG as it is meant to be run on all of MNIST: 2 epochs of SGD with momentum, then 2 epochs
-        # recording every 10th minibatch (121 iterates); the paper's protocol (recording from the first
-        # minibatch) is the `paper` preset's
+        # SWAG as it is meant to be run on all of MNIST: 2 epochs of SGD with momentum, then 2
+        # epochs recording every 10th minibatch (121 iterates); the paper's protocol (recording from
+        # the first minibatch) is the `paper` preset's
         "posterior_quality": {
             "model": "model_2fc",
             "tier": "mmap",
@@ -171,7 +171,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
             "probe_bytes": 128 << 20,
         },
     },
-    "paper": {  # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
+    # the paper's model, epochs and GPU training (-c 0); set the tier paths to the server's devices
+    "paper": {
         "collect": {
             "model": "model_4fc",
             "tier": "mmap",
@@ -281,8 +282,9 @@ def check_kernel(kernel_name: str) -> None:
     )
     if not same and Path(argv[0]).resolve() != Path(sys.executable).resolve():
         raise ConfigError(
-            f"the Jupyter kernel {kernel_name!r} runs {argv[0]}, not this Python ({sys.executable}); "
-            f"run `{sys.executable} -m ipykernel install --sys-prefix` or pass --kernel NAME"
+            f"the Jupyter kernel {kernel_name!r} runs {argv[0]}, not this Python "
+            f"({sys.executable}); run `{sys.executable} -m ipykernel install --sys-prefix` or pass "
+            "--kernel NAME"
         )
 
 
@@ -314,8 +316,8 @@ def check_fits(
     figures_dir: Path,
     only: list[str] | None = None,
 ) -> None:
-    """ResourceError naming need versus have, and the presets that would fit, when this machine cannot
-    hold the run of `scale`."""
+    """ResourceError naming need versus have, and the presets that would fit, when this machine
+    cannot hold the run of `scale`."""
     machine = resources.Machine.here()
     short = needs.shortfalls(machine)
     if short:
@@ -341,10 +343,10 @@ def reproduce(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Execute the notebooks at `scale`; returns seconds per notebook. Raises ResourceError at once when
-    this machine cannot hold the run, ConfigError when a notebook, the kernel or a writable results or
-    figures directory is missing, and NotebookError on the first notebook that fails (the executed
-    copy shows where)."""
+    """Execute the notebooks at `scale`; returns seconds per notebook. Raises ResourceError at once
+    when this machine cannot hold the run, ConfigError when a notebook, the kernel or a writable
+    results or figures directory is missing, and NotebookError on the first notebook that fails (the
+    executed copy shows where)."""
     from nvmlib.paper.train import check_writable
 
     notebooks_dir, results_dir, figures_dir = (
@@ -383,7 +385,8 @@ def reproduce(
         seconds[name] = time.perf_counter() - t
         peaks[name] = peak_rss_bytes()
         bar.write(
-            f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, {results_dir / name}.ipynb"
+            f"{name}: {seconds[name]:.1f} s -> {results_dir / name}.json, "
+            f"{results_dir / name}.ipynb"
         )
     if "tier_runtime" in plan:
         record = json.loads((results_dir / "tier_runtime.json").read_text())
@@ -407,11 +410,10 @@ def reproduce(
 def execute(
     notebook: Path, output: Path, parameters: dict[str, Any], kernel_name: str, cwd: Path
 ) -> None:
-    """Run `notebook` with `parameters` through papermill into `output`, in `cwd` (NotebookError when a
-    cell fails). The kernel talks to
-    papermill over Unix sockets in a private directory (jupyter_client's ipc transport), not over
-    unencrypted TCP on localhost (which any local user can read, and about which ipykernel warns on
-    the terminal once per notebook)."""
+    """Run `notebook` with `parameters` through papermill into `output`, in `cwd` (NotebookError
+    when a cell fails). The kernel talks to papermill over Unix sockets in a private directory
+    (jupyter_client's ipc transport), not over unencrypted TCP on localhost (which any local user
+    can read, and about which ipykernel warns on the terminal once per notebook)."""
     import papermill as pm
     from traitlets.config import Config
 
@@ -438,7 +440,8 @@ def execute(
 
 
 def ratio_markdown(record: dict[str, Any]) -> str:
-    """A markdown table of the tier runtime record: each tier's epoch (total) time / DRAM per epoch count."""
+    """A markdown table of the tier runtime record: each tier's epoch (total) time / DRAM per epoch
+    count."""
     rows = record["measured"]["runtime"]
     tiers = list(dict.fromkeys(r["tier"] for r in rows if r["backend"] != "dram"))
     by = {(r["tier"], r["epochs"]): r for r in rows}
@@ -492,8 +495,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, script_start: float | None = None) -> int:
-    """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start: nvmlib.paper.cli's
-    calling convention, unused)."""
+    """Run `nvmlib reproduce` from parsed arguments; returns the exit status (script_start:
+    nvmlib.paper.cli's calling convention, unused)."""
     if args.check:
         results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
         needs = plan_run(args.scale, results_dir, figures_dir, args.only, args.seed)[1]

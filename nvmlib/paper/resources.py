@@ -4,8 +4,8 @@ A notebook's needs are computed from its preset parameters by the function regis
 NEEDS (`needs_of` falls back to the bare kernel for a notebook that declares none). Notebooks run
 one after another in their own kernel and remove their scratch posteriors, so the plan needs the
 largest of their peaks; posteriors kept at an explicit path stay and add up. `Plan.shortfalls`
-compares a plan with what a machine has, phrased as need versus have (nvmlib.paper.reproduce refuses a
-run that does not fit before any work starts).
+compares a plan with what a machine has, phrased as need versus have (nvmlib.paper.reproduce refuses
+a run that does not fit before any work starts).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def one_after_another(needs: Iterable[Needs]) -> Needs:
     return total
 
 
-# ---- the pieces a notebook's needs are made of ----------------------------------------------------
+# ---- the pieces a notebook's needs are made of ---------------------------------------------------
 def n_params(model: str) -> int:
     """Parameters of one of the paper's models (nvmlib.paper.models)."""
     from nvmlib.paper.models import make_model
@@ -63,14 +63,16 @@ def n_params(model: str) -> int:
 
 
 def posterior_bytes(n: int, rows: int, dtype: str = "float32") -> int:
-    """Bytes of a posterior keeping `rows` iterates of `n` parameters (SWAGPosterior.required_bytes)."""
+    """Bytes of a posterior keeping `rows` iterates of `n` parameters
+    (SWAGPosterior.required_bytes)."""
     from nvmlib.posterior import SWAGPosterior
 
     return SWAGPosterior.required_bytes(n, rows, dtype)
 
 
 def kept_rows(p: Mapping[str, Any], epochs: int | None = None) -> int:
-    """Iterates a training run with parameters `p` keeps (train.train's capacity, capped by max_rank)."""
+    """Iterates a training run with parameters `p` keeps (train.train's capacity, capped by
+    max_rank)."""
     batches = math.ceil((p.get("limit") or TRAIN_EXAMPLES) / p.get("batch_size", BATCH_SIZE))
     epochs = p["epochs"] if epochs is None else epochs
     rows = 1 + (epochs - p.get("swag_start", 0)) * math.ceil(batches / p.get("record_every", 1))
@@ -103,7 +105,7 @@ def probe(p: Mapping[str, Any]) -> Needs:
     return Needs(scratch=p.get("probe_bytes", PROBE_BYTES))
 
 
-# ---- each notebook's needs ------------------------------------------------------------------------
+# ---- each notebook's needs -----------------------------------------------------------------------
 def collect(p: Mapping[str, Any]) -> Needs:
     post = on_tier(
         p["tier"], p.get("posterior_path"), posterior_bytes(n_params(p["model"]), kept_rows(p))
@@ -140,8 +142,8 @@ def sampling(p: Mapping[str, Any]) -> Needs:
 
 
 def any_model(p: Mapping[str, Any]) -> Needs:
-    """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG, then one more
-    (the Lightning run) (tier: the notebook's mmap unless the preset says)."""
+    """`runs` posteriors of `max_rank` iterates of the convnet, all open for MultiSWAG, then one
+    more (the Lightning run) (tier: the notebook's mmap unless the preset says)."""
     from nvmlib.paper.any_model import convnet
 
     n = sum(t.numel() for t in convnet(p["width"]).parameters())
@@ -183,10 +185,11 @@ def needs_of(notebook: str, parameters: Mapping[str, Any]) -> Needs:
     return extra + Needs(memory=KERNEL_BYTES)
 
 
-# ---- what the machine has -------------------------------------------------------------------------
+# ---- what the machine has ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Machine:
-    """Memory available without swapping, total memory, and a function giving free disk bytes under a path."""
+    """Memory available without swapping, total memory, and a function giving free disk bytes under
+    a path."""
 
     memory_available: int
     memory_total: int

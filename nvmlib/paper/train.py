@@ -2,10 +2,11 @@
 
 The initial parameters are recorded, then one update every `record_every` minibatches (and
 after the last minibatch of each epoch). With swag_start > 0 (not in the paper: SWAG's burn-in)
-recording begins with the parameters at the end of epoch swag_start - 1. Training is deterministic given the seed: the model
-is initialised from it and epoch e visits the data in an order drawn from (seed, e). Whenever
-the posterior writes a checkpoint, a small train state (model, optimizer, position, RNG) is
-written atomically beside it, so an interrupted run resumes to the same result (resume=True).
+recording begins with the parameters at the end of epoch swag_start - 1. Training is deterministic
+given the seed: the model is initialised from it and epoch e visits the data in an order drawn from
+(seed, e). Whenever the posterior writes a checkpoint, a small train state (model, optimizer,
+position, RNG) is written atomically beside it, so an interrupted run resumes to the same result
+(resume=True).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ STATE_KEYS = (
     "optimizer",
     "torch_rng",
 )
-# what torch.load and load_state_dict raise on bytes that are not a train state (empty, truncated, garbage;
-# torch's zip reader also raises OSError EINVAL)
+# what torch.load and load_state_dict raise on bytes that are not a train state (empty, truncated,
+# garbage; torch's zip reader also raises OSError EINVAL)
 NOT_A_STATE = (
     RuntimeError,
     ValueError,
@@ -315,7 +316,8 @@ def resolve_device(gpu: int) -> torch.device:
 
 def check_writable(file: Path, flag: str = "--results_filepath", create: bool = True) -> None:
     """Fail now, not after the work, when `file` (given with `flag`) cannot be written; creates its
-    directory (create=False: tries the nearest directory that exists instead, and creates nothing)."""
+    directory (create=False: tries the nearest directory that exists instead, and creates
+    nothing)."""
     if file.is_dir():
         raise ConfigError(
             f"{flag} {file} is a directory; give a file name such as {file / 'run.csv'}"
@@ -395,7 +397,8 @@ def check_capacity(store: Store, config: TrainConfig, n: int, capacity: int) -> 
 
 # ---- determinism and resuming -------------------------------------------------------------
 def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The order in which epoch `epoch` visits the n training examples: a function of (seed, epoch)."""
+    """The order in which epoch `epoch` visits the n training examples: a function of (seed,
+    epoch)."""
     gen = torch.Generator().manual_seed(
         int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     )
@@ -421,7 +424,8 @@ def _save_state(
     updates: int,
     finished: bool,
 ) -> None:
-    """Write the train state atomically (files.write_atomically); a full disk is a StoreError naming it."""
+    """Write the train state atomically (files.write_atomically); a full disk is a StoreError naming
+    it."""
     if path is None:
         return
     state = {
