@@ -113,16 +113,17 @@ def _partial(
     meta: dict,
     count: int,
     runs: list[tuple[int, int]],
-    z2: np.ndarray,
+    coef: np.ndarray,
     mean: np.ndarray,
     first: int,
     threads: dict[str, int],
 ) -> np.ndarray:
-    """Run on a worker: the D·z₂ kernel over the iterates of `runs` (S, n_params); `threads`: the
-    threads a task may use, by worker."""
+    """Run on a worker: the D·z₂ kernel over the iterates of `runs` (S, n_params), with the
+    coefficients (K, S) the posterior's deviations give z₂; `threads`: the threads a task may
+    use, by worker."""
     torch.set_num_threads(threads.get(get_worker().address, 1))
     post = SWAGPosterior.view(_open(where), meta, count)
-    return low_rank(post.stream(runs), torch.from_numpy(z2), mean, first).numpy()
+    return low_rank(post.stream(runs), torch.from_numpy(coef), mean, first).numpy()
 
 
 def _add(*parts: Any) -> Any:
@@ -176,13 +177,14 @@ class DaskExecutor:
     def __init__(self, client: Any) -> None:
         self.client = client
 
-    def low_rank(self, post: SWAGPosterior, z2: np.ndarray, mean: np.ndarray) -> np.ndarray:
-        """Σ_k z₂ₖ·(θ_k − θ̄) over the K kept rows, (S, n_params) (the local pass's D z₂ before its
-        1/√(K−1)), computed by the client's workers."""
+    def low_rank(self, post: SWAGPosterior, coef: np.ndarray, mean: np.ndarray) -> np.ndarray:
+        """Σ_k cₖ·(θ_k − θ̄) over the K kept rows, (S, n_params), for the coefficients coef (K, S)
+        that sampling.coefficients gives z₂ for the posterior's deviations (the local pass's D z₂
+        before its 1/√(K−1)), computed by the client's workers."""
         client = self.client
         threads = check_workers(post, client)
-        mean_future, z2_future = client.scatter([mean, z2], broadcast=True)
-        first = post.n_collected - len(z2)
+        mean_future, coef_future = client.scatter([mean, coef], broadcast=True)
+        first = post.n_collected - len(coef)
         where = post.store.reopen_args()
         tasks = [
             client.submit(
@@ -191,7 +193,7 @@ class DaskExecutor:
                 post.meta,
                 post.n_collected,
                 runs,
-                z2_future,
+                coef_future,
                 mean_future,
                 first,
                 threads,

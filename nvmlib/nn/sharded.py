@@ -235,10 +235,11 @@ class ShardedPosterior:
     def kept_rows(self) -> np.ndarray:
         return self._full([post.kept_rows() for post in self.posts])
 
-    def low_rank(self, z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
-        """Σ_k z₂ₖ (θ_k − θ̄) of the full vectors: each rank's part with the same z₂."""
+    def low_rank(self, coef: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+        """Σ_k cₖ (θ_k − θ̄) of the full vectors: each rank's part with the same coefficients
+        (sampling.coefficients of z₂: D z₂, centred as the ranks' posteriors say)."""
         parts = [
-            post.low_rank(z2, self._local(mean, r)).numpy() for r, post in enumerate(self.posts)
+            post.low_rank(coef, self._local(mean, r)).numpy() for r, post in enumerate(self.posts)
         ]
         return torch.from_numpy(self._full(parts))
 
@@ -250,7 +251,16 @@ class ShardedPosterior:
         if executor is not None:
             raise ConfigError("a sharded posterior is sampled in this process: pass executor=None")
         return draw(
-            S, scale, seed, self.mean(), self.variance(), self.rank, self.work_dtype, self.low_rank
+            S,
+            scale,
+            seed,
+            self.mean(),
+            self.variance(),
+            self.rank,
+            self.work_dtype,
+            self.low_rank,
+            count=self.n_collected,
+            deviations=self.posts[0].deviations,
         )
 
     def close(self) -> None:

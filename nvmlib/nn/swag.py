@@ -42,6 +42,7 @@ from nvmlib.nn.sharded import (
 )
 from nvmlib.nn.staging import host_dtype, make_stager
 from nvmlib.posterior import SWAGPosterior
+from nvmlib.posterior.layout import check_deviations
 from nvmlib.posterior.sampling import Draws
 
 BUDGET_FRACTION = 0.25  # of the memory available: the default memory_budget of the drawn models
@@ -124,6 +125,8 @@ class SWAG:
     parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
     Drawn models keep each parameter's own dtype. moments: where the float64 sums live while
     collecting (SWAGPosterior.create): "device" keeps them on the model's device (a GPU's).
+    deviations="running" centres each kept row on the mean at its collection, as swa_gaussian
+    does; "final" (the default) on the mean of all iterates (SWAGPosterior.create).
 
     Under torch.distributed (distributed="auto", nvmlib.nn.sharded): a DDP model (wrapper unwrapped)
     is recorded by global rank 0 alone, the other ranks only count their collects; a sharded one
@@ -146,8 +149,10 @@ class SWAG:
         codec: str | None = None,
         distributed: str = "auto",
         moments: str = "auto",
+        deviations: str = "final",
         **store_options: Any,
     ) -> None:
+        check_deviations(deviations)  # before a store or directory is opened, on every rank
         model, params, where, layout = _place(model, path, distributed, write=True)
         if params is None:
             self._setup(model, [], None, False, None)
@@ -172,6 +177,7 @@ class SWAG:
                 codec=codec,
                 moments=moments,
                 device=params[0].device,
+                deviations=deviations,
             )
             if layout is not None:
                 write_layout(path, layout)

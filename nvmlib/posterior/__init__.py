@@ -1,4 +1,5 @@
-"""The posterior floor: a SWAG posterior on a store (imports nvmlib.backends and nvmlib.errors only).
+"""The posterior floor: a SWAG posterior on a store (imports nvmlib.backends and nvmlib.errors
+only).
 
 layout     the arrays, their shapes and the checksummed meta
 log        the kept iterates: raw rows or compressed delta records (codec)

@@ -1,4 +1,5 @@
-"""Lossless delta codecs for consecutive iterates: XOR with the previous row, byte grouping, zstd/lz4.
+"""Lossless delta codecs for consecutive iterates: XOR with the previous row, byte grouping,
+zstd/lz4.
 
 Consecutive SGD iterates share signs, exponents and high mantissa bits, so θ_t XOR θ_{t−1} is
 mostly zero bytes. The XOR-ed row is cut into segments; each segment's bytes are grouped into
@@ -80,7 +81,8 @@ def check_codec(codec: str | None) -> None:
 
 
 def codec_threads() -> int:
-    """Threads a codec encodes and decodes on: NVMLIB_CODEC_THREADS (a whole number >= 1), else every core."""
+    """Threads a codec encodes and decodes on: NVMLIB_CODEC_THREADS (a whole number >= 1), else
+    every core."""
     text = os.environ.get("NVMLIB_CODEC_THREADS", "").strip()
     if not text:
         return os.cpu_count() or 1
@@ -126,7 +128,8 @@ def _compressors(codec: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes,
 
 
 class DeltaCodec:
-    """Encode/decode rows of n values of `dtype` as XOR-deltas (or keyframes) on `threads` threads."""
+    """Encode/decode rows of n values of `dtype` as XOR-deltas (or keyframes) on `threads`
+    threads."""
 
     def __init__(self, codec: str, dtype: np.dtype, n: int, threads: int | None = None) -> None:
         check_codec(codec)
@@ -149,7 +152,8 @@ class DeltaCodec:
         return 8 * (1 + segments * width) + n * width
 
     def encode(self, row: np.ndarray, prev: np.ndarray | None) -> list[bytes | memoryview]:
-        """The encoded row as a list of byte strings (table first), to be written one after another."""
+        """The encoded row as a list of byte strings (table first), to be written one after
+        another."""
         cur = row.view(self.uint)
         old = cur if prev is None else prev.view(self.uint)
 

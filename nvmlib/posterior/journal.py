@@ -6,10 +6,10 @@ update that takes the checkpoint, on the journal's own thread, from a snapshot o
 copied there (`behind=True`): that update returns once the log and count are durable, and the
 snapshot's write is waited for by the next checkpoint, flush, truncate, recovery or close. One
 checkpoint is in flight at a time, so the rows since the last durable one stay in the log.
-A torn record or slot fails its checksum and recovery falls back to the other one. Recovery = the newest valid checkpoint + replay
-of the rows appended after it that verify, up to the count (checkpoint_every <= capacity / 2 keeps
-them in the log). Every digest is seeded with the posterior's identity, so files of two posteriors
-never mix.
+A torn record or slot fails its checksum and recovery falls back to the other one. Recovery = the
+newest valid checkpoint + replay of the rows appended after it that verify, up to the count
+(checkpoint_every <= capacity / 2 keeps them in the log). Every digest is seeded with the
+posterior's identity, so files of two posteriors never mix.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""What a posterior is on a store: its arrays, their shapes, and the checksummed meta that names them.
+"""What a posterior is on a store: its arrays, their shapes, and the checksummed meta that names
+them.
 
 swag.meta     uint8: JSON (n_params, max_rank, capacity, the log's layout, moments_len, dtype,
-              checkpoint_every, model, id: a random identity), a newline, its digest in hex
+              checkpoint_every, model, deviations: "final" or "running", what D's rows are
+              centred on; id: a random identity), a newline, its digest in hex
 swag.log      the iterates, a ring when max_rank is set (nvmlib.posterior.log): raw rows, or
 (swag.index)  compressed XOR-deltas of consecutive iterates with an index
 swag.count    int64 (2,): [updates whose row is fully written, its digest]
@@ -36,6 +38,7 @@ META, COUNT, SHIFT, MOMENTS, COMMIT = (
 )
 NAMES = (META, LOG, INDEX, COUNT, SHIFT, MOMENTS, COMMIT)
 FLOAT_DTYPES = ("float16", "float32", "float64")
+DEVIATIONS = ("final", "running")  # D's rows centred on the final mean, or on the running means
 MAX_CHUNK = 32  # iterates per chunk of a compressed log (a keyframe, then deltas), at most
 
 
@@ -80,6 +83,21 @@ def check_max_rank(max_rank: Any) -> None:
         )
 
 
+def check_deviations(deviations: Any) -> None:
+    """deviations is one of DEVIATIONS, or an InputError."""
+    if not isinstance(deviations, str) or deviations not in DEVIATIONS:
+        raise InputError(
+            f"deviations={deviations!r} is not one of {', '.join(DEVIATIONS)} (final centres "
+            "D's rows on the mean of all iterates, running each on the mean at its collection, "
+            "as swa_gaussian)"
+        )
+
+
+def deviations_of(meta: dict) -> str:
+    """What D's rows are centred on (a posterior written before the field: "final")."""
+    return meta.get("deviations", "final")
+
+
 def new_meta(
     n_params: Any,
     max_rank: Any,
@@ -88,8 +106,10 @@ def new_meta(
     capacity: Any,
     model: str | None,
     codec: str | None,
+    deviations: Any = "final",
 ) -> dict:
     """The meta of a new posterior, after every argument check (InputError naming the bad one)."""
+    check_deviations(deviations)
     if not isinstance(n_params, (int, np.integer)) or isinstance(n_params, bool) or n_params < 1:
         raise InputError(f"n_params must be a positive integer, not {n_params!r}")
     check_max_rank(max_rank)
@@ -122,6 +142,7 @@ def new_meta(
         "moments_len": padded_len(n, "float64", ALIGN),
         "dtype": dtype,
         "model": model,
+        "deviations": deviations,
         "checkpoint_every": int(max(1, min(checkpoint_every, cap // 2))),
         "id": new_identity(),
     }

@@ -14,7 +14,8 @@ DeltaLog (codec "delta-zstd" / "delta-lz4", nvmlib.posterior.codec)
   Reading iterate t decodes from its keyframe, so the ring keeps whole chunks: `slots` =
   capacity + chunk index slots and as many worst-case records of blocks, so that the keyframe of
   the oldest kept iterate and the record being written are never overwritten; between K and
-  K + chunk − 1 iterates are physically kept, and the posterior uses the last K, as the raw log does.
+  K + chunk − 1 iterates are physically kept, and the posterior uses the last K, as the raw log
+  does.
   On a tier that grows (Store.grows) the log is sparse: it occupies the records written, not the
   worst case. Each record's blocks are allocated before it is written (a full tier refuses the
   record there, with everything kept intact), and the blocks before the keyframe of the oldest
@@ -101,7 +102,8 @@ def record_end(row: np.ndarray) -> int:
 
 
 def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]:
-    """[a, b) slot ranges of a ring of `slots` holding positions start..stop−1 in order, each at most `step`."""
+    """[a, b) slot ranges of a ring of `slots` holding positions start..stop−1 in order, each at
+    most `step`."""
     out, t = [], start
     while t < stop:
         a = t % slots
@@ -141,7 +143,8 @@ class RawLog:
         self.store.write_rows(LOG, t % self.slots, row[None, :])
 
     def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
-        """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does not."""
+        """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does
+        not."""
         raw = rows.reshape(len(rows), -1).view(np.uint8)
         tails = np.ascontiguousarray(raw[:, -TRAILER:]).view(np.int64)
         nbytes = self.n_params * self.dtype.itemsize
@@ -160,12 +163,14 @@ class RawLog:
             if t != want:
                 return (
                     i,
-                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) {_missing(int(t), want)}",
+                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) "
+                    f"{_missing(int(t), want)}",
                 )
             if values_digest is not None and values_digest(i) != check:
                 return (
                     i,
-                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its checksum: it is damaged",
+                    f"row of iterate {want} in {LOG} (slot {want % self.slots}) fails its "
+                    "checksum: it is damaged",
                 )
         return len(tails), ""
 
@@ -213,8 +218,8 @@ class RawLog:
         return dropped
 
     def groups(self, start: int, stop: int, group_bytes: int) -> list[Runs]:
-        """Iterates start..stop−1 as runs that each lie in one shard of the store (Store.shard_rows),
-        grouped into whole shards of about `group_bytes`, oldest first."""
+        """Iterates start..stop−1 as runs that each lie in one shard of the store
+        (Store.shard_rows), grouped into whole shards of about `group_bytes`, oldest first."""
         R = self.store.shard_rows(LOG)
         by_shard: dict[int, Runs] = {}
         t = start
@@ -269,7 +274,7 @@ class Columns:
         for s0, s1 in self.parts:
             self.log.store.read_cols(LOG, s0, s1, a, b, out[done : done + s1 - s0])
             done += s1 - s0
-        for d, row in zip(self.digests, out):
+        for d, row in zip(self.digests, out, strict=True):
             d.update(row)
         self.at = b
         return out
@@ -380,7 +385,7 @@ class DeltaLog:
         self._pos = max((record_end(r) for r in valid), default=0)
         self._keys = sorted((int(r[0]), int(r[1])) for r in valid if r[0] == r[3] and r[0] < t)
         self._freed = 0  # _release goes back a ring's worth: whatever lies outside the records kept
-        for first, values, ok, _ in self.stream([(t - 1, t)]):
+        for _, values, ok, _ in self.stream([(t - 1, t)]):
             if ok:
                 row = index[(t - 1) % self.slots]
                 self._prev[:] = values[-1]
@@ -411,7 +416,8 @@ class DeltaLog:
         return row.any() and int(row[6]) == digest(np.ascontiguousarray(row[:6]), self.ident)
 
     def _check_index(self, index: np.ndarray, t0: int) -> tuple[int, str]:
-        """How many index rows (of iterates t0, t0+1, ...) are whole and name their iterate, and why not the next."""
+        """How many index rows (of iterates t0, t0+1, ...) are whole and name their iterate, and
+        why not the next."""
         for i, row in enumerate(index):
             want = t0 + i
             where = f"record of iterate {want} in {INDEX} (slot {want % self.slots})"
@@ -517,7 +523,10 @@ class DeltaLog:
         seed = row_seed(self.ident, t)
         where = f"record of iterate {t} in {LOG}"
         if digest(record, seed) != d_rec:
-            return f"{where} fails its checksum: it is damaged or torn (or a newer record took its blocks)"
+            return (
+                f"{where} fails its checksum: it is damaged or torn "
+                "(or a newer record took its blocks)"
+            )
         try:
             self.codec.decode(memoryview(record), prev, out)
         except ValueError as exc:
@@ -527,7 +536,8 @@ class DeltaLog:
         return ""
 
     def _batches(self, index: np.ndarray, step_bytes: int) -> list[tuple[int, int]]:
-        """[lo, hi) runs of index rows whose records lie in consecutive blocks, each at most step_bytes decoded."""
+        """[lo, hi) runs of index rows whose records lie in consecutive blocks, each at most
+        step_bytes decoded."""
         per = max(1, step_bytes // (self.n_params * self.dtype.itemsize))
         out, lo = [], 0
         for i in range(1, len(index) + 1):
@@ -543,10 +553,11 @@ class DeltaLog:
             max(1, group_bytes // (self.n_params * self.dtype.itemsize) // self.chunk) * self.chunk
         )
         cuts = [start, *range((start // step + 1) * step, stop, step), stop]
-        return [[(a, b)] for a, b in zip(cuts, cuts[1:])]
+        return [[(a, b)] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
 
     def stored_bytes(self, start: int, stop: int) -> int:
-        """Bytes of the records that iterates start..stop−1 need (from the keyframe before `start`) and of the index."""
+        """Bytes of the records that iterates start..stop−1 need (from the keyframe before
+        `start`) and of the index."""
         index = self._index(start, stop)
         if len(index) and self._valid(index[0]) and index[0, 3] < start:
             index = np.concatenate([self._index(int(index[0, 3]), start), index])
@@ -570,8 +581,8 @@ def _missing(found: int, want: int) -> str:
     """Why a slot meant for iterate `want` holds iterate `found` instead."""
     if found > want:
         return (
-            f"was overwritten by iterate {found} (a running writer has moved on, or a crash kept a later "
-            "row and lost the ones before it)"
+            f"was overwritten by iterate {found} (a running writer has moved on, or a crash "
+            "kept a later row and lost the ones before it)"
         )
     return "was not written (or was dropped by truncate)"
 
@@ -594,8 +605,8 @@ def _prefetched(read, n: int, io: ThreadPoolExecutor | None = None) -> Iterator[
                     pending = pool.submit(read, i + 1)
                 yield batch
         finally:
-            # without waiting: the garbage collector may finalise an abandoned stream on any thread, its own
-            # reading thread included, where a join would deadlock
+            # without waiting: the garbage collector may finalise an abandoned stream on any
+            # thread, its own reading thread included, where a join would deadlock
             pool.shutdown(wait=False, cancel_futures=True)
             if io is not None:
                 io.shutdown(wait=False, cancel_futures=True)

@@ -191,7 +191,7 @@ class Moments(ABC):
         self.load(saved[0])
         self.set_shift(saved[1])
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: host sums hold nothing to release)
         """Release what the sums hold (device memory); the host kernels run on numba's threads."""
 
 

@@ -37,6 +37,7 @@ from nvmlib.posterior.sampling import (
     draw,
     draw_blocks,
     low_rank,
+    running,
 )
 
 SNAPSHOT_TRIES = 20  # a reader retries its snapshot this often while a writer keeps changing it
@@ -44,7 +45,8 @@ T = TypeVar("T")
 
 
 def _as_vector(theta: Any, n_params: int) -> np.ndarray:
-    """θ as a 1-D float numpy array of n_params, or a ValueError/TypeError that says what is wrong."""
+    """θ as a 1-D float numpy array of n_params, or a ValueError/TypeError that says what is
+    wrong."""
     if hasattr(theta, "detach"):  # torch tensor, CPU or CUDA
         theta = theta.detach().to("cpu").numpy()
     arr = np.asarray(theta)
@@ -112,6 +114,7 @@ class SWAGPosterior:
         self.capacity: int = meta["capacity"]
         self.dtype = np.dtype(meta["dtype"])
         self.checkpoint_every: int = meta["checkpoint_every"]
+        self.deviations: str = layout.deviations_of(meta)
         self.readonly = readonly
         self._count = 0
         self._folded = (
@@ -140,6 +143,7 @@ class SWAGPosterior:
         codec: str | None = None,
         moments: str = "auto",
         device: Any = None,
+        deviations: str = "final",
     ) -> "SWAGPosterior":
         """A new, empty posterior on `store`. max_rank=None keeps every iterate (up to `capacity`).
 
@@ -153,8 +157,16 @@ class SWAGPosterior:
         moments: where the float64 sums (16 bytes a parameter) live while collecting: "host" (RAM,
         the numba kernels), "device" (a torch device, `device`, e.g. the model's GPU: the host then
         only writes rows and checkpoints), or "auto" (host). Not part of the posterior's format:
-        open() may choose another."""
-        meta = layout.new_meta(n_params, max_rank, dtype, checkpoint_every, capacity, model, codec)
+        open() may choose another.
+
+        deviations: what the kept rows of D are centred on. "final" (the default): the mean θ̄ of
+        all collected iterates, θ_k − θ̄. "running": the mean at the row's collection, θ_k − θ̄_k
+        with θ̄_k the mean of iterates 0..k, as Maddox et al.'s Algorithm 1 and code
+        (swa_gaussian) and torch-uncertainty compute it. Both are applied at sampling time in the
+        same single pass over the log; stored in the meta, so open() keeps it."""
+        meta = layout.new_meta(
+            n_params, max_rank, dtype, checkpoint_every, capacity, model, codec, deviations
+        )
         _check_moments(moments, device)
         n, cap = meta["n_params"], meta["capacity"]
         store.lock(LOG)
@@ -178,7 +190,8 @@ class SWAGPosterior:
                 else (
                     f", {codec} at {ASSUMED_RATIO}x less than raw rows"
                     if store.grows
-                    else f", {codec} with room for incompressible rows: {store.describe()} does not grow"
+                    else f", {codec} with room for incompressible rows: "
+                    f"{store.describe()} does not grow"
                 )
             )
             check_fits(
@@ -217,7 +230,8 @@ class SWAGPosterior:
         moments: str = "auto",
         device: Any = None,
     ) -> "SWAGPosterior":
-        """Reopen the posterior `store` holds, recovering any updates made after its last checkpoint.
+        """Reopen the posterior `store` holds, recovering any updates made after its last
+        checkpoint.
 
         readonly=True: a reader; it sees one consistent snapshot even while a writer collects.
         moments, device: where the sums live, as for create()."""
@@ -260,7 +274,8 @@ class SWAGPosterior:
         return post
 
     def _open_snapshot(self) -> None:
-        """Recover the newest state; a reader retries while a running writer changes what it reads."""
+        """Recover the newest state; a reader retries while a running writer changes what it
+        reads."""
         journal = self._journal
         for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
             before = journal.state()
@@ -382,8 +397,9 @@ class SWAGPosterior:
         return False
 
     def _uncount(self) -> None:
-        """Undo the last update after its checkpoint failed (a full disk): the live state, the count
-        on the tier and the row go back to the update before, so a retry records the iterate once."""
+        """Undo the last update after its checkpoint failed (a full disk): the live state, the
+        count on the tier and the row go back to the update before, so a retry records the iterate
+        once."""
         count = self._count - 1
         self._journal.forget_after(count)
         self._roll_back(count)
@@ -421,9 +437,11 @@ class SWAGPosterior:
         self._journal.write_count(self._count)
 
     def _fold(self) -> None:
-        """Add the counted rows that wait in the staged ring to the moments, in one pass over them."""
+        """Add the counted rows that wait in the staged ring to the moments, in one pass over
+        them."""
         if self._count > self._folded:  # a writer's (a reader's moments come from the tier)
-            self._journal.copied()  # a checkpoint's snapshot of the moments is taken before they move
+            # a checkpoint's snapshot of the moments is taken before they move
+            self._journal.copied()
             staged = self.log.rows
             self._moments.add_rows(staged, self._folded % len(staged), self._count - self._folded)
             self._folded = self._count
@@ -489,10 +507,10 @@ class SWAGPosterior:
             can = f"0, or any count from {min(usable)} to {old}" if usable else "0"
             raise PosteriorError(
                 f"cannot truncate to {count} updates: that state needs a checkpoint at or before "
-                f"{count} and every iterate after it, but the ring (max_rank={self.max_rank}) keeps "
-                f"only iterates {first}..{old - 1} and no checkpoint at or before {count} is among "
-                f"them (or a row after it fails its checksum). This posterior can be truncated to "
-                f"{can}. Nothing was changed"
+                f"{count} and every iterate after it, but the ring (max_rank={self.max_rank}) "
+                f"keeps only iterates {first}..{old - 1} and no checkpoint at or before {count} is "
+                "among them (or a row after it fails its checksum). This posterior can be "
+                f"truncated to {can}. Nothing was changed"
             ) from None
         self._journal.discard(int(count), old)
         self._journal.write_count(int(count))
@@ -580,8 +598,8 @@ class SWAGPosterior:
                 self._draw_blocks(S, scale, seed, sink, out, name)
             else:
 
-                def low(z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
-                    return torch.from_numpy(executor.low_rank(self, z2.numpy(), mean))
+                def low(coef: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+                    return torch.from_numpy(executor.low_rank(self, coef.numpy(), mean))
 
                 draw(
                     S,
@@ -593,6 +611,8 @@ class SWAGPosterior:
                     self.work_dtype,
                     low,
                     sink,
+                    count=self._count,
+                    deviations=self.deviations,
                 )
         except BaseException:
             if draws is not None:
@@ -613,12 +633,13 @@ class SWAGPosterior:
             return self._moments.mean(count, a, b), self._moments.variance(count, a, b)
 
         args = (S, scale, seed, self.n_params, K, self.work_dtype, stats)
+        centred = {"count": count, "deviations": self.deviations}
         if K < 2:
-            return draw_blocks(*args, None, sink)
+            return draw_blocks(*args, None, sink, **centred)
         if not self.meta.get("codec"):
             columns = self.log.columns(first, count)
             self._verified(K, *columns.verify())
-            draw_blocks(*args, columns.read, sink)
+            draw_blocks(*args, columns.read, sink, **centred)
             return self._verified(K, *columns.verify())
         copy = Draws.create(
             out if out is not None else open_store("dram"),
@@ -631,7 +652,7 @@ class SWAGPosterior:
             for t, rows in self.stream([(first, count)]):
                 for i, row in enumerate(rows):
                     copy.write_row(t - first + i, row)
-            draw_blocks(*args, copy.read_block, sink)
+            draw_blocks(*args, copy.read_block, sink, **centred)
         finally:
             copy.delete()
 
@@ -641,12 +662,23 @@ class SWAGPosterior:
         float32)."""
         return np.float64 if self.dtype == np.float64 else np.float32
 
-    def low_rank(self, z2: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
-        """Σ_k z₂ₖ (θ_k − θ̄) over the K kept rows, (S, n_params) in z2's dtype, from one streamed
-        pass over the log (z2: (K, S); mean: θ̄ in that dtype)."""
+    def low_rank(self, coef: torch.Tensor, mean: np.ndarray) -> torch.Tensor:
+        """Σ_k cₖ (θ_k − θ̄) over the K kept rows, (S, n_params) in coef's dtype, from one streamed
+        pass over the log (coef: (K, S), sampling.coefficients of z₂ for this posterior's
+        deviations, which make it D z₂; mean: θ̄ in that dtype)."""
         self._check_nonempty()
         first = self._count - self.rank
-        return low_rank(self.stream([(first, self._count)]), z2, mean, first)
+        return low_rank(self.stream([(first, self._count)]), coef, mean, first)
+
+    def deviation_rows(self) -> np.ndarray:
+        """D: the K kept rows centred as `deviations` says, (rank, n_params) float64, oldest
+        first: θ_k − θ̄ ("final") or θ_k − θ̄_k, θ̄_k the mean of iterates 0..k ("running"),
+        from kept_rows() and the moments (K × n_params in memory)."""
+        rows = self.kept_rows().astype(np.float64)  # a reader: of the snapshot it moved to
+        rows -= self.mean()
+        if self.deviations == "running":
+            rows = running(self._count - len(rows), self._count) @ rows
+        return rows
 
     def read_groups(self, group_bytes: int) -> list[Runs]:
         """The kept iterates as runs [t0, t1) that each lie in one shard of the store (or, for a

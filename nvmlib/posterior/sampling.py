@@ -1,5 +1,6 @@
 """Drawing from a SWAG posterior: θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), and the one D·z₂ kernel that
-every caller uses (a posterior's own pass over its log, a sharded posterior, a dask worker's share)."""
+every caller uses (a posterior's own pass over its log, a sharded posterior, a dask worker's
+share), with D centred on the final mean or on the running means (`coefficients`)."""
 
 from __future__ import annotations
 
@@ -35,17 +36,46 @@ def check_sampling(S: Any, scale: Any) -> tuple[int, float]:
 
 
 def low_rank(
-    batches: Iterable[tuple[int, np.ndarray]], z2: torch.Tensor, mean: np.ndarray, first: int
+    batches: Iterable[tuple[int, np.ndarray]], coef: torch.Tensor, mean: np.ndarray, first: int
 ) -> torch.Tensor:
-    """Σ_k z₂ₖ (θ_k − θ̄) over the rows of `batches` ((first iterate, rows) pairs, rows in any
-    order; iterate t takes row t − first of z2 (K, S)), (S, n_params) in z2's dtype. The rows are
-    centred in place, in mean's dtype."""
-    acc = torch.zeros((z2.shape[1], len(mean)), dtype=z2.dtype)
+    """Σ_k cₖ (θ_k − θ̄) over the rows of `batches` ((first iterate, rows) pairs, rows in any
+    order; iterate t takes row t − first of coef (K, S)), (S, n_params) in coef's dtype. The rows
+    are centred in place, in mean's dtype. coef is z₂ for D centred on the final mean, and
+    `coefficients(z2, count, "running")` for D centred on the running means: either way D z₂."""
+    acc = torch.zeros((coef.shape[1], len(mean)), dtype=coef.dtype)
     for t, rows in batches:
         rows = rows.astype(mean.dtype, copy=False)
         rows -= mean
-        acc.addmm_(z2[t - first : t - first + len(rows)].T, torch.from_numpy(rows))  # += z2ᵀ·rows
+        c = coef[t - first : t - first + len(rows)]
+        acc.addmm_(c.T, torch.from_numpy(rows))  # += cᵀ·rows
     return acc
+
+
+def running(first: int, count: int) -> np.ndarray:
+    """M (K, K) float64 with D_running = M·D_final for the kept iterates first..count−1 (global
+    indices t): θ_k − θ̄_k = (θ_k − θ̄) + Σ_{kept j>k} (θ_j − θ̄)/(k+1), where θ̄_k, the mean of
+    iterates 0..k, is (count·θ̄ − Σ_{j>k} θ_j)/(k+1) and every j > k is kept."""
+    K = count - first
+    inverse = 1.0 / np.arange(first + 1, count + 1, dtype=np.float64)  # 1/(k+1)
+    return np.eye(K) + np.triu(np.ones((K, K)), 1) * inverse[:, None]
+
+
+def coefficients(z2: torch.Tensor, count: int, deviations: str) -> torch.Tensor:
+    """The coefficients (K, S) for `low_rank` that give D z₂ of the K = len(z2) iterates kept
+    after `count` updates: z₂ itself for D centred on the final mean ("final"), Mᵀz₂ (`running`)
+    for D centred on each row's running mean ("running"), i.e. cⱼ = z₂ⱼ + Σ_{kept k<j}
+    z₂ₖ/(k+1). The mean term needs no coefficient of its own: Σ_k z₂ₖ(θ_k − θ̄_k) = Σⱼ cⱼθⱼ − bθ̄
+    with b = Σ_k z₂ₖ·count/(k+1) = Σⱼ cⱼ (the running deviations do not move when every θ
+    does), so the kernel's Σⱼ cⱼ(θⱼ − θ̄) is it exactly."""
+    if deviations == "final":
+        return z2
+    if deviations != "running":
+        raise InputError(f"deviations={deviations!r} is not one of final, running")
+    K = z2.shape[0]
+    if count < K:
+        raise ValueError(f"{K} kept iterates cannot follow {count} updates")
+    m = running(count - K, count)
+    return torch.from_numpy((m.T @ z2.numpy().astype(np.float64)).astype(z2.numpy().dtype))
 
 
 BLOCK = 1 << 16  # parameters per block: of the diagonal noise's stream and of a block-wise pass
@@ -92,7 +122,7 @@ def _combine(
     scale: float,
 ) -> np.ndarray:
     """The draws' parameters a..b−1, θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, b − a) float32, from
-    that block's θ̄ (in the work dtype), Σ_diag and Σ_k z₂ₖ (θ_k − θ̄) (None: K < 2)."""
+    that block's θ̄ (in the work dtype), Σ_diag and D z₂ (None: K < 2)."""
     out = noise.z1(a, b)
     out *= np.sqrt(variance).astype(noise.work)
     if acc is not None:
@@ -113,15 +143,23 @@ def draw(
     work: type,
     low_rank: Callable[[torch.Tensor, np.ndarray], torch.Tensor],
     sink: Sink | None = None,
+    count: int = 0,
+    deviations: str = "final",
 ) -> np.ndarray | None:
     """S draws θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)) with D z₂ of the whole vector from elsewhere:
-    low_rank(z2, θ̄) gives Σ_k z₂ₖ (θ_k − θ̄), (S, n) (a sharded posterior's ranks, a dask
-    cluster). z₁ and z₂ are Noise(seed), so these draws equal a local pass's to float32
-    rounding. Returns the (S, n) float32 draws, or gives them block by block to `sink`."""
+    low_rank(c, θ̄) gives Σ_k cₖ (θ_k − θ̄), (S, n) (a sharded posterior's ranks, a dask
+    cluster), for the coefficients c = coefficients(z₂, count, deviations) (K, S) of the K
+    iterates kept after `count` updates. z₁ and z₂ are Noise(seed), so these draws equal a local
+    pass's to float32 rounding. Returns the (S, n) float32 draws, or gives them block by block to
+    `sink`."""
     S, scale = check_sampling(S, scale)
     noise, n = Noise(seed, S, K, work), len(mean)
     mean = mean.astype(work)
-    acc = None if noise.z2 is None else low_rank(noise.z2, mean).numpy()
+    acc = (
+        None
+        if noise.z2 is None
+        else low_rank(coefficients(noise.z2, count, deviations), mean).numpy()
+    )
     out = np.empty((S, n), np.float32) if sink is None else None
     for a, b in blocks(n):
         part = _combine(
@@ -144,21 +182,25 @@ def draw_blocks(
     stats: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
     rows: Callable[[int, int], np.ndarray] | None,
     sink: Sink,
+    count: int = 0,
+    deviations: str = "final",
 ) -> None:
     """S draws, as `draw`, in one pass over parameter blocks: for block [a, b), stats(a, b) gives
     its θ̄ and Σ_diag and rows(a, b) the K kept rows' parameters a..b−1 (K, b − a), read in block
-    order (None: K < 2); the draws' block goes to `sink` while the next block is read and
-    computed on a thread. Memory: a few blocks × (K + S), whatever S and n."""
+    order (None: K < 2), of the iterates kept after `count` updates, centred as `deviations`
+    says; the draws' block goes to `sink` while the next block is read and computed on a thread.
+    Memory: a few blocks × (K + S), whatever S and n."""
     S, scale = check_sampling(S, scale)
     noise = Noise(seed, S, K, work)
+    coef = None if noise.z2 is None else coefficients(noise.z2, count, deviations)
 
     def block(a: int, b: int) -> np.ndarray:
         mean, variance = stats(a, b)
         mean = mean.astype(work)
         acc = (
             None
-            if noise.z2 is None or rows is None
-            else low_rank([(0, rows(a, b))], noise.z2, mean, 0).numpy()
+            if coef is None or rows is None
+            else low_rank([(0, rows(a, b))], coef, mean, 0).numpy()
         )
         return _combine(noise, a, b, mean, variance, acc, K, scale)
 
