@@ -7,7 +7,8 @@ Training is kept off the critical path (each step adds a fixed small vector to t
 so the collection rate is the posterior path's own, compared with `dd oflag=direct` and the
 read pass with `dd iflag=direct`, both measured in the same run on the same directory. Peak RSS
 (getrusage) is reported beside the model's own footprint: weights, one batch and the S sampled
-vectors that `predict` holds. Needs (RAM × multiple + 3 GB) free on DIR; the log is removed at the end.
+vectors that `predict` holds. Needs (RAM × multiple + 3 GB) free on DIR; the log is removed at the
+end.
 
 Usage: python benchmarks/bench_beyond_ram.py DIR [--ram-multiple 2] [-S 8] [--json out.json]
 """
@@ -63,7 +64,8 @@ def main() -> None:
     free = shutil.disk_usage(base).free
     if free < need:
         raise SystemExit(
-            f"bench_beyond_ram: {base} has {free / 1e9:.1f} GB free but {rows} iterates of ResNet-18 "
+            f"bench_beyond_ram: {base} has {free / 1e9:.1f} GB free "
+            f"but {rows} iterates of ResNet-18 "
             f"({args.ram_multiple} × RAM) need {need / 1e9:.1f} GB: choose a larger directory "
             "or a smaller --ram-multiple"
         )
@@ -90,7 +92,7 @@ def main() -> None:
             range(rows), desc=f"collecting {rows} × {4 * n / 1e6:.1f} MB", unit="iterate"
         ):
             with torch.no_grad():
-                for q, d in zip(model.parameters(), step):
+                for q, d in zip(model.parameters(), step, strict=True):
                     q.add_(d)
             swag.collect()
         swag.flush()
@@ -140,15 +142,17 @@ def main() -> None:
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(
-        f"log {log_bytes / 1e9:.1f} GB = {report['log_vs_ram']:.2f} × RAM ({ram / 1e9:.1f} GB), {rows} iterates"
+        f"log {log_bytes / 1e9:.1f} GB = {report['log_vs_ram']:.2f} × RAM "
+        f"({ram / 1e9:.1f} GB), {rows} iterates"
     )
     print(
         f"collect: {collect_MBps:.0f} MB/s = {report['collect_vs_dd_write']:.2f} × dd oflag=direct "
         f"({bw['dd_write_fresh_MBps']:.0f} MB/s)"
     )
     print(
-        f"sample S={args.samples}: {sample_s:.1f} s = {report['sample_vs_dd_read']:.2f} × dd iflag=direct "
-        f"of the log ({dd_read_s:.1f} s); predict (sampling + BatchNorm + forward): {predict_s:.1f} s"
+        f"sample S={args.samples}: {sample_s:.1f} s = "
+        f"{report['sample_vs_dd_read']:.2f} × dd iflag=direct of the log ({dd_read_s:.1f} s); "
+        f"predict (sampling + BatchNorm + forward): {predict_s:.1f} s"
     )
     print(
         f"peak RSS {rss / 1e9:.2f} GB; model footprint {footprint / 1e9:.2f} GB; "

@@ -11,8 +11,8 @@ Measures, on one directory:
      pass is printed beside them for reference.
 Figures are medians over the repeats (ratios: the median of each round's ratio). The disk and the
 CPUs are shared and noisy: read the ratios within this run, not across runs.
-Usage: python benchmarks/bench_cluster.py [DIR] [--rows 650] [--samples 30] [--workers 1 2] [--repeats 3]
-       [--json out.json]
+Usage: python benchmarks/bench_cluster.py [DIR] [--rows 650] [--samples 30] [--workers 1 2]
+       [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,10 +87,9 @@ def main() -> None:
         for _ in range(3):
             warm.update(np.ones(N_PARAMS, np.float32))
         appends = []
-        for r in range(
-            args.repeats
-        ):  # each round: a fresh log on each tier (the last pair is kept)
-            if r:
+        mmap_post = zarr_post = None  # the latest round's pair: the last one is measured below
+        for _ in range(args.repeats):  # each round: a fresh log on each tier
+            if mmap_post is not None:  # drop the previous round's pair and its files
                 for post in (mmap_post, zarr_post):
                     post.close()
                     post.store.close()
@@ -100,7 +99,9 @@ def main() -> None:
             zarr_post, zarr_MBps = fill("zarr", work / "p.zarr", args.rows)
             appends.append((mmap_MBps, zarr_MBps, zarr_MBps / mmap_MBps))
         for key, values in zip(
-            ("mmap_append_MBps", "zarr_append_MBps", "zarr_over_mmap_append"), zip(*appends)
+            ("mmap_append_MBps", "zarr_append_MBps", "zarr_over_mmap_append"),
+            zip(*appends, strict=True),
+            strict=True,
         ):
             out[key] = float(np.median(values))
             out[key + "_all"] = [round(v, 3) for v in values]

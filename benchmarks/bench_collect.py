@@ -60,7 +60,7 @@ def steps(
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
     if swag is not None:
-        swag.n_collected  # every queued iterate recorded
+        _ = swag.n_collected  # waits until every queued iterate is recorded
     return (time.perf_counter() - t) / count
 
 
@@ -141,11 +141,13 @@ def main() -> None:
     }
     print(f"ResNet-18, {row_bytes / 1e6:.1f} MB per iterate, batch {batch} on {device}")
     print(
-        f"{'tier':6} {'train ms':>9} {'+collect ms':>12} {'overhead':>9} {'write MB/s':>11} {'vs bound':>9}"
+        f"{'tier':6} {'train ms':>9} {'+collect ms':>12} {'overhead':>9} "
+        f"{'write MB/s':>11} {'vs bound':>9}"
     )
     for tier, r in results.items():
         print(
-            f"{tier:6} {r['train_step_s'] * 1e3:9.1f} {r['collect_step_s'] * 1e3:12.1f} {r['overhead']:8.3f}x "
+            f"{tier:6} {r['train_step_s'] * 1e3:9.1f} {r['collect_step_s'] * 1e3:12.1f} "
+            f"{r['overhead']:8.3f}x "
             f"{r['write_MBps']:11.0f} {r['vs_bound']:8.3f}x"
         )
     write_json(args.json, report)

@@ -26,8 +26,8 @@ pass, the sample comparison is repeated with reads throttled to --read-limit MB/
 blkio throttle on DIR's device (needs root and /sys/fs/cgroup/blkio; skipped with a note otherwise).
 
 Usage: python benchmarks/bench_compress.py [DIR] [--models model_2fc,model_4fc] [--rows 48]
-                                           [--samples 16] [--repeat 3] [--read-limit 250] [--ring 50]
-                                           [--disk-only] [--json out.json]
+           [--samples 16] [--repeat 3] [--read-limit 250] [--ring 50] [--disk-only]
+           [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ REGIMES = {"paper": (1e-4, 0.0, 0), "swag": (0.05, 0.9, 200)}  # lr, momentum, w
 
 
 def iterates(model_name: str, regime: str, rows: int) -> np.ndarray:
-    """`rows` consecutive iterates of `model_name` trained on MNIST in `regime`, (rows, n) float32."""
+    """`rows` consecutive iterates of `model_name` trained on MNIST in `regime`, as (rows, n)
+    float32."""
     lr, momentum, warmup = REGIMES[regime]
     x, y = data.load("mnist", "train").tensors()
     torch.manual_seed(0)
@@ -97,7 +98,8 @@ def disk_bytes(
     where: Path, rows: np.ndarray, codec: str | None, ring: int | None
 ) -> tuple[int, int]:
     """(bytes the log's files occupy, bytes every file of the posterior occupies) on the disk
-    (st_blocks) after recording `rows` into a fresh mmap posterior: the whole log, or a ring of `ring`."""
+    (st_blocks) after recording `rows` into a fresh mmap posterior: the whole log, or a ring of
+    `ring`."""
     shutil.rmtree(where, ignore_errors=True)
     with open_store("mmap", where) as store:
         post = SWAGPosterior.create(
@@ -114,14 +116,14 @@ def footprint(root: Path, rows: np.ndarray, ring: int) -> list[dict]:
     """The disk the raw and the delta-zstd log of `rows` occupy, whole and as a ring of `ring` kept
     iterates (recording 2 × ring of them, so that it wraps), against the raw rows they keep."""
     out = []
-    for kept, data in ((None, rows), (ring, rows[: 2 * ring])):
-        raw_log, raw_all = disk_bytes(root / "disk-raw", data, None, kept)
-        log, every = disk_bytes(root / "disk-zstd", data, "delta-zstd", kept)
-        rows_bytes = (kept or len(data)) * rows.shape[1] * rows.dtype.itemsize
+    for kept, recorded in ((None, rows), (ring, rows[: 2 * ring])):
+        raw_log, raw_all = disk_bytes(root / "disk-raw", recorded, None, kept)
+        log, every = disk_bytes(root / "disk-zstd", recorded, "delta-zstd", kept)
+        rows_bytes = (kept or len(recorded)) * rows.shape[1] * rows.dtype.itemsize
         out.append(
             {
                 "log": "whole" if kept is None else f"ring of {kept}",
-                "iterates": len(data),
+                "iterates": len(recorded),
                 "raw_rows_bytes": rows_bytes,
                 "raw_log_disk": raw_log,
                 "raw_posterior_disk": raw_all,
@@ -135,7 +137,8 @@ def footprint(root: Path, rows: np.ndarray, ring: int) -> list[dict]:
 
 
 def codec_rates(rows: np.ndarray, codec: str, threads: int) -> tuple[float, float]:
-    """GB/s (of raw rows) of the codec alone, in memory: (encode, decode) of every delta of `rows`."""
+    """GB/s (of raw rows) of the codec alone, in memory: (encode, decode) of every delta of
+    `rows`."""
     coder = DeltaCodec(codec, rows.dtype, rows.shape[1], threads)
     coder.decode(
         memoryview(b"".join(coder.encode(rows[1], rows[0]))), rows[0], np.empty_like(rows[0])
@@ -156,7 +159,8 @@ BLKIO = Path("/sys/fs/cgroup/blkio")
 
 
 class ReadLimit:
-    """A cgroup-v1 blkio throttle of reads from `where`'s device, for this whole process while entered."""
+    """A cgroup-v1 blkio throttle of reads from `where`'s device, for this whole process while
+    entered."""
 
     def __init__(self, where: Path, mbps: int) -> None:
         dev = os.stat(where).st_dev
@@ -225,7 +229,8 @@ def main() -> None:
     }
     dd_write = report["dd_before"]["dd_write_over_MBps"]
     print(
-        f"dd oflag=direct: {dd_write:.0f} MB/s overwrite, {report['dd_before']['dd_read_MBps']:.0f} MB/s read"
+        f"dd oflag=direct: {dd_write:.0f} MB/s overwrite, "
+        f"{report['dd_before']['dd_read_MBps']:.0f} MB/s read"
     )
     settings = [(None, cores)] + [
         (c, n) for c in ("delta-zstd", "delta-lz4") for n in sorted({1, 2, cores})
@@ -238,10 +243,13 @@ def main() -> None:
                     {"model": model_name, "regime": regime, **disk}
                 )
                 print(
-                    f"{model_name:9s} {regime:5s} {disk['log']:10s} ({disk['iterates']} iterates) on the disk: "
-                    f"raw rows {disk['raw_rows_bytes'] / 1e6:.1f} MB, raw log {disk['raw_log_disk'] / 1e6:.1f} MB, "
-                    f"zstd log {disk['zstd_log_disk'] / 1e6:.1f} MB = {disk['log_vs_raw_rows']:.2f}x less than "
-                    f"the raw rows; whole posterior {disk['posterior_vs_raw_posterior']:.2f}x less"
+                    f"{model_name:9s} {regime:5s} {disk['log']:10s} "
+                    f"({disk['iterates']} iterates) on the disk: "
+                    f"raw rows {disk['raw_rows_bytes'] / 1e6:.1f} MB, "
+                    f"raw log {disk['raw_log_disk'] / 1e6:.1f} MB, "
+                    f"zstd log {disk['zstd_log_disk'] / 1e6:.1f} MB = "
+                    f"{disk['log_vs_raw_rows']:.2f}x less than the raw rows; "
+                    f"whole posterior {disk['posterior_vs_raw_posterior']:.2f}x less"
                 )
             if args.disk_only:
                 continue
@@ -275,8 +283,9 @@ def main() -> None:
                 report["runs"].append(run)
                 tqdm.write(
                     f"{model_name:9s} {regime:5s} {run['codec']:10s} {threads} threads: "
-                    f"{run['bytes_per_iterate'] / 1e6:6.2f} MB/iterate (ratio {run['ratio']:4.2f}), "
-                    f"collect {run['collect_MBps']:6.0f} MB/s = {run['collect_vs_dd_write']:.2f}x dd write"
+                    f"{run['bytes_per_iterate'] / 1e6:6.2f} MB/iterate "
+                    f"(ratio {run['ratio']:4.2f}), collect {run['collect_MBps']:6.0f} MB/s = "
+                    f"{run['collect_vs_dd_write']:.2f}x dd write"
                 )
             for codec, threads in settings[1:]:
                 encode, decode = codec_rates(rows, codec, threads)
@@ -291,8 +300,8 @@ def main() -> None:
                     }
                 ]
                 print(
-                    f"{model_name:9s} {regime:5s} {codec:10s} {threads} threads in memory: encode {encode:.2f} GB/s, "
-                    f"decode {decode:.2f} GB/s"
+                    f"{model_name:9s} {regime:5s} {codec:10s} {threads} threads in memory: "
+                    f"encode {encode:.2f} GB/s, decode {decode:.2f} GB/s"
                 )
             limit = ReadLimit(root, args.read_limit) if args.read_limit else None
             why = limit.available() if limit else "--read-limit 0"
@@ -324,13 +333,15 @@ def main() -> None:
                     }
                 )
                 print(
-                    f"{model_name:9s} {regime:5s} sample({args.samples}), {device}: raw {raw_s:.3f} s, "
-                    f"delta-zstd {packed_s:.3f} s = {packed_s / raw_s:.2f}x"
+                    f"{model_name:9s} {regime:5s} sample({args.samples}), {device}: "
+                    f"raw {raw_s:.3f} s, delta-zstd {packed_s:.3f} s = {packed_s / raw_s:.2f}x"
                 )
     report["dd_after"], report["load_after"] = dd_bandwidth(root), os.getloadavg()
     print(
-        f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after; dd after: "
-        f"{report['dd_after']['dd_write_over_MBps']:.0f} MB/s overwrite, {report['dd_after']['dd_read_MBps']:.0f} MB/s read"
+        f"load average {report['load_before'][0]:.1f} before, "
+        f"{report['load_after'][0]:.1f} after; "
+        f"dd after: {report['dd_after']['dd_write_over_MBps']:.0f} MB/s overwrite, "
+        f"{report['dd_after']['dd_read_MBps']:.0f} MB/s read"
     )
     shutil.rmtree(root, ignore_errors=True)
     write_json(args.json, report)

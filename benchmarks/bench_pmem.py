@@ -77,7 +77,8 @@ def main() -> None:
     for kind, s in best.items():
         create = np.median([run[kind][0] for run in runs])
         print(
-            f"{kind:5} {args.appends} appends of {N_PARAMS} float32 + persist: best {s:.3f} s, {mb / s:.0f} MB/s, "
+            f"{kind:5} {args.appends} appends of {N_PARAMS} float32 + persist: "
+            f"best {s:.3f} s, {mb / s:.0f} MB/s, "
             f"{1e3 * s / args.appends:.2f} ms per update (create: {create:.3f} s)"
         )
     print(

@@ -15,7 +15,8 @@ Measures, in one run on one directory:
      read): stamping one row against the update time, verifying the whole log against sample(30)
      and against the cold read. Both run on pool threads, overlapped with I/O and the moments, so
      these serial costs bound the overhead from above.
-Usage: python benchmarks/bench_swag.py [DIR] [--updates 500] [--rounds 5] [--rows 300] [--json out.json]
+Usage: python benchmarks/bench_swag.py [DIR] [--updates 500] [--rounds 5] [--rows 300]
+       [--json out.json]
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def dd_read_file(path: Path) -> float:
 
 
 def prewrite(file: Path, start: int, nbytes: int) -> None:
-    """Write bytes start..start+nbytes of `file` once (durably, uncached), as a ring's first lap would."""
+    """Write bytes start..start+nbytes of `file` once (durably, uncached), as a ring's first lap
+    would."""
     zeros = bytes(64 << 20)
     fd = os.open(file, os.O_WRONLY)
     for off in range(start, start + nbytes, len(zeros)):
@@ -134,7 +136,7 @@ def bench_sampling(directory: Path, thetas: np.ndarray, rows: int) -> dict:
     buf = bytearray(64 << 20)
     t_read = cold(read_log)
     t_s30 = cold(lambda: post.sample(30, seed=0))
-    t_s1x30 = sum(cold(lambda: post.sample(1, seed=s)) for s in range(30))
+    t_s1x30 = sum(cold(lambda s=s: post.sample(1, seed=s)) for s in range(30))
     t_dd = dd_read_file(log_file)
     # the checksum's CPU time alone, on the rows in memory: what verifying the log and stamping a
     # row cost (each row's digest is xxHash3 of its values, seeded with the posterior's identity)

@@ -50,7 +50,7 @@ def updates_ms(post: SWAGPosterior, thetas: np.ndarray, updates: int) -> tuple[f
         t = time.perf_counter()
         checkpointed = post.update(thetas[i % len(thetas)])
         if i + 1 == updates:
-            post.n_collected  # settles the last row
+            _ = post.n_collected  # waits: settles the last row
         dt = time.perf_counter() - t
         if not checkpointed:
             calls.append(dt)

@@ -72,7 +72,8 @@ def free_port() -> int:
 
 
 def smoke_copy(name: str, root: Path) -> None:
-    """root/notebooks/name.ipynb: the notebook with the smoke preset (paths under root) in its parameters cell."""
+    """root/notebooks/name.ipynb: the notebook with the smoke preset (paths under root) in its
+    parameters cell."""
     book = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
     preset = reproduce.parameters("smoke", name, root / "results", root / "figures")
     lines = "\n".join(f"{key} = {value!r}" for key, value in preset.items())
@@ -119,12 +120,12 @@ class Lab:
             try:
                 self.api("status")
                 return
-            except OSError:
+            except OSError as exc:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.close()
                     raise RuntimeError(
                         f"JupyterLab did not start: {(root / 'lab.log').read_text()[-2000:]}"
-                    )
+                    ) from exc
                 time.sleep(0.5)
 
     def api(self, path: str, method: str = "GET") -> object:
@@ -138,7 +139,8 @@ class Lab:
         return json.loads(body) if body else None
 
     def kernel_idle(self, path: str) -> bool:
-        """Whether the kernel of the notebook at `path` (relative to root) has started and is idle."""
+        """Whether the kernel of the notebook at `path` (relative to root) has started and is
+        idle."""
         states = [s["kernel"]["execution_state"] for s in self.api("sessions") if s["path"] == path]
         return states == ["idle"]
 
@@ -187,7 +189,8 @@ def page(lab: Lab):
 
 
 def wait_for_idle(lab: Lab, page, path: str, timeout_s: float) -> None:
-    """Until every code cell of the open notebook has run or the run stopped, and its kernel is idle."""
+    """Until every code cell of the open notebook has run or the run stopped, and its kernel is
+    idle."""
     prompts = ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -275,7 +278,8 @@ def test_progress_bars_are_widgets_in_the_lab(lab: Lab) -> None:
 
 
 def test_make_lab_starts_as_this_user(tmp_path: Path) -> None:
-    """`make lab` (as root it adds --allow-root) serves the checkout and prints the notebooks' URL."""
+    """`make lab` (as root it adds --allow-root) serves the checkout and prints the notebooks'
+    URL."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     venv = Path(sys.prefix)

@@ -1,6 +1,6 @@
-"""Every `nvmlib` subcommand, run as a real process on damaged, missing, unwritable and hostile input,
-exits non-zero with one `nvmlib: error:` line as the last line of stderr, no traceback anywhere, and
-no file changed.
+"""Every `nvmlib` subcommand, run as a real process on damaged, missing, unwritable and hostile
+input, exits non-zero with one `nvmlib: error:` line as the last line of stderr, no traceback
+anywhere, and no file changed.
 
 Usage errors keep argparse's format: the subcommand's usage, then `nvmlib <command>: error: ...`.
 The subcommands come from the parser itself, and every numeric option of each one gets `-3` and
@@ -29,8 +29,8 @@ import pytest
 from nvmlib.paper.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-# a valid invocation of each subcommand, quick to refuse: {tmp} the case's directory, {good} a finished
-# run's posterior (mmap; a case that damages it gets its own copy, {tmp}/copy)
+# a valid invocation of each subcommand, quick to refuse: {tmp} the case's directory, {good} a
+# finished run's posterior (mmap; a case that damages it gets its own copy, {tmp}/copy)
 BASE: dict[str, list[str]] = {
     "train": [
         "train",
@@ -97,7 +97,8 @@ def numeric_options(parser: argparse.ArgumentParser) -> list[tuple[str, type]]:
 
 
 def damage(name: str, how: Callable[[bytes], bytes] | None) -> Callable[[Path, Path], None]:
-    """A setup copying the good run to {tmp}/copy with its file `name` rewritten by `how` (None: removed)."""
+    """A setup copying the good run to {tmp}/copy with its file `name` rewritten by `how` (None:
+    removed)."""
 
     def setup(tmp: Path, good: Path) -> None:
         path = Path(shutil.copytree(good, tmp / "copy")) / name
@@ -286,7 +287,8 @@ def _environment(env: dict[str, str] | None = None) -> dict[str, str]:
 # that runs it with its stdout and stderr on those files; prints the exit codes as JSON.
 FORKER = """
 import json, os, sys
-import nvmlib.paper.cli, nvmlib.paper.data, nvmlib.paper.evaluate, nvmlib.paper.train  # what the subcommands import
+# what the subcommands import
+import nvmlib.paper.cli, nvmlib.paper.data, nvmlib.paper.evaluate, nvmlib.paper.train
 cases, running, codes = json.load(sys.stdin), {}, {}
 for i, (argv, env, out, err) in enumerate(cases):
     if len(running) == 4:
@@ -312,7 +314,7 @@ def nvmlib_forked(
 ) -> list[subprocess.CompletedProcess]:
     """Each (argv, env) run as `nvmlib ARGV` in a process forked by one that imported the CLI."""
     files = [(str(io / f"{i}.out"), str(io / f"{i}.err")) for i in range(len(runs))]
-    cases = json.dumps([[argv, env, *f] for (argv, env), f in zip(runs, files)])
+    cases = json.dumps([[argv, env, *f] for (argv, env), f in zip(runs, files, strict=True)])
     done = subprocess.run(
         [sys.executable, "-c", FORKER],
         input=cases,
@@ -324,12 +326,13 @@ def nvmlib_forked(
     assert done.returncode == 0, done.stderr
     return [
         subprocess.CompletedProcess(argv, code, Path(out).read_text(), Path(err).read_text())
-        for (argv, _), code, (out, err) in zip(runs, json.loads(done.stdout), files)
+        for (argv, _), code, (out, err) in zip(runs, json.loads(done.stdout), files, strict=True)
     ]
 
 
 def digest(directory: Path) -> dict[str, str]:
-    """sha256 of every file under `directory` (not the writer's lock, which records who holds it)."""
+    """sha256 of every file under `directory` (not the writer's lock, which records who holds
+    it)."""
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.rglob("*"))

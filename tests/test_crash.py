@@ -1,11 +1,11 @@
 """Crash safety of the posterior on every persistent tier: real SIGKILLs of a collecting process.
 
-The child (forked by a server that imported nvmlib once) runs SWAGPosterior.create/open and an update loop with deterministic iterates
-θ_t = theta(SEED, t) and prints each count once update() has returned, marking those that
-checkpointed. update() leaves its row in flight until the next call, so after the kill the
-posterior must reopen with n_collected >= the last checkpointed count and >= the last printed
-count − 1, its log must hold the right rows, and its mean and variance must equal a
-recomputation from θ_0..θ_{n-1}.
+The child (forked by a server that imported nvmlib once) runs SWAGPosterior.create/open and an
+update loop with deterministic iterates θ_t = theta(SEED, t) and prints each count once update()
+has returned, marking those that checkpointed. update() leaves its row in flight until the next
+call, so after the kill the posterior must reopen with n_collected >= the last checkpointed count
+and >= the last printed count − 1, its log must hold the right rows, and its mean and variance must
+equal a recomputation from θ_0..θ_{n-1}.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def theta(seed: int, t: int, n: int) -> np.ndarray:
 # A server started once per test class: it imports nvmlib and compiles the update kernels, then
 # forks one collecting child per trial (no thread runs in it before a fork): a trial costs the
 # kill delay, not an import of torch. The child prints to the FIFO it is given; the server says
-# the child's pid, then (told to reap it) how it ended (os.waitstatus_to_exitcode: -9 for a SIGKILL).
+# the child's pid, then (told to reap it) how it ended (os.waitstatus_to_exitcode: -9 for a
+# SIGKILL).
 SERVER = (
     "import numpy as np\n"
     + inspect.getsource(theta)
@@ -60,8 +61,8 @@ def collect(tier, tmp, fresh, codec, fifo):
     sys.stdout = open(fifo, "w")
     store = TIERS[tier].open(tmp)
     if fresh or META not in store:
-        post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY}, checkpoint_every={EVERY},
-                                    overwrite=True, codec=codec)
+        post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY},
+                                    checkpoint_every={EVERY}, overwrite=True, codec=codec)
     else:
         post = SWAGPosterior.open(store)
     print("ready", flush=True)

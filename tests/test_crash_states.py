@@ -67,7 +67,8 @@ def committed(ops: list, point: int) -> tuple[int, bool, int]:
 
 def assert_exact(post: SWAGPosterior, n: int, rows: int) -> bool:
     """The posterior equals a recomputation from θ_0..θ_{n−1}; whether its kept rows could be read
-    (a crash may keep a later row, whole or torn, that took the slot of a kept one: refused clearly)."""
+    (a crash may keep a later row, whole or torn, that took the slot of a kept one: refused
+    clearly)."""
     if n == 0:
         return True
     ref = THETAS[:n].astype(np.float32).astype(np.float64)

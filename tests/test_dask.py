@@ -1,5 +1,6 @@
-"""Sampling and evaluation on a real dask LocalCluster (processes on 127.0.0.1) over a sharded zarr log
-give the local results, survive a killed worker, and refuse bad set-ups before computing anything."""
+"""Sampling and evaluation on a real dask LocalCluster (processes on 127.0.0.1) over a sharded zarr
+log give the local results, survive a killed worker, and refuse bad set-ups before computing
+anything."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ def test_distributed_sample_equals_local(cluster, rings, workers, one_shard_per_
             )
     wrapped, unwrapped = rings["wrapped"], rings["unwrapped"]
     assert wrapped.n_collected > wrapped.log.slots and unwrapped.n_collected < unwrapped.capacity
-    # each task multiplies with the host's CPUs shared among the worker threads there (one each here)
+    # each task multiplies with the host's CPUs shared among the worker threads there (one each
+    # here)
     threads = nvd.check_workers(wrapped, client)
     assert threads == {
         w: max(1, len(os.sched_getaffinity(0)) // workers)
@@ -161,7 +163,8 @@ def test_a_posterior_off_the_zarr_tier_is_refused(cluster, tmp_path):
 
 
 def test_local_cluster_listens_on_loopback_only():
-    """Scheduler, workers and the dashboard (no authentication) accept no connection from another host."""
+    """Scheduler, workers and the dashboard (no authentication) accept no connection from another
+    host."""
     psutil = pytest.importorskip("psutil")
     cluster, client = nvd.local_cluster(1)
     try:
@@ -263,7 +266,9 @@ def test_cli_evaluate_on_a_scheduler_gives_the_local_metrics(cluster, tmp_path):
     )
     local, remote = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("local", "cluster"))
     assert len(local["metrics"]) == len(remote["metrics"]) == 6
-    for a, b in zip(local["metrics"] + local["ood"], remote["metrics"] + remote["ood"]):
+    for a, b in zip(
+        local["metrics"] + local["ood"], remote["metrics"] + remote["ood"], strict=True
+    ):
         assert {k: v for k, v in a.items() if isinstance(v, str)} == {
             k: v for k, v in b.items() if isinstance(v, str)
         }
@@ -274,8 +279,8 @@ def test_cli_evaluate_on_a_scheduler_gives_the_local_metrics(cluster, tmp_path):
 
 @pytest.mark.parametrize("tier", ["zarr", "mmap"])
 def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
-    """nvmlib.SWAG.predict(executor=DaskExecutor(client)): BatchNorm refresh and prediction on the workers (and, on the
-    zarr tier, the sampling pass too) give the local BMA."""
+    """nvmlib.SWAG.predict(executor=DaskExecutor(client)): BatchNorm refresh and prediction on the
+    workers (and, on the zarr tier, the sampling pass too) give the local BMA."""
     import torch
 
     from nvmlib import SWAG
@@ -297,10 +302,10 @@ def test_swag_predict_on_a_cluster_equals_local(cluster, tmp_path, tier):
 
 
 def test_a_local_cluster_leaves_this_process_environment_alone():
-    """dask's nanny wrote OMP_NUM_THREADS=1 (and MKL/OPENBLAS) into this process's environment and left
-    it: every later subprocess ran torch on one thread and trained to other last bits than this
-    process (test_pymm's resume after a SIGKILL then differed from the uninterrupted run). The workers
-    still get dask's thread settings."""
+    """dask's nanny wrote OMP_NUM_THREADS=1 (and MKL/OPENBLAS) into this process's environment and
+    left it: every later subprocess ran torch on one thread and trained to other last bits than this
+    process (test_pymm's resume after a SIGKILL then differed from the uninterrupted run). The
+    workers still get dask's thread settings."""
     before = dict(os.environ)
     cluster, client = nvd.local_cluster(2)
     with cluster, client:

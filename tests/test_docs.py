@@ -1,5 +1,5 @@
-"""The documentation site builds offline with --strict (no broken link, no docstring mkdocstrings cannot
-render), and every page of docs/ is in its navigation."""
+"""The documentation site builds offline with --strict (no broken link, no docstring mkdocstrings
+cannot render), and every page of docs/ is in its navigation."""
 
 from __future__ import annotations
 

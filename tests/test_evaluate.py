@@ -1,4 +1,5 @@
-"""Metrics are right on known cases, and SWAG averaging beats the SGD point estimate at small scale."""
+"""Metrics are right on known cases, and SWAG averaging beats the SGD point estimate at small
+scale."""
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def test_rotation_by_zero_is_identity_and_180_flips():
 
 
 def test_swag_beats_sgd_on_nll_and_ece_with_a_fixed_seed():
-    """model_2fc overfits 1,000 examples in 30 epochs; SWAG collected over the last 20 calibrates it."""
+    """model_2fc overfits 1,000 examples in 30 epochs; SWAG collected over the last 20 calibrates
+    it."""
     run = train(
         TrainConfig(
             "model_2fc", epochs=30, limit=1000, lr=0.1, swag_start=10, seed=0, progress=False

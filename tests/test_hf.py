@@ -92,7 +92,8 @@ def fit(
 
 @pytest.mark.parametrize("accumulate, collected", [(1, 4), (2, 2)])
 def test_collects_by_the_rule_and_mean_equals_float64_reference(tmp_path, accumulate, collected):
-    # every 3rd optimizer step from epoch 1: the last step of epoch 0 (state.epoch == 1.0) is in epoch 0
+    # every 3rd optimizer step from epoch 1: the last step of epoch 0 (state.epoch == 1.0) is in
+    # epoch 0
     rec = Recorder()
     cb = SWAGCallback("mmap", tmp_path / "post", max_rank=20, start_epoch=1, every_n_steps=3)
     fit(tmp_path / "out", 3, rec, cb, gradient_accumulation_steps=accumulate)

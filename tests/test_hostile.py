@@ -1,5 +1,6 @@
 """A hostile user on every tier and both log formats: a refused call changes no byte on disk and no
-value in memory; links are never written through; a full disk is a StoreError that counts nothing."""
+value in memory; links are never written through; a full disk is a StoreError that counts
+nothing."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ def _fill(path: Path) -> Path:
 
 
 class HostileContract(TierCase):
-    """A hostile user on a tier: refused calls change nothing; no link written through; a full disk."""
+    """A hostile user on a tier: refused calls change nothing; no link written through; a full
+    disk."""
 
     @pytest.mark.parametrize("codec", CODECS)
     def test_refused_calls_change_no_byte_and_no_value(self, codec, tmp_path):
@@ -151,7 +153,8 @@ class HostileContract(TierCase):
         store.close()
 
     def test_overwrite_refused_by_the_file_size_limit_keeps_the_old_posterior(self, tmp_path):
-        """With a small max_rank the moments (32 bytes a parameter) are the largest file: it is checked too."""
+        """With a small max_rank the moments (32 bytes a parameter) are the largest file: it is
+        checked too."""
         self.require("files")
         store = self.tier.open(tmp_path)
         old = SWAGPosterior.create(store, N, max_rank=4)
@@ -172,13 +175,14 @@ class HostileContract(TierCase):
 
     @pytest.mark.parametrize("how", ["symlink", "hardlink"])
     def test_no_file_of_a_posterior_is_written_through_a_link(self, how, tmp_path):
-        """Each file the writer owns, replaced by a link to a file outside: opening for writing is refused
-        and the outside file keeps every byte (a hard link is refused where the tier writes in place)."""
+        """Each file the writer owns, replaced by a link to a file outside: opening for writing is
+        refused and the outside file keeps every byte (a hard link is refused where the tier writes
+        in place)."""
         self.require("files")
         if self.tier.kind == "zarr" and how == "hardlink":
             pytest.skip(
-                "zarr replaces its objects by rename (a hard link is not written through); the open shard "
-                "file itself is hard-linked into the log by design"
+                "zarr replaces its objects by rename (a hard link is not written through); "
+                "the open shard file itself is hard-linked into the log by design"
             )
         root = tmp_path / ("posterior.zarr" if self.tier.kind == "zarr" else self.tier.name)
         store = self.tier.open(tmp_path)
@@ -236,7 +240,7 @@ class HostileContract(TierCase):
             for theta in thetas[5:25]:
                 try:
                     post.update(theta)
-                    post.n_collected  # the row is written behind the call: this waits for it
+                    _ = post.n_collected  # the row is written behind the call: this waits for it
                 except StoreError as exc:
                     assert post.n_collected == len(kept), "a refused update was counted"
                     assert "free space" in str(exc) and str(fs) in str(exc), exc
@@ -244,7 +248,7 @@ class HostileContract(TierCase):
                     print(f"refused at {len(kept)}: {exc}")
                     filler.unlink()  # free space, then record the same iterate again
                     post.update(theta)
-                    post.n_collected
+                    _ = post.n_collected  # waits for the row
                     filler = _fill(fs)
                 kept.append(theta)
                 assert post.n_collected == len(kept)
@@ -312,7 +316,7 @@ class HostileContract(TierCase):
             for theta in thetas[4:]:
                 try:
                     post.update(theta)
-                    post.n_collected  # the record is written behind the call: this waits for it
+                    _ = post.n_collected  # the record is written behind the call: this waits for it
                 except StoreError as exc:
                     why = exc
                     break

@@ -151,7 +151,7 @@ def test_overwrite_refused_by_the_file_size_limit_keeps_the_old_posterior(tmp_pa
     assert_exact(post, th)
 
 
-# ---- defect 1 (the cause named), defect 9 (read-only mounts): on a real small or read-only mount --
+# ---- defect 1 (the cause named), defect 9 (read-only mounts): on a real small or read-only mount
 @pytest.fixture
 def mount(tmp_path):
     """A 2 MB tmpfs (root only), remountable read-only: mount(ro=True)."""
@@ -196,7 +196,8 @@ def test_devdax_entry_with_a_negative_offset_is_refused(tmp_path):
     layout._write(table)
     code = (
         "from nvmlib import open_store, SWAGPosterior\n"
-        f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), readonly=True)\n"
+        f"SWAGPosterior.open(open_store('pmem', {str(dev)!r}, device=True, readonly=True), "
+        "readonly=True)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (
@@ -339,7 +340,8 @@ class IntegrityContract(TierCase):
         with self.tier.open(mount) as store:
             th = collected(store, T=5, max_rank=3, checkpoint_every=1)
         del store
-        gc.collect()  # the writer's mappings: a mount with a file mapped for writing cannot become read-only
+        # the writer's mappings: a mount with a file mapped for writing cannot become read-only
+        gc.collect()
         subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
         with self.tier.open(mount, readonly=True) as store:
             post = SWAGPosterior.open(store, readonly=True)

@@ -1,4 +1,5 @@
-"""nvmlib.lightning.SWAGCallback in real Lightning runs (1 CPU process; DDP in tests/test_ddp.py)."""
+"""nvmlib.lightning.SWAGCallback in real Lightning runs (1 CPU process; DDP in
+tests/test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def trainer(epochs: int, *callbacks: pl.Callback, **options) -> pl.Trainer:
 
 
 def expected(model: Tiny, every: int, start_epoch: int) -> np.ndarray:
-    """The recorded vectors the rule selects: step count a multiple of `every`, epoch >= start_epoch."""
+    """The recorded vectors the rule selects: step count a multiple of `every`, epoch >=
+    start_epoch."""
     return np.array(
         [v for step, epoch, v in model.steps if step % every == 0 and epoch >= start_epoch]
     )
@@ -169,7 +171,8 @@ def test_a_path_another_run_is_writing_is_refused_before_training(tmp_path):
     path = tmp_path / "post"
     code = (
         "import sys, time, torch; from nvmlib import SWAG; "
-        f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); s.collect(); s.flush(); "
+        f"s = SWAG(torch.nn.Linear(2, 2), 'mmap', {str(path)!r}, max_rank=4); "
+        "s.collect(); s.flush(); "
         "print('open', flush=True); time.sleep(120)"
     )
     writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

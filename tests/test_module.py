@@ -1,4 +1,5 @@
-"""nvmlib.SWAG on any nn.Module: exact moments, BatchNorm refresh, reopening, MultiSWAG, bad input."""
+"""nvmlib.SWAG on any nn.Module: exact moments, BatchNorm refresh, reopening, MultiSWAG, bad
+input."""
 
 from __future__ import annotations
 
@@ -77,11 +78,11 @@ def test_batchnorm_statistics_equal_update_bn(trained):
     loader = DataLoader(TensorDataset(x, torch.zeros(N)), batch_size=32)
     drawn = [copy.deepcopy(m) for m in swag.sample_models(3, bn_loader=loader, seed=5)]
     thetas = swag.sample(3, seed=5)
-    for m, theta in zip(drawn, thetas):
+    for m, theta in zip(drawn, thetas, strict=True):
         ref = copy.deepcopy(model)
         nn.utils.vector_to_parameters(torch.from_numpy(theta), ref.parameters())
         update_bn(loader, ref)
-        for a, b in zip(m.modules(), ref.modules()):
+        for a, b in zip(m.modules(), ref.modules(), strict=True):
             if isinstance(a, nn.BatchNorm2d):
                 assert not a.training
                 torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=0)
@@ -207,7 +208,8 @@ saved = torch.load({str(tmp_path / "inputs.pt")!r})
 model = convnet(4)
 model.load_state_dict(saved["model"])
 with SWAG.open(model, "mmap", {str(tmp_path / "p")!r}, readonly=True) as swag:
-    np.save({str(tmp_path / "there.npy")!r}, swag.predict(saved["x"], S=4, bn_loader=saved["x"], seed=11))
+    there = swag.predict(saved["x"], S=4, bn_loader=saved["x"], seed=11)
+    np.save({str(tmp_path / "there.npy")!r}, there)
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert np.array_equal(np.load(tmp_path / "there.npy"), here)
@@ -221,7 +223,7 @@ def test_multiswag_runs_side_by_side(tmp_path):
         models.append(convnet(4))
     multi = MultiSWAG.create(models, "mmap", tmp_path / "multi", max_rank=4)
     with multi:
-        for swag, model in zip(multi.runs, models):
+        for swag, model in zip(multi.runs, models, strict=True):
             _train(swag, model, 5, x, y)
         per_run = multi.predict_runs(x, S=3, bn_loader=x, seed=7)
         combined = multi.predict(x, S=3, bn_loader=x, seed=7)
@@ -318,7 +320,7 @@ def test_mixed_precision_model_keeps_each_parameter_dtype(low, high):
             swag.posterior.kept_rows()[0], widened
         )  # nothing rounded to `low`
         mean = swag.mean_model()
-        for p, q in zip(mean.parameters(), exact):
+        for p, q in zip(mean.parameters(), exact, strict=True):
             assert p.dtype == q.dtype and torch.equal(p, q)  # bit-exact mean of one iterate
         for drawn in swag.sample_models(2, seed=0):
             assert [p.dtype for p in drawn.parameters()] == [q.dtype for q in exact]
@@ -378,7 +380,7 @@ def test_bad_bn_loader_is_refused_and_changes_nothing(trained):
         and np.array_equal(before[1], after[1])
         and np.array_equal(before[2], after[2])
     )
-    assert all(torch.equal(a, b) for a, b in zip(buffers, _bn_state(model)))
+    assert all(torch.equal(a, b) for a, b in zip(buffers, _bn_state(model), strict=True))
     assert swag.predict(x, S=2, bn_loader=x, seed=0).shape == (N, 10)  # still usable afterwards
 
 
@@ -397,7 +399,7 @@ def test_sample_models_gives_distinct_models(trained):
     thetas = swag.sample(3, seed=4)
     assert len({id(m) for m in drawn}) == 3 and all(m is not model for m in drawn)
     vectors = [nn.utils.parameters_to_vector(m.parameters()).detach().numpy() for m in drawn]
-    for v, theta in zip(vectors, thetas):
+    for v, theta in zip(vectors, thetas, strict=True):
         np.testing.assert_array_equal(v, theta)
     assert not np.array_equal(vectors[0], vectors[1]) and not np.array_equal(vectors[1], vectors[2])
     assert not torch.equal(

@@ -73,7 +73,8 @@ def test_the_kernel_talks_over_private_unix_sockets_and_warns_nothing_on_the_ter
     tmp_path, capfd
 ) -> None:
     """ipykernel warns on the terminal, once per notebook, when it runs over TCP without encryption:
-    reproduce's kernels use the ipc transport instead, and a cell's own warnings still reach the notebook."""
+    reproduce's kernels use the ipc transport instead, and a cell's own warnings still reach the
+    notebook."""
     book = nbformat.v4.new_notebook(
         metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -102,9 +103,10 @@ def test_the_kernel_talks_over_private_unix_sockets_and_warns_nothing_on_the_ter
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
-    """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module, as a user runs it:
-    a process started by a shell. (Linux hands a process the peak RSS of the one it was forked from when
-    it execs; forked by the shell, not by this large pytest process, its peak RSS is the run's own.)"""
+    """`nvmlib reproduce --scale smoke` into a temporary directory, once for this module, as a user
+    runs it: a process started by a shell. (Linux hands a process the peak RSS of the one it was
+    forked from when it execs; forked by the shell, not by this large pytest process, its peak RSS
+    is the run's own.)"""
     out = tmp_path_factory.mktemp("reproduce")
     args = [
         sys.executable,

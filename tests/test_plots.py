@@ -1,4 +1,5 @@
-"""Each figure function draws from the tables the experiments return and saves a real PNG and PDF."""
+"""Each figure function draws from the tables the experiments return and saves a real PNG and
+PDF."""
 
 from __future__ import annotations
 

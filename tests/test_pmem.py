@@ -107,8 +107,9 @@ def test_forced_mapping_takes_the_pmem_persist_path(tmp_path):
 
 @pytest.mark.skipif(os.environ.get("PMEM_IS_PMEM_FORCE") == "1", reason="already forced")
 def test_pmem_tiers_with_pmem_is_pmem_force(tmp_path):
-    """Rerun every pmem test with PMEM_IS_PMEM_FORCE=1: pmem_memcpy_nodrain/drain/persist, and /dev/shm
-    (the compressed log's kill tests run once, unforced: its writes go through the same store calls)."""
+    """Rerun every pmem test with PMEM_IS_PMEM_FORCE=1: pmem_memcpy_nodrain/drain/persist, and
+    /dev/shm (the compressed log's kill tests run once, unforced: its writes go through the same
+    store calls)."""
     env = {**os.environ, "PMEM_IS_PMEM_FORCE": "1"}
     run = subprocess.run(
         [

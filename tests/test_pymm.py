@@ -112,7 +112,8 @@ needs_pymm = pytest.mark.skipif(
 )
 PRELUDE = (
     "import sys, numpy as np\nfrom pathlib import Path\n"
-    "from nvmlib.backends import available_tiers, open_store\nfrom nvmlib.errors import LockedError\n"
+    "from nvmlib.backends import available_tiers, open_store\n"
+    "from nvmlib.errors import LockedError\n"
 )
 
 
@@ -155,7 +156,8 @@ def test_tier_listing_and_shelf_use_print_nothing_on_stdout(tmp_path):
 
 @needs_pymm
 def test_shelves_in_two_directories_keep_their_own_data(tmp_path):
-    """Each new shelf directory gets its own load_addr (PyMM's default maps them all at one address)."""
+    """Each new shelf directory gets its own load_addr (PyMM's default maps them all at one
+    address)."""
     stores = [open_store("pymm", tmp_path / d, size_mb=16, name=d) for d in "ab"]
     for value, store in enumerate(stores, 1):
         store.create("x", (1000,), "float64")
@@ -171,7 +173,8 @@ def test_shelves_in_two_directories_keep_their_own_data(tmp_path):
     )
     for store in stores:
         store.close()
-    # PyMM keeps a shelf's name for the process's life: another directory's shelf of that name is refused
+    # PyMM keeps a shelf's name for the process's life: another directory's shelf of that name is
+    # refused
     with pytest.raises(StoreError, match="already opened a PyMM shelf named 'a'.*another name"):
         open_store("pymm", tmp_path / "c", size_mb=16, name="a")
 
@@ -209,7 +212,10 @@ def test_a_shelf_opens_while_an_array_of_a_closed_one_awaits_collection(tmp_path
 @needs_pymm
 def test_a_shelf_recorded_at_addresses_in_use_is_refused(tmp_path):
     """Two shelves made by PyMM at one load_addr (its default) cannot be open in one process."""
-    make = "import pymm\npymm.shelf(sys.argv[2], size_mb=8, pmem_path=sys.argv[1], load_addr='0x580000000000')\n"
+    make = (
+        "import pymm\n"
+        "pymm.shelf(sys.argv[2], size_mb=8, pmem_path=sys.argv[1], load_addr='0x580000000000')\n"
+    )
     for d in "ab":
         (tmp_path / d).mkdir()
         finish(python(make, tmp_path / d, d))
@@ -234,7 +240,8 @@ def test_a_shelf_recorded_at_addresses_in_use_is_refused(tmp_path):
 
 @needs_pymm
 def test_the_same_shelf_twice_in_one_process_is_one_shelf(tmp_path):
-    """PyMM cannot open a shelf twice in a process: stores of one shelf share it, one writer at a time."""
+    """PyMM cannot open a shelf twice in a process: stores of one shelf share it, one writer at a
+    time."""
     first = open_store("pymm", tmp_path, size_mb=16, name="twice")
     second = open_store("pymm", tmp_path, size_mb=16, name="twice")
     reader = open_store("pymm", tmp_path, size_mb=16, name="twice", readonly=True)
@@ -284,7 +291,8 @@ def test_a_shelf_open_in_another_process_is_locked_not_an_abort(tmp_path):
                 match=f"open in another process \\(pid {holder.pid}\\).*readers included",
             ):
                 open_store("pymm", tmp_path, size_mb=16, name="held", readonly=readonly)
-        # what the adapter keeps the caller from: PyMM itself, asked for the held shelf, aborts its process
+        # what the adapter keeps the caller from: PyMM itself, asked for the held shelf, aborts its
+        # process
         with pytest.raises(StoreError, match="killed by SIGABRT.*exclusive lock failed"):
             in_child(
                 lambda: _module().shelf("held", size_mb=16, pmem_path=str(tmp_path)),
@@ -344,7 +352,8 @@ def test_mapstore_is_reported_volatile_and_keeps_nothing_between_processes(tmp_p
 
 @needs_pymm
 def test_resume_after_a_sigkill_gives_the_uninterrupted_result_and_a_reader_sees_it(tmp_path):
-    """A run on a shelf killed mid-epoch resumes exactly; then another process reads the posterior."""
+    """A run on a shelf killed mid-epoch resumes exactly; then another process reads the
+    posterior."""
     cfg = dict(
         model="model_2conv2fc",
         epochs=2,

@@ -2,8 +2,8 @@
 together for NVMLIB_READER_SECONDS (default 20 s). Every snapshot a reader opens must be internally
 consistent (mean, variance, rank and kept rows those of one count n, equal to a recomputation from
 θ_0..θ_{n−1}), counts never go back, and no reader sees a false "damaged". A reader whose kept rows
-the writer overwrote while it read (a ring keeps only K) moves to a newer snapshot by itself (refresh), and
-only rarely (a writer faster than SNAPSHOT_TRIES reads) still gets SnapshotError."""
+the writer overwrote while it read (a ring keeps only K) moves to a newer snapshot by itself
+(refresh), and only rarely (a writer faster than SNAPSHOT_TRIES reads) still gets SnapshotError."""
 
 from __future__ import annotations
 

@@ -87,7 +87,7 @@ def test_z1_does_not_depend_on_how_the_vector_is_cut():
     noise = Noise(5, 3, 4, np.float32)
     whole = noise.z1(0, N)
     cuts = [0, 17, BLOCK - 1, BLOCK + 5, 2 * BLOCK, N]
-    parts = np.concatenate([noise.z1(a, b) for a, b in zip(cuts, cuts[1:])], axis=1)
+    parts = np.concatenate([noise.z1(a, b) for a, b in zip(cuts, cuts[1:], strict=False)], axis=1)
     np.testing.assert_array_equal(parts, whole)
     assert not np.array_equal(whole[:, :BLOCK], whole[:, BLOCK : 2 * BLOCK])
 
@@ -154,7 +154,7 @@ def test_predict_and_sample_models_beyond_the_memory_budget_draw_on_a_scratch_st
     drawn = swag.sample_models(3, seed=4, memory_budget=100)
     assert len([p for p in tmp_path.iterdir() if ".draws-" in p.name]) == 1
     thetas = swag.sample(3, seed=4)
-    for model_s, theta in zip(drawn, thetas):
+    for model_s, theta in zip(drawn, thetas, strict=True):
         got = torch.nn.utils.parameters_to_vector(model_s.parameters()).detach().numpy()
         np.testing.assert_array_equal(got, theta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["post"]

@@ -1,4 +1,5 @@
-"""SWAGPosterior on every available tier: exact moments, the ring, sampling, reopening, bad input."""
+"""SWAGPosterior on every available tier: exact moments, the ring, sampling, reopening, bad
+input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Training records the posterior the paper describes, checks its inputs first, and resumes exactly."""
+"""Training records the posterior the paper describes, checks its inputs first, and resumes
+exactly."""
 
 import json
 import math

@@ -166,8 +166,8 @@ def plain_log(path) -> np.ndarray:
 @pytest.mark.parametrize("codec", [None, "delta-zstd"])
 @pytest.mark.parametrize("updates", [7, 24], ids=["first-lap", "wrapped"])
 def test_plain_zarr_reads_a_closed_posterior_as_nvmlib_does(tmp_path, codec, updates):
-    """After close() the open shard is in the log: plain zarr reads every row nvmlib reads (raw rows:
-    the kept iterates themselves; a compressed log: the records' bytes and index, which only
+    """After close() the open shard is in the log: plain zarr reads every row nvmlib reads (raw
+    rows: the kept iterates themselves; a compressed log: the records' bytes and index, which only
     nvmlib's codec decodes), and a writer reopened afterwards goes on from there."""
     path, n = tmp_path / "p.zarr", 1000  # rows of 4 KiB, shards of 3 rows, 11 slots
     thetas = np.random.default_rng(5).standard_normal((updates + 4, n)).astype(np.float32)
