@@ -22,7 +22,7 @@ from nvmlib.backends.base import Store, aligned_empty
 from nvmlib.errors import PosteriorError, SnapshotError, StoreError
 from nvmlib.posterior.checksum import digest
 from nvmlib.posterior.layout import COMMIT, COUNT, MOMENTS, SHIFT
-from nvmlib.posterior.log import REPLAY_ROWS, DeltaLog, RawLog
+from nvmlib.posterior.log import REPLAY_ROWS, Log
 from nvmlib.posterior.moments import Moments
 
 Checkpoint = tuple[int, int, int, int]  # (seq, count, moments digest, shift digest)
@@ -32,7 +32,7 @@ class Journal:
     """The count, checkpoints and recovery of the posterior whose `log` and `moments` it records."""
 
     def __init__(
-        self, store: Store, ident: int, log: RawLog | DeltaLog, moments: Moments, readonly: bool
+        self, store: Store, ident: int, log: Log, moments: Moments, readonly: bool
     ) -> None:
         self.store = store
         self.ident = ident

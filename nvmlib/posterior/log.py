@@ -32,7 +32,7 @@ import bisect
 import itertools
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -113,7 +113,53 @@ def spans(start: int, stop: int, slots: int, step: int) -> list[tuple[int, int]]
     return out
 
 
-class RawLog:
+class Log(Protocol):
+    """What the posterior needs of a log, raw or compressed: where a writer stages iterates
+    (`rows`, a ring), writing iterate t, streamed reads that say which rows verify, invalidating
+    dropped iterates, the groups readers elsewhere take, and durability."""
+
+    rows: np.ndarray  # a writer's ring of staged rows: iterate t goes in row t % len(rows)
+    SPARSE: frozenset[str]  # its arrays that take space as they are written, where the tier grows
+
+    @staticmethod
+    def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+        """(shape, dtype) of the log's arrays on the store."""
+        ...
+
+    def write(self, t: int) -> None:
+        """Write staged row t % len(rows) as iterate t."""
+        ...
+
+    def stream(self, runs: Runs, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
+        """Batches of the iterates of `runs`, each read while the one before is used."""
+        ...
+
+    def discard(self, start: int, stop: int) -> bool:
+        """Invalidate iterates start..stop−1 still in the log; whether any was."""
+        ...
+
+    def groups(self, start: int, stop: int, group_bytes: int) -> list[Runs]:
+        """Iterates start..stop−1 in runs that readers elsewhere can take whole."""
+        ...
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        """Bytes of the records of iterates start..stop−1."""
+        ...
+
+    def persist(self) -> None:
+        """Make everything written durable."""
+        ...
+
+    def order(self) -> None:
+        """Order what was written before what is written next (a row before its count)."""
+        ...
+
+    def close(self) -> None:
+        """Release threads and buffers."""
+        ...
+
+
+class RawLog(Log):
     """Rows of raw values, one per iterate, each with its trailer. `rows` is a writer's ring of
     `staged` rows where iterates are staged (iterate t in row t % staged) before write(t)."""
 
@@ -287,7 +333,7 @@ class Columns:
         return self.log.check(self.tails, self.start, digests)
 
 
-class DeltaLog:
+class DeltaLog(Log):
     """Compressed records of XOR-deltas in a ring of blocks, with an index of where each lies;
     iterates are staged in `rows` as for RawLog."""
 
@@ -614,6 +660,6 @@ def _prefetched(read, n: int, io: ThreadPoolExecutor | None = None) -> Iterator[
     return batches()
 
 
-def log_class(meta: dict) -> type[RawLog] | type[DeltaLog]:
+def log_class(meta: dict) -> type[Log]:
     """The kind of log `meta` describes (format-3 metas without a codec: raw)."""
     return DeltaLog if meta.get("codec") else RawLog
