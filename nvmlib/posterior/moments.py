@@ -30,6 +30,10 @@ from nvmlib.backends.base import aligned_empty
 BLOCK = 1 << 16  # parameters a thread takes at a time
 TILE = 8192  # parameters whose sums stay in L2 while a batch's rows are added to them
 CORES = len(os.sched_getaffinity(0))
+# a threading layer that survives fork (GNU OpenMP's does not): DataLoader workers, dask nannies
+# and crash tests fork processes that have run a kernel; tbb where installed, else workqueue
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "forksafe"
 THREADS = max(
     1,
     min(numba.config.NUMBA_NUM_THREADS, CORES if "NUMBA_NUM_THREADS" in os.environ else CORES - 1),

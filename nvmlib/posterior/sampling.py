@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -112,9 +112,7 @@ class Noise:
 
 
 def _combine(
-    noise: Noise,
-    a: int,
-    b: int,
+    z1: np.ndarray,
     mean: np.ndarray,
     variance: np.ndarray,
     acc: np.ndarray | None,
@@ -122,9 +120,10 @@ def _combine(
     scale: float,
 ) -> np.ndarray:
     """The draws' parameters a..b−1, θ̄ + √scale·(σ⊙z₁ + D z₂/√(K−1)), (S, b − a) float32, from
-    that block's θ̄ (in the work dtype), Σ_diag and D z₂ (None: K < 2)."""
-    out = noise.z1(a, b)
-    out *= np.sqrt(variance).astype(noise.work)
+    that block's z₁ (Noise.z1(a, b), scaled in place), θ̄ (in the work dtype), Σ_diag and D z₂
+    (None: K < 2)."""
+    out = z1
+    out *= np.sqrt(variance).astype(out.dtype)
     if acc is not None:
         acc /= math.sqrt(K - 1)
         out += acc
@@ -163,7 +162,7 @@ def draw(
     out = np.empty((S, n), np.float32) if sink is None else None
     for a, b in blocks(n):
         part = _combine(
-            noise, a, b, mean[a:b], variance[a:b], None if acc is None else acc[:, a:b], K, scale
+            noise.z1(a, b), mean[a:b], variance[a:b], None if acc is None else acc[:, a:b], K, scale
         )
         if out is None:
             sink(a, b, part)
@@ -194,7 +193,7 @@ def draw_blocks(
     noise = Noise(seed, S, K, work)
     coef = None if noise.z2 is None else coefficients(noise.z2, count, deviations)
 
-    def block(a: int, b: int) -> np.ndarray:
+    def block(a: int, b: int, z1: Future) -> np.ndarray:
         mean, variance = stats(a, b)
         mean = mean.astype(work)
         acc = (
@@ -202,15 +201,26 @@ def draw_blocks(
             if coef is None or rows is None
             else low_rank([(0, rows(a, b))], coef, mean, 0).numpy()
         )
-        return _combine(noise, a, b, mean, variance, acc, K, scale)
+        return _combine(z1.result(), mean, variance, acc, K, scale)
 
     edges = blocks(n)
-    with ThreadPoolExecutor(1, thread_name_prefix="nvmlib-draw") as pool:
-        pending = pool.submit(block, *edges[0])
+    ahead: dict[int, Future] = {}  # z₁ of the next blocks, drawn on a thread of its own meanwhile
+
+    def noise_for(i: int) -> Future:
+        for j in range(i, min(i + 2, len(edges))):
+            if j not in ahead:
+                ahead[j] = noisy.submit(noise.z1, *edges[j])
+        return ahead.pop(i)
+
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="nvmlib-draw") as pool,
+        ThreadPoolExecutor(1, thread_name_prefix="nvmlib-noise") as noisy,
+    ):
+        pending = pool.submit(block, *edges[0], noise_for(0))
         for i, (a, b) in enumerate(edges):
             part = pending.result()
             if i + 1 < len(edges):
-                pending = pool.submit(block, *edges[i + 1])
+                pending = pool.submit(block, *edges[i + 1], noise_for(i + 1))
             sink(a, b, part)
 
 
