@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from contract import AVAILABLE, SHM, TIERS
@@ -25,3 +28,20 @@ def store(request, tmp_path) -> Store:
     st = TIERS[request.param].open(tmp_path)
     yield st
     st.close()
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size_mb: int):
+    """A tmpfs of `size_mb` MB mounted at `path` (a real full disk); skips the test without root."""
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)

@@ -9,11 +9,11 @@ import hashlib
 import os
 import resource
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import small_tmpfs
 from contract import TierCase, per_tier
 
 from nvmlib import SWAGPosterior, open_store
@@ -67,22 +67,6 @@ def _owned_files(tier: str, root: Path) -> list[Path]:
             if p.is_file() and p.name != "zarr.json" and ".lock" not in p.name
         ]
     return [p for p in root.glob("*.npy")]
-
-
-@contextlib.contextmanager
-def _small_tmpfs(path: Path, size_mb: int):
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def _fill(path: Path) -> Path:
@@ -225,7 +209,7 @@ class HostileContract(TierCase):
             pytest.skip("mounting a small tmpfs needs root")
         n_params = 40_000
         thetas = (np.random.default_rng(3).standard_normal((30, n_params)) * 0.1).astype(np.float32)
-        with _small_tmpfs(tmp_path / "fs", 24) as fs:
+        with small_tmpfs(tmp_path / "fs", 24) as fs:
             store = self.tier.open(fs)
             post = SWAGPosterior.create(
                 store, n_params, max_rank=8, checkpoint_every=4, codec=codec
@@ -289,7 +273,7 @@ class HostileContract(TierCase):
         rng = np.random.default_rng(5)
         steps = [rng.standard_normal(n_params)] + [rng.standard_normal((T - 1, n_params)) * 1e-4]
         thetas = np.cumsum(np.vstack(steps), 0).astype(np.float32)  # about 2x compressible
-        with _small_tmpfs(tmp_path / "fs", 24) as fs:
+        with small_tmpfs(tmp_path / "fs", 24) as fs:
             store = self.tier.open(fs)
             if not store.grows:
                 store.close()
@@ -342,7 +326,7 @@ class HostileContract(TierCase):
         self.require("files")
         if os.geteuid() != 0:
             pytest.skip("mounting a small tmpfs needs root")
-        with _small_tmpfs(tmp_path / "fs", 16) as fs:
+        with small_tmpfs(tmp_path / "fs", 16) as fs:
             store = self.tier.open(fs)
             old = SWAGPosterior.create(store, N, max_rank=4)
             for theta in _thetas(5):

@@ -174,25 +174,19 @@ def test_a_sharded_posterior_draws_the_same(tmp_path):
 
 
 def test_a_dask_cluster_draws_the_same(tmp_path):
-    distributed = pytest.importorskip("dask.distributed")
+    pytest.importorskip("dask.distributed")
     from nvmlib import dask as nvd
 
     thetas = iterates(11, n=3000)
     store = open_store("zarr", tmp_path / "p.zarr", shard_bytes=3 * 3000 * 4)
     post = collect(store, thetas, 4)
     local = post.sample(4, seed=2)
-    with (
-        nvd.environ_kept(),
-        distributed.LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-        ) as cluster,
-        distributed.Client(cluster) as client,
-    ):
+    cluster, client = nvd.local_cluster(1)
+    try:
         remote = post.sample(4, seed=2, executor=nvd.DaskExecutor(client))
+    finally:
+        client.close()
+        cluster.close()
     np.testing.assert_allclose(remote, local, rtol=0, atol=1e-6)
     post.close()
     store.close()

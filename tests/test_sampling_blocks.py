@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import small_tmpfs
 
 from nvmlib import SWAG
 from nvmlib.backends import open_store
@@ -104,22 +102,6 @@ def test_a_damaged_row_is_refused_and_leaves_no_draws(tmp_path):
         again.sample(3, out=out)
     assert out.names() == []
     again.close()
-
-
-@contextmanager
-def small_tmpfs(path: Path, size_mb: int):
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"a small tmpfs cannot be mounted here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def test_a_store_without_room_or_a_bad_name_is_refused_before_writing(tmp_path):
