@@ -94,7 +94,7 @@ def main() -> None:
                 case["update_ms"].append(per)
                 case["call_ms"].append(call)
         report: dict = {
-            "threading_layer": numba.threading_layer(),
+            "threading_layer": numba.threading_layer() if moments.THREADS > 1 else "serial",
             "threads": moments.THREADS,
             "rounds": args.rounds,
             "updates_per_round": args.updates,

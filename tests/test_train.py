@@ -138,6 +138,29 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(tmp_path, m
     whole.close(), resumed.close()
 
 
+def test_resume_after_the_newest_checkpoint_was_lost_takes_the_state_before(tmp_path):
+    """A power loss while the newest checkpoint is written behind training leaves the posterior
+    at the one before: --resume then takes the train state saved with that one."""
+    whole = train(small(backend="mmap", posterior_path=str(tmp_path / "whole"), checkpoint_every=3))
+    cut = small(backend="mmap", posterior_path=str(tmp_path / "cut"), checkpoint_every=3)
+
+    def stop(epoch: int, batch: int) -> None:
+        if epoch == 1 and batch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cut, on_batch=stop)
+    with open_store("mmap", tmp_path / "cut") as store:  # as if checkpoint 7 never landed
+        with SWAGPosterior.open(store) as post:
+            post.truncate(4)
+    resumed = train(TrainConfig(**{**cut.__dict__, "resume": True}))
+    assert resumed.record["resumed_from_update"] == 4
+    assert np.array_equal(resumed.posterior.mean(), whole.posterior.mean())
+    assert np.array_equal(resumed.posterior.variance(), whole.posterior.variance())
+    assert torch.equal(get_flat(resumed.model), get_flat(whole.model))
+    whole.close(), resumed.close()
+
+
 def test_resume_refuses_changed_settings_and_dram(tmp_path):
     train(small(backend="mmap", posterior_path=str(tmp_path), epochs=1)).close()
     with pytest.raises(ConfigError, match="lr"):

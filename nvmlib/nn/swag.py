@@ -267,11 +267,13 @@ class SWAG:
 
     # ---- collecting ---------------------------------------------------------------------
     def collect(self) -> bool:
-        """Record the model's parameters now as one iterate; True when this took a checkpoint:
-        every iterate collected so far is durable (rows and count; the moments' checkpoint is
-        written behind training), a point to save a train state at and resume from. On a GPU
-        the copy is asynchronous, except for an update that checkpoints, which waits so that
-        its True means what it says."""
+        """Record the model's parameters now as one iterate; True when this took a checkpoint of
+        every iterate collected so far, a point to save a train state at and resume from. The
+        checkpoint is written behind training and durable once the next one, flush() or close()
+        has waited for it (which raise what failed): a power loss while it is written rebuilds
+        the posterior from the checkpoint before, so keep the train state of the True before as
+        well (nvmlib train does). On a GPU the copy is asynchronous, except for an update that
+        checkpoints, which waits so that its checkpoint holds this iterate."""
         if self._post is None:  # a replica: global rank 0 records these parameters
             self._idle += 1
             return False

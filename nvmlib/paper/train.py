@@ -441,7 +441,19 @@ def _save_state(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
+    if path.is_file():  # the state before stays as previous_state(path) (a hard link, swapped in)
+        link = path.with_name(path.name + ".link")
+        link.unlink(missing_ok=True)
+        os.link(path, link)
+        os.replace(link, previous_state(path))
     write_atomically(path, buf.getbuffer())
+
+
+def previous_state(path: Path) -> Path:
+    """Where the train state before the newest is kept: the posterior's checkpoint of the newest
+    is written behind training, so a power loss while it is written leaves the posterior at the
+    checkpoint before, which this state matches."""
+    return path.with_name(path.name + ".previous")
 
 
 def load_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -517,9 +529,13 @@ def _resume(
         raise ConfigError(
             f"--resume needs the settings of the interrupted run; changed: {'; '.join(changed)}"
         )
-    _restore(state_path, state, model, optimizer)
     swag = SWAG.open(model, store=store)
     try:
+        previous = previous_state(state_path)
+        if swag.n_collected < state["updates"] and previous.is_file():
+            # a crash while the newest state's checkpoint was written: the one before holds
+            state_path, state = previous, load_state(previous, device)
+        _restore(state_path, state, model, optimizer)
         swag.posterior.truncate(state["updates"])
     except BaseException:
         swag.close()

@@ -1,15 +1,16 @@
 """A posterior's durable progress: the count of written rows, two checkpoint slots, and recovery.
 
-Durability order: an update's row, then its count; at a checkpoint the log and count are persisted,
-then the moments go to the older slot, then its commit record. The last two steps run behind the
-update that takes the checkpoint, on the journal's own thread, from a snapshot of the moments
-copied there (`behind=True`): that update returns once the log and count are durable, and the
-snapshot's write is waited for by the next checkpoint, flush, truncate, recovery or close. One
-checkpoint is in flight at a time, so the rows since the last durable one stay in the log.
-A torn record or slot fails its checksum and recovery falls back to the other one. Recovery = the
-newest valid checkpoint + replay of the rows appended after it that verify, up to the count
-(checkpoint_every <= capacity / 2 keeps them in the log). Every digest is seeded with the
-posterior's identity, so files of two posteriors never mix.
+The moments change on the journal's moments thread (`fold`), in order with the snapshots that
+checkpoints take of them. Durability order: an update's row, then its count; at a checkpoint the log
+and count are persisted, then the first iterate (the shift, once), then the moments go to the older
+slot, then its commit record. With `behind=True` all of it runs on the journal's own thread, from a
+snapshot of the moments copied there: the update that takes the checkpoint does not wait for any of
+its I/O, and the checkpoint is durable once the next checkpoint, flush, truncate, recovery or close
+has waited for it (each raises what failed). One checkpoint is in flight at a time, so the rows
+since the last durable one stay in the log. A torn record or slot fails its checksum and recovery
+falls back to the other one. Recovery = the newest valid checkpoint + replay of the rows appended
+after it that verify, up to the count (checkpoint_every <= capacity / 2 keeps them in the log).
+Every digest is seeded with the posterior's identity, so files of two posteriors never mix.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ class Journal:
         self.ckpt_count = 0  # updates it covers
         self._durable = (0, 0)  # (seq, count) of the newest checkpoint known to be written
         self._pool: ThreadPoolExecutor | None = None  # writes checkpoints behind updates
+        self._adder: ThreadPoolExecutor | None = None  # adds rows to the moments, and copies them
+        self._folding: Future | None = None  # the last batch of rows given to it
         self._copy: Future | None = None  # the snapshot of the moments, while it is copied
         self._write: Future | None = None  # the checkpoint in flight
         self._frozen: np.ndarray | None = None  # the snapshot it writes
         self.failed = False  # the last checkpoint written behind failed: write the next inline
+        self._shift_on_tier: int | None = None  # digest of the shift the tier holds (None: unknown)
 
     # ---- the count -------------------------------------------------------------------------
     def read_count(self) -> int | None:
@@ -71,46 +75,65 @@ class Journal:
     def write_shift(self) -> None:
         self.store.write_rows(SHIFT, 0, self.moments.shift)
         self.store.persist(SHIFT)
+        self._shift_on_tier = digest(self.moments.shift, self.ident)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, count: int, force: bool = False, behind: bool = False) -> None:
         """Persist log and count, then the moments into the older slot, then its commit record.
         Without `force`, a count already checkpointed is not written again: the other slot keeps
-        the checkpoint before it (the one a saved train state may point to). `behind`: the moments
-        are copied and written on the journal's thread; wait() (or the next checkpoint) waits for
-        them and raises what failed."""
+        the checkpoint before it (the one a saved train state may point to). `behind`: all of it
+        runs on the journal's thread, from a copy of the moments; wait() (or the next checkpoint)
+        waits for it and raises what failed."""
         self.wait()
         if not force and count == self.ckpt_count:
             return
-        self.log.persist()
-        self.store.persist(COUNT)
         seq = self.seq + 1
         if not behind:
+            self.folded()
             self._commit(seq, count, self.moments.snapshot())
             self.seq, self.ckpt_count = self._durable = seq, count
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-checkpoint")
             self._frozen = aligned_empty((2, self.moments.padded), np.float64)
-        self._copy = self._pool.submit(self.moments.snapshot, self._frozen)
-        self._write = self._pool.submit(self._commit, seq, count, self._frozen)
+        self._copy = copy = self._moments_thread().submit(self.moments.snapshot, self._frozen)
+        self._write = self._pool.submit(self._commit, seq, count, self._frozen, copy)
         self.seq, self.ckpt_count = seq, count
 
-    def _commit(self, seq: int, count: int, block: np.ndarray) -> None:
-        """Write the moments `block` of `count` updates into slot seq % 2, then its commit
-        record."""
+    # ---- the moments' thread ---------------------------------------------------------------
+    def _moments_thread(self) -> ThreadPoolExecutor:
+        if self._adder is None:
+            self._adder = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-moments")
+        return self._adder
+
+    def fold(self, rows: np.ndarray, first: int, count: int) -> None:
+        """Add rows first, first+1, … (`count`, indices modulo len(rows)) of the staged ring to
+        the moments on the moments' thread, after what was given to it before; `rows` must not
+        change until folded() returns."""
+        self._folding = self._moments_thread().submit(self.moments.add_rows, rows, first, count)
+
+    def folded(self) -> None:
+        """Wait until every row given to fold() is in the moments (and raise what failed)."""
+        folding, self._folding = self._folding, None
+        if folding is not None:
+            folding.result()
+
+    def _commit(self, seq: int, count: int, block: np.ndarray, copy: Future | None = None) -> None:
+        """Persist the log and count (of at least `count` updates), the shift where the tier's
+        differs, then the moments `block` of `count` updates (once `copy` has copied them there)
+        into slot seq % 2, then its commit record."""
+        if copy is not None:
+            copy.result()
+        self.log.persist()
+        self.store.persist(COUNT)
+        d_shift = digest(self.moments.shift, self.ident)
+        if count and d_shift != self._shift_on_tier:
+            self.write_shift()
         slot = seq % 2
         self.store.write_rows(MOMENTS, slot, block[None])
         self.store.persist(MOMENTS)
         head = np.array(
-            [
-                seq,
-                count,
-                digest(block, self.ident),
-                digest(self.moments.shift, self.ident),
-                self.ident,
-            ],
-            dtype=np.int64,
+            [seq, count, digest(block, self.ident), d_shift, self.ident], dtype=np.int64
         )
         record = np.append(head, digest(head, self.ident)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
@@ -188,6 +211,7 @@ class Journal:
         the log's verified rows after it: up to `bound` (None: the newest checkpoint's count) or,
         unless `exact`, the first row that does not verify (a crash lost it). The count reached;
         every update of that checkpoint is present, or PosteriorError says what is damaged."""
+        self.folded()
         problems: list[str] = []
         candidates = self.checkpoints(bound, problems)
         if bound is None:
@@ -215,6 +239,7 @@ class Journal:
                 continue
             moments.load(block)
             moments.set_shift(shift)
+            self._shift_on_tier = digest(shift, self.ident)
             reached = self.replay(count, bound, problems)
             if reached < bound and (exact or reached < count):
                 continue
@@ -259,6 +284,7 @@ class Journal:
     def close(self) -> None:
         """Stop the journal's thread once the checkpoint in flight is written (the posterior's
         close() has waited for it, and raised what failed, at its last checkpoint)."""
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        for pool in (self._pool, self._adder):
+            if pool is not None:
+                pool.shutdown()
+        self._pool = self._adder = None

@@ -27,6 +27,7 @@ from nvmlib.posterior.checksum import identity_seed
 from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
+from nvmlib.posterior.moments import warm
 from nvmlib.posterior.moments_torch import TorchMoments
 from nvmlib.posterior.sampling import (
     DRAWS,
@@ -117,11 +118,13 @@ class SWAGPosterior:
         self.deviations: str = layout.deviations_of(meta)
         self.readonly = readonly
         self._count = 0
-        self._folded = (
-            0  # updates the moments hold: the rows after it wait in the log's staged ring
-        )
+        # updates given to the moments (rows after them wait in the log's staged ring), and those
+        # known to be in them (rows from there to _folded are being added on the moments' thread)
+        self._folded = self._safe = 0
         self._moments = _moments(moments, self.n_params, meta["moments_len"], device)
         staged = 0 if readonly else staged_rows(self.n_params, meta["dtype"])
+        if not readonly:
+            warm(self.dtype)  # the kernels, before the first update
         self.log = log_class(meta)(store, meta, identity_seed(meta["id"]), staged)
         self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
         self._io: ThreadPoolExecutor | None = None
@@ -270,7 +273,7 @@ class SWAGPosterior:
         """A read-only view of the log as it stood after `count` updates, without moments or
         recovery: for a process that only reads kept rows (a dask worker, nvmlib.dask)."""
         post = cls(store, meta, readonly=True)
-        post._count = post._folded = count
+        post._count = post._folded = post._safe = count
         return post
 
     def _open_snapshot(self) -> None:
@@ -280,7 +283,8 @@ class SWAGPosterior:
         for attempt in range(SNAPSHOT_TRIES if self.readonly else 1):
             before = journal.state()
             try:
-                self._count = self._folded = journal.recover(journal.read_count(), exact=False)
+                self._count = journal.recover(journal.read_count(), exact=False)
+                self._folded = self._safe = self._count
                 break
             except PosteriorError:
                 if (
@@ -289,10 +293,9 @@ class SWAGPosterior:
                     or attempt + 1 == SNAPSHOT_TRIES
                 ):
                     raise
-        if (
-            not self.readonly
-        ):  # rows the crash left beyond the recovered count (e.g. the one in flight)
-            journal.discard(self._count, max(journal.read_count() or 0, self._count) + 2)
+        if not self.readonly:  # rows a crash left beyond the recovered count, in any slot (rows
+            # are persisted behind the count's writes: a crash may keep several beyond it)
+            journal.discard(self._count, self._count + self.log.slots)
 
     def refresh(self) -> None:
         """A reader: move to the newest snapshot the writer has made durable (n_collected, mean,
@@ -354,14 +357,16 @@ class SWAGPosterior:
         The row is cast into the log's ring of staged rows while the previous one is still being
         written, then written on a pool thread; it is in flight when update() returns, unless the
         update checkpoints, and settles at the next call (so writing the row overlaps the next
-        training step). The moments add the written rows as a batch, once the ring is full or when
-        anything reads them. Returns True when this update took a checkpoint: its row and every one
-        before it, and the count, are then durable, a point training can resume from (a crash
-        rebuilds it from the checkpoint before and the rows after it). The moments of the
-        checkpoint are copied and written behind training; the next checkpoint, flush() and close()
-        wait for them, and if writing them failed, the next update() (or flush/close) raises
-        StoreError and records nothing. A crash can lose only updates after the last checkpoint,
-        and a reopen rebuilds a consistent posterior of the rows that reached the tier.
+        training step). The moments' thread adds the written rows in batches (moments.GROUP), and
+        anything that reads the moments waits for it. Returns True when this update took a
+        checkpoint of every update so far, its row included: a point training can resume from.
+        The checkpoint is written behind training (the log and count persisted, then the moments
+        and their commit record) and is durable once the next checkpoint, flush() or close() has
+        waited for it; if writing it failed, that call raises StoreError, and a crash would
+        rebuild the updates from the checkpoint before it and the rows after it (so keep the
+        train state of the True before as well: its checkpoint was durable before this one
+        began). A crash can lose only updates after the last durable checkpoint, and a reopen
+        rebuilds a consistent posterior of the rows that reached the tier.
         """
         self._check_usable(write=True)
         self._journal.poll()
@@ -375,7 +380,10 @@ class SWAGPosterior:
                     "max_rank (ring)"
                 )
         t = self._count + (self._pending is not None)
-        row = self.log.rows[t % len(self.log.rows)]  # the moments are of what the tier stores
+        ring = len(self.log.rows)
+        if t - ring >= self._safe:  # the slot holds a row the moments have yet to add
+            self._fold()
+        row = self.log.rows[t % ring]  # the moments are of what the tier stores
         if not moments.stage(vec, row):
             raise _not_finite(vec, self.dtype)
         self._settle()  # the previous row: a failure raises here, and this one is not recorded
@@ -383,11 +391,11 @@ class SWAGPosterior:
             self._moments.set_shift(row)
         # stamped (or encoded) and written on a pool thread while the rows before it are added
         self._pending = self._pool().submit(self.log.write, t)
-        if t - self._folded >= len(self.log.rows) - 1:
-            self._fold()
+        if self._count - self._folded >= min(moments.GROUP, ring - 2):
+            self._fold(wait=False)
         if t == 0 or t + 1 - self._journal.ckpt_count >= self.checkpoint_every:
             self._settle()
-            self._fold()
+            self._fold(wait=False)
             try:
                 self._journal.checkpoint(self._count, behind=not self._journal.failed)
             except BaseException:
@@ -421,8 +429,6 @@ class SWAGPosterior:
         try:
             pending.result()
             self.log.order()  # the row, then the count that covers it
-            if self._count == 0:
-                self._journal.write_shift()
         except BaseException as exc:
             if isinstance(
                 exc, StoreError
@@ -436,15 +442,16 @@ class SWAGPosterior:
         self._count += 1
         self._journal.write_count(self._count)
 
-    def _fold(self) -> None:
-        """Add the counted rows that wait in the staged ring to the moments, in one pass over
-        them."""
+    def _fold(self, wait: bool = True) -> None:
+        """Give the counted rows that wait in the staged ring to the moments' thread, which adds
+        them in one pass over the sums; with `wait`, until every counted row is in the moments."""
         if self._count > self._folded:  # a writer's (a reader's moments come from the tier)
-            # a checkpoint's snapshot of the moments is taken before they move
-            self._journal.copied()
             staged = self.log.rows
-            self._moments.add_rows(staged, self._folded % len(staged), self._count - self._folded)
+            self._journal.fold(staged, self._folded % len(staged), self._count - self._folded)
             self._folded = self._count
+        if wait:
+            self._journal.folded()
+            self._safe = self._folded
 
     def _pool(self) -> ThreadPoolExecutor:
         """The thread that writes rows to the tier."""
@@ -469,19 +476,22 @@ class SWAGPosterior:
                 self._count = 0
             else:
                 self._count = self._journal.recover(count, exact=True)
-            self._folded = self._count
+            self._folded = self._safe = self._count
 
     @contextmanager
     def _unchanged_on_error(self) -> Iterator[None]:
         """Restore the live moments and counters if the block raises (a refused call changes
         nothing)."""
         j = self._journal
+        self._fold()
         saved = self._moments.saved(), self._count, self._folded, j.seq, j.ckpt_count
         try:
             yield
         except BaseException:
+            j.folded()
             self._moments.restore(saved[0])
             self._count, self._folded, j.seq, j.ckpt_count = saved[1:]
+            self._safe = self._folded
             raise
 
     def truncate(self, count: int) -> None:
