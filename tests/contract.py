@@ -191,6 +191,32 @@ class TierContract(TierCase):
         np.testing.assert_array_equal(out, rows[1:])
         assert store.nbytes("x") == 6 * 4 * 4
 
+    def test_flat_ranges_within_a_row_of_the_last_axis(self, store, reopen):
+        store.create("m", (2, 2, 700), "float64")
+        store.create("v", (1000,), "float64")
+        part = np.arange(300, dtype=np.float64) + 0.5
+        store.write_flat("m", 3 * 700 + 100, part)  # slot 1, second sum, elements 100..399
+        store.write_flat("m", 5, part[:10])
+        store.write_flat("v", 990, part[:10])
+        for name in ("m", "v"):
+            store.persist(name)
+        expected = np.zeros((2, 2, 700))
+        expected[1, 1, 100:400], expected[0, 0, 5:15] = part, part[:10]
+        np.testing.assert_array_equal(store.read_rows("m", 0, 2), expected)
+        np.testing.assert_array_equal(store.read_flat("m", 2200, 2300), part[:100])
+        out = np.empty(10)
+        assert store.read_flat("v", 990, 1000, out) is out
+        np.testing.assert_array_equal(out, part[:10])
+        with pytest.raises(StoreError, match="within one row"):
+            store.write_flat("m", 650, part[:100])  # across the end of a row
+        with pytest.raises(StoreError, match="within one row"):
+            store.read_flat("v", 950, 1001)
+        if self.tier.persistent:
+            store.close()
+            again = reopen()
+            np.testing.assert_array_equal(again.read_flat("m", 2200, 2500), part)
+            again.close()
+
     @pytest.mark.parametrize("dtype", ["float16", "float64", "int64", "uint8"])
     def test_dtype_and_shape_kept(self, store, dtype):
         store.create("a", (3, 2, 5), dtype)

@@ -60,11 +60,14 @@ moments.add_rows(np.zeros((1, 1), np.float32), np.zeros(1), np.zeros(1), np.zero
 def collect(tier, tmp, fresh, codec, fifo):
     sys.stdout = open(fifo, "w")
     store = TIERS[tier].open(tmp)
+    codec, _, kind = codec.partition("+")  # "raw+store": the moments on the tier
+    codec, kind = None if codec == "raw" else codec, kind or "auto"
     if fresh or META not in store:
         post = SWAGPosterior.create(store, {N_PARAMS}, max_rank={CAPACITY},
-                                    checkpoint_every={EVERY}, overwrite=True, codec=codec)
+                                    checkpoint_every={EVERY}, overwrite=True, codec=codec,
+                                    moments=kind)
     else:
-        post = SWAGPosterior.open(store)
+        post = SWAGPosterior.open(store, moments=kind)
     print("ready", flush=True)
     t = post.n_collected
     while True:
@@ -78,7 +81,7 @@ for line in sys.stdin:
     pid = os.fork()
     if pid == 0:
         try:
-            collect(tier, Path(tmp), fresh == "fresh", None if codec == "raw" else codec, fifo)
+            collect(tier, Path(tmp), fresh == "fresh", codec, fifo)
         except BaseException:
             traceback.print_exc()
         os._exit(1)
@@ -163,7 +166,9 @@ class CrashContract(TierCase):
         assert lines, "the child made no update before the kill; raise the kill delay"
         return int(lines[-1][0]), max([int(t) for t, ck in lines if ck == "1"], default=0)
 
-    @pytest.mark.parametrize("codec", ["raw", "delta-zstd"], ids=["raw", "delta"])
+    @pytest.mark.parametrize(
+        "codec", ["raw", "delta-zstd", "raw+store"], ids=["raw", "delta", "store-moments"]
+    )
     def test_sigkill_while_collecting_loses_no_committed_update(
         self, server, tmp_path, reopen, codec
     ):

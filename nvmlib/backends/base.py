@@ -105,6 +105,23 @@ class Store(ABC):
         out[...] = src
         return out
 
+    def write_flat(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write the 1-D `values` into elements start.. of the array read in C order, a range
+        within one row of its last axis (a block of parameters of one sum of a moments slot)."""
+        self._check_writable()
+        self.array(name)[flat_index(self.shape(name), start, len(values))] = values
+
+    def read_flat(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Copy elements start..stop−1 of the array read in C order (within one row of its last
+        axis, as write_flat) into `out` (allocated when None) and return it."""
+        src = self.array(name)[flat_index(self.shape(name), start, stop - start)]
+        if out is None:
+            return np.array(src)
+        out[...] = src
+        return out
+
     def persist(self, name: str) -> None:
         """Make every write to `name` durable on this tier (no-op where nothing persists)."""
 
@@ -289,6 +306,20 @@ def private_dir() -> Path:
 ALIGN = 4096
 
 
+def flat_index(shape: tuple[int, ...], start: int, n: int) -> tuple:
+    """The index of elements start..start+n−1 (C order) of an array of `shape`: the leading
+    indices and a slice of the last axis; StoreError when the range leaves one row of it."""
+    last = shape[-1] if shape else 1
+    size = int(np.prod(shape))
+    if n < 0 or start < 0 or start + n > size or (n and start // last != (start + n - 1) // last):
+        raise StoreError(
+            f"elements {start}..{start + n} are not within one row of an array of shape {shape}"
+        )
+    lead = np.unravel_index(start // last, shape[:-1]) if len(shape) > 1 else ()
+    a = start % last
+    return tuple(int(i) for i in lead) + (slice(a, a + n),)
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, huge: bool = False) -> np.ndarray:
     """An uninitialised array whose data starts on a page boundary, so O_DIRECT can use it as is;
     huge: ask for transparent huge pages (far fewer page faults when a large array is first
@@ -298,6 +329,15 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str, huge: bool = Fa
     if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Give back the memory of an aligned_empty array: it reads as zeros after, and its pages are
+    taken again as it is written."""
+    base: object = arr
+    while not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else base.base  # type: ignore[attr-defined]
+    base.madvise(mmap.MADV_REMOVE)
 
 
 def padded_len(n: int, dtype: np.dtype | str, align: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nvmlib.backends.base import Store, aligned_empty, check_fits, open_plain
+from nvmlib.backends.base import Store, aligned_empty, check_fits, flat_index, open_plain
 from nvmlib.backends.files import (
     DirectIO,
     create_npy,
@@ -150,15 +150,30 @@ class MmapStore(Store):
             raise StoreError(
                 f"rows {start}..{start + len(data)} are outside {name!r} of {arr.shape[0]} rows"
             )
-        off, view = self._offset(name, start), memoryview(data).cast("B")
-        direct, fd = self._direct_io(name, off, len(view)), self._fd(name)
+        self._write_at(name, self._offset(name, start), data)
+
+    def write_flat(self, name: str, start: int, values: np.ndarray) -> None:
+        self._check_writable()
+        arr = self.array(name)
+        flat_index(arr.shape, start, len(values))
+        data = np.ascontiguousarray(values, dtype=arr.dtype)
+        self._write_at(name, arr.offset + start * arr.dtype.itemsize, data, cached=True)
+
+    def _write_at(self, name: str, off: int, data: np.ndarray, cached: bool = False) -> None:
+        """Write `data` at byte `off` of the file: O_DIRECT where it fits, else pwrite (and, with
+        cache="bounded", large ranges handed back to the kernel once written). `cached`: through
+        the page cache, left there (flat ranges: blocks of moments that are read again soon; the
+        kernel keeps them while memory allows, outside this process's resident set)."""
+        view = memoryview(data).cast("B")
+        direct = None if cached else self._direct_io(name, off, len(view))
+        fd = self._fd(name)
         try:
             if direct is not None:
                 return direct.write(data, off)
             write_all(fd, view, off)
         except OSError as exc:
             raise os_error(exc, self._file(name), "writing") from exc
-        if self.cache == "bounded" and len(view) >= DROP_MIN:
+        if self.cache == "bounded" and len(view) >= DROP_MIN and not cached:
             prev = self._last_write.get(name)
             if prev is not None:
                 os.posix_fadvise(fd, prev[0], prev[1], os.POSIX_FADV_DONTNEED)
@@ -171,14 +186,28 @@ class MmapStore(Store):
         arr = self.array(name)
         if out is None:
             out = aligned_empty((stop - start,) + arr.shape[1:], arr.dtype)
+        return self._read_at(name, self._offset(name, start), out)
+
+    def read_flat(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        arr = self.array(name)
+        flat_index(arr.shape, start, stop - start)
+        if out is None:
+            out = aligned_empty((stop - start,), arr.dtype)
+        return self._read_at(name, arr.offset + start * arr.dtype.itemsize, out, cached=True)
+
+    def _read_at(self, name: str, off: int, out: np.ndarray, cached: bool = False) -> np.ndarray:
+        """Fill `out` from byte `off` of the file (O_DIRECT where it fits; `cached`: as
+        _write_at)."""
         view = memoryview(out).cast("B")
-        off, fd = self._offset(name, start), self._fd(name)
-        direct = self._direct_io(name, off, len(view))
+        fd = self._fd(name)
+        direct = None if cached else self._direct_io(name, off, len(view))
         if direct is not None:
             direct.read(out, off)
             return out
         read_all(fd, view, off, self._file(name))
-        if self.cache == "bounded" and len(view) >= DROP_MIN:
+        if self.cache == "bounded" and len(view) >= DROP_MIN and not cached:
             os.posix_fadvise(fd, off, len(view), os.POSIX_FADV_DONTNEED)
         return out
 

@@ -25,7 +25,15 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, check_fits, open_lock_file, open_plain, private_dir
+from nvmlib.backends.base import (
+    ALIGN,
+    Store,
+    check_fits,
+    flat_index,
+    open_lock_file,
+    open_plain,
+    private_dir,
+)
 from nvmlib.backends.files import (
     create_npy,
     disk_free,
@@ -407,7 +415,18 @@ class PmemStore(Store):
             raise StoreError(
                 f"rows {start}..{start + len(data)} are outside {name!r} of {n_rows} rows"
             )
-        lo = e.offset + start * (e.nbytes // max(n_rows, 1))
+        self._copy_at(name, mapping, e.offset + start * (e.nbytes // max(n_rows, 1)), data)
+
+    def write_flat(self, name: str, start: int, values: np.ndarray) -> None:
+        self._check_writable()
+        mapping, e = self._entry(name)
+        flat_index(e.shape, start, len(values))
+        data = np.ascontiguousarray(values, dtype=e.dtype)
+        self._copy_at(name, mapping, e.offset + start * e.dtype.itemsize, data)
+
+    def _copy_at(self, name: str, mapping: Mapping, lo: int, data: np.ndarray) -> None:
+        """Copy `data` to byte `lo` of the mapping (non-temporal stores on pmem) and note the range
+        for the next persist."""
         mapping.copy(lo, data)
         old = self._dirty.get(name)
         self._dirty[name] = (
@@ -421,6 +440,17 @@ class PmemStore(Store):
     ) -> np.ndarray:
         mapping, e = self._entry(name)
         src = mapping.view(e.offset, e.shape, e.dtype, writeable=False)[start:stop]
+        if out is None:
+            return np.array(src)
+        out[...] = src
+        return out
+
+    def read_flat(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        mapping, e = self._entry(name)
+        view = mapping.view(e.offset, e.shape, e.dtype, writeable=False)
+        src = view[flat_index(e.shape, start, stop - start)]
         if out is None:
             return np.array(src)
         out[...] = src

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from nvmlib.backends.base import Store, check_fits
+from nvmlib.backends.base import Store, check_fits, flat_index
 from nvmlib.backends.files import prepare_dir
 from nvmlib.backends.pmem import device_lock_path
 from nvmlib.backends.registry import TIERS
@@ -480,7 +480,26 @@ class PymmStore(Store):
             )
         item.view(np.ndarray)[start : start + len(rows)] = rows
         per_row = item.size // max(n_rows, 1)
-        lo, hi = start * per_row, (start + len(rows)) * per_row
+        self._note(name, start * per_row, (start + len(rows)) * per_row)
+
+    def write_flat(self, name: str, start: int, values: np.ndarray) -> None:
+        self._check_writable()
+        item = self._item(name)
+        item.view(np.ndarray)[flat_index(item.shape, start, len(values))] = values
+        self._note(name, start, start + len(values))
+
+    def read_flat(
+        self, name: str, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        item = self._item(name)
+        src = item.view(np.ndarray)[flat_index(item.shape, start, stop - start)]
+        if out is None:
+            return np.array(src)
+        out[...] = src
+        return out
+
+    def _note(self, name: str, lo: int, hi: int) -> None:
+        """Elements lo..hi−1 of `name` were written: the next persist covers them."""
         old = self._dirty.get(name)
         self._dirty[name] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 

@@ -27,6 +27,7 @@ import getpass
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -165,7 +166,10 @@ class ZarrStore(Store):
             tuple[str, int], tuple[int, Path, tuple[int, ...], np.dtype]
         ] = {}  # see _write_small
         self._logs: dict[str, tuple[int, int, int] | None] = {}  # see _log
-        self._dirty: dict[str, set[Path]] = {}  # array -> files written since persist
+        # array -> files written since persist; the writer's thread notes files while the
+        # journal's thread persists, so both go through _note / _take under this lock
+        self._dirty: dict[str, set[Path]] = {}
+        self._dirty_lock = threading.Lock()
         self._synced: set[Path] = set()  # directories whose own entry is durable
 
     # ---- arrays -------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class ZarrStore(Store):
         for key in (name, name + OPEN, name + STATE):
             self._close_small(key)
             self._arrays.pop(key, None)
-            self._dirty.pop(key, None)
+            self._take(key)
             if key in self.group:
                 del self.group[key]
         for cache in (self._open, self._written):
@@ -311,6 +315,18 @@ class ZarrStore(Store):
             self._write_rows(name, start, rows)
         except OSError as exc:  # zarr's own writes (a full disk, a quota): in the tier's terms
             raise os_error(exc, f"{self.url}/{name}", "writing", rows.nbytes) from exc
+
+    def write_flat(self, name: str, start: int, values: np.ndarray) -> None:
+        self._close_small(name)  # zarr replaces the chunk file
+        shape = self.shape(name)
+        try:
+            super().write_flat(name, start, values)
+        except OSError as exc:
+            raise os_error(exc, f"{self.url}/{name}", "writing", values.nbytes) from exc
+        if len(shape) == 1:
+            return self._mark(name, start, start + len(values))
+        row = start // int(np.prod(shape[1:]))  # along the first axis, as zarr chunks it
+        self._mark(name, row, row + 1)
 
     def _write_rows(self, name: str, start: int, rows: np.ndarray) -> None:
         if self._log(name) is None:
@@ -411,7 +427,7 @@ class ZarrStore(Store):
             write_all(fd, memoryview(np.ascontiguousarray(rows, dtype=dtype)).cast("B"), 0)
         except OSError as exc:
             raise os_error(exc, file, "writing") from exc
-        self._dirty.setdefault(key, set()).add(file)
+        self._note(key, [file])
         return True
 
     def _open_file(self, name: str, shard: int) -> Path:
@@ -467,7 +483,7 @@ class ZarrStore(Store):
                 else os_error(exc, path, "starting the open shard", size + len(index))
             ) from exc
         self._fds[name] = (shard, fd, DirectIO.open(path, readonly=False), path)
-        self._dirty.setdefault(name + OPEN, set()).add(path)
+        self._note(name + OPEN, [path])
 
     def _fd(self, name: str, shard: int) -> tuple[int, DirectIO | None, Path]:
         """The writer's descriptors (buffered, O_DIRECT or None) of open shard `shard`, and its
@@ -526,7 +542,7 @@ class ZarrStore(Store):
                 write_all(fd, memoryview(data).cast("B"), offset)
         except OSError as exc:
             raise os_error(exc, path, "appending to the open shard") from exc
-        self._dirty.setdefault(name + OPEN, set()).add(path)
+        self._note(name + OPEN, [path])
 
     def _load(self, name: str, lo: int, hi: int) -> None:
         log = self.array(name)
@@ -707,24 +723,39 @@ class ZarrStore(Store):
         meta = self.array(key).metadata
         grid = meta.chunk_grid.chunk_shape  # shards, when the array is sharded
         rest = (0,) * (len(grid) - 1)
-        self._dirty.setdefault(key, set()).update(
-            self.path / key / meta.encode_chunk_key((i,) + rest)
-            for i in range(start // grid[0], (stop - 1) // grid[0] + 1)
+        self._note(
+            key,
+            (
+                self.path / key / meta.encode_chunk_key((i,) + rest)
+                for i in range(start // grid[0], (stop - 1) // grid[0] + 1)
+            ),
         )
+
+    def _note(self, key: str, files: Iterable[Path]) -> None:
+        """Remember that `files` of array `key` were written since its last persist."""
+        with self._dirty_lock:
+            self._dirty.setdefault(key, set()).update(files)
+
+    def _take(self, *keys: str) -> set[Path]:
+        """The files written to arrays `keys` since their last persist, forgotten there."""
+        with self._dirty_lock:
+            return set().union(*(self._dirty.pop(key, set()) for key in keys))
 
     def persist(self, name: str) -> None:
         """fsync the objects written to `name` (a log: its open shard and record too) since the last
         persist, then their directories, deepest first."""
-        files = set().union(
-            *(self._dirty.pop(key, set()) for key in (name + OPEN, name + STATE, name))
-        )
+        files = self._take(name + OPEN, name + STATE, name)
         try:
             for file in files:
-                if file.exists():
+                try:
                     _fsync_file(file)
+                except FileNotFoundError:
+                    # gone since it was written: an open shard the writer's thread made durable
+                    # (fsync) and linked into the log, then unlinked; or an array deleted since
+                    continue
             self._sync_dirs(files)
         except OSError as exc:
-            self._dirty.setdefault(name, set()).update(files)  # still to be made durable
+            self._note(name, files)  # still to be made durable
             raise os_error(exc, f"{self.url}/{name}", "flushing") from exc
 
     def _sync_dirs(self, files: Iterable[Path]) -> None:

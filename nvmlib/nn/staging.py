@@ -57,18 +57,24 @@ def unflatten_into(theta: np.ndarray | torch.Tensor, params: Sequence[torch.Tens
 
 
 class HostStager:
-    """CPU models: flatten into one reused buffer and record it at once."""
+    """CPU models: flatten straight into the posterior's staged row (`record_from`, when the log
+    keeps the parameters' dtype), else into one reused buffer, and record it at once."""
 
     def __init__(
-        self, params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]
+        self,
+        params: Sequence[torch.Tensor],
+        record: Callable[[np.ndarray], bool],
+        record_from: Callable[[Callable[[np.ndarray], None]], bool] | None = None,
     ) -> None:
         self.params = list(params)
-        self.record = record
+        self.record, self.record_from = record, record_from
         n = sum(p.numel() for p in self.params)
-        self.buffer = torch.empty(n, dtype=host_dtype(self.params))
+        self.buffer = None if record_from else torch.empty(n, dtype=host_dtype(self.params))
 
     def stage(self, sync: bool = False) -> bool:
         """Record the parameters now; whether the posterior wrote a checkpoint."""
+        if self.record_from is not None:
+            return self.record_from(lambda row: flatten_into(self.params, torch.from_numpy(row)))
         return self.record(flatten_into(self.params, self.buffer).numpy())
 
     def drain(self) -> None:
@@ -156,9 +162,11 @@ class CudaStager:
 
 
 def make_stager(
-    params: Sequence[torch.Tensor], record: Callable[[np.ndarray], bool]
+    params: Sequence[torch.Tensor],
+    record: Callable[[np.ndarray], bool],
+    record_from: Callable[[Callable[[np.ndarray], None]], bool] | None = None,
 ) -> HostStager | CudaStager:
-    """The stager for where the parameters live."""
+    """The stager for where the parameters live (record_from: as HostStager's)."""
     if params[0].device.type == "cuda":
         return CudaStager(params, record)
-    return HostStager(params, record)
+    return HostStager(params, record, record_from)

@@ -124,7 +124,9 @@ class SWAG:
     dtype: how iterates are stored; by default the widest parameter dtype, which holds every
     parameter exactly (a float16 + float32 model stores float32, bfloat16 widens to float32).
     Drawn models keep each parameter's own dtype. moments: where the float64 sums live while
-    collecting (SWAGPosterior.create): "device" keeps them on the model's device (a GPU's).
+    collecting (SWAGPosterior.create): "device" keeps them on the model's device (a GPU's),
+    "store" on the tier (for models whose 40 bytes a parameter do not fit in RAM), "auto" in RAM
+    unless they do not fit there.
     deviations="running" centres each kept row on the mean at its collection, as swa_gaussian
     does; "final" (the default) on the mean of all iterates (SWAGPosterior.create).
 
@@ -261,7 +263,11 @@ class SWAG:
         self._own_store = own
         self._post = post
         self._idle = 0
-        self._stager = None if post is None or post.readonly else make_stager(params, post.update)
+        self._stager = None
+        if post is not None and not post.readonly:
+            kept = np.dtype(str(host_dtype(params)).removeprefix("torch."))
+            same = isinstance(post, SWAGPosterior) and post.dtype == kept  # flatten into its row
+            self._stager = make_stager(params, post.update, post.update_from if same else None)
         self._until_checkpoint: int | None = None
         self._work: nn.Module | None = None  # the copy predict loads each drawn model into
 

@@ -16,6 +16,7 @@ Every digest is seeded with the posterior's identity, so files of two posteriors
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 
@@ -73,9 +74,9 @@ class Journal:
         )
 
     def write_shift(self) -> None:
-        self.store.write_rows(SHIFT, 0, self.moments.shift)
+        self.moments.write_shift(self.store)
         self.store.persist(SHIFT)
-        self._shift_on_tier = digest(self.moments.shift, self.ident)
+        self._shift_on_tier = self.moments.shift_digest(self.ident)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, count: int, force: bool = False, behind: bool = False) -> None:
@@ -88,16 +89,30 @@ class Journal:
         if not force and count == self.ckpt_count:
             return
         seq = self.seq + 1
+        moments, slot = self.moments, seq % 2
         if not behind:
             self.folded()
-            self._commit(seq, count, self.moments.snapshot())
+            self._commit(seq, count, lambda: moments.write_slot(self.store, slot, self.ident))
             self.seq, self.ckpt_count = self._durable = seq, count
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-checkpoint")
-            self._frozen = aligned_empty((2, self.moments.padded), np.float64)
-        self._copy = copy = self._moments_thread().submit(self.moments.snapshot, self._frozen)
-        self._write = self._pool.submit(self._commit, seq, count, self._frozen, copy)
+        if moments.FROZEN:  # copied on the moments' thread, then written from the copy
+            if self._frozen is None:
+                self._frozen = aligned_empty((2, moments.padded), np.float64)
+            frozen = self._frozen
+            self._copy = copy = self._moments_thread().submit(moments.snapshot, frozen)
+
+            def written() -> int:
+                copy.result()
+                return moments.write_slot(self.store, slot, self.ident, frozen)
+
+        else:  # written into the slot on the moments' thread, in order with the folds
+            self._copy = copy = self._moments_thread().submit(
+                moments.write_slot, self.store, slot, self.ident
+            )
+            written = copy.result
+        self._write = self._pool.submit(self._commit, seq, count, written)
         self.seq, self.ckpt_count = seq, count
 
     # ---- the moments' thread ---------------------------------------------------------------
@@ -118,23 +133,19 @@ class Journal:
         if folding is not None:
             folding.result()
 
-    def _commit(self, seq: int, count: int, block: np.ndarray, copy: Future | None = None) -> None:
+    def _commit(self, seq: int, count: int, written: Callable[[], int]) -> None:
         """Persist the log and count (of at least `count` updates), the shift where the tier's
-        differs, then the moments `block` of `count` updates (once `copy` has copied them there)
-        into slot seq % 2, then its commit record."""
-        if copy is not None:
-            copy.result()
+        differs, then the moments of `count` updates in slot seq % 2 (`written` writes them there,
+        or waits until they are, and gives their digest), then its commit record."""
         self.log.persist()
         self.store.persist(COUNT)
-        d_shift = digest(self.moments.shift, self.ident)
+        d_shift = self.moments.shift_digest(self.ident)
         if count and d_shift != self._shift_on_tier:
             self.write_shift()
         slot = seq % 2
-        self.store.write_rows(MOMENTS, slot, block[None])
+        d_moments = written()
         self.store.persist(MOMENTS)
-        head = np.array(
-            [seq, count, digest(block, self.ident), d_shift, self.ident], dtype=np.int64
-        )
+        head = np.array([seq, count, d_moments, d_shift, self.ident], dtype=np.int64)
         record = np.append(head, digest(head, self.ident)).astype(np.int64)
         self.store.write_rows(COMMIT, slot, record[None])
         self.store.persist(COMMIT)
@@ -218,28 +229,30 @@ class Journal:
             bound = max((c[1] for c in candidates), default=0)
             candidates = [c for c in candidates if c[1] <= bound]
         moments = self.moments
-        empty = np.zeros((2, moments.padded))  # calloc'd: its pages take no memory until written
-        if (
-            exact
-        ):  # the empty posterior: an exact start when rows 0..bound-1 are all still in the log
-            candidates.append((0, 0, digest(empty, self.ident), -1))
+        if exact:  # the empty posterior: exact when rows 0..bound-1 are all still in the log
+            candidates.append((0, 0, 0, -1))
         for seq, count, d_moments, d_shift in candidates:
-            block = self.store.read_rows(MOMENTS, seq % 2, seq % 2 + 1)[0] if seq else empty
-            if digest(block, self.ident) != d_moments:
-                problems.append(
-                    f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} updates)"
-                )
-                continue
-            shift = self.store.read_rows(SHIFT, 0, moments.n_params)
-            if count > 0 and digest(shift, self.ident) != d_shift:
+            if seq:
+                d_slot, load_slot = moments.read_slot(self.store, seq % 2, self.ident)
+                if d_slot != d_moments:
+                    problems.append(
+                        f"{MOMENTS} slot {seq % 2} fails its checksum (checkpoint at {count} "
+                        "updates)"
+                    )
+                    continue
+            on_tier, load_shift = moments.read_shift(self.store, self.ident)
+            if count > 0 and on_tier != d_shift:
                 problems.append(
                     f"{SHIFT} fails its checksum: the first iterate, which every moment is "
                     "relative to, is damaged"
                 )
                 continue
-            moments.load(block)
-            moments.set_shift(shift)
-            self._shift_on_tier = digest(shift, self.ident)
+            if seq:
+                load_slot()
+            else:
+                moments.clear()
+            load_shift()
+            self._shift_on_tier = on_tier
             reached = self.replay(count, bound, problems)
             if reached < bound and (exact or reached < count):
                 continue
@@ -247,7 +260,7 @@ class Journal:
                 count == 0
                 and reached > 0
                 and not self.readonly
-                and moments.shift.tobytes() != shift.tobytes()
+                and moments.shift_digest(self.ident) != on_tier
             ):
                 self.write_shift()
             newest = max((c[0] for c in self.checkpoints(None, [])), default=0)

@@ -12,6 +12,10 @@ swag.moments  float64 (2, 2, moments_len): two checkpoint slots of [Σ(θ−θ�
               (n_params padded to 4 KiB, like the log's rows: one layout on every tier)
 swag.commit   int64 (2, 6): per slot [seq, count, digest of the slot's moments, digest of the
               shift, the posterior's identity, digest of the record]
+swag.moments.live, swag.moments.saved
+              float64 (2 × moments_len,) and (2 × moments_len + n_params,): only while a writer
+              with moments="store" has the posterior open (its live sums, and their copy while
+              a refusable call runs); not part of the format
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ META, COUNT, SHIFT, MOMENTS, COMMIT = (
     "swag.moments",
     "swag.commit",
 )
-NAMES = (META, LOG, INDEX, COUNT, SHIFT, MOMENTS, COMMIT)
+# a writer's scratch arrays for moments="store" (moments_store): the live sums, and their copy
+# while a call that may be refused runs; rebuilt from the checkpoint slots at every open
+LIVE, SAVED = "swag.moments.live", "swag.moments.saved"
+NAMES = (META, LOG, INDEX, COUNT, SHIFT, MOMENTS, COMMIT, LIVE, SAVED)
 FLOAT_DTYPES = ("float16", "float32", "float64")
 DEVIATIONS = ("final", "running")  # D's rows centred on the final mean, or on the running means
 MAX_CHUNK = 32  # iterates per chunk of a compressed log (a keyframe, then deltas), at most

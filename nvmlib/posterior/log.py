@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from nvmlib.backends.base import ALIGN, Store, aligned_empty, padded_len
+from nvmlib.backends.base import ALIGN, Store, aligned_empty, padded_len, release_pages
 from nvmlib.posterior.checksum import Digest, digest, row_seed
 from nvmlib.posterior.codec import DeltaCodec
 
@@ -67,10 +67,11 @@ def layout(n_params: int, capacity: int, dtype: str, codec: str | None, chunk: i
     return {"codec": codec, "chunk": chunk, "record_blocks": blocks_of(record)}
 
 
-def staged_rows(n_params: int, dtype: str) -> int:
+def staged_rows(n_params: int, dtype: str, least: int = 3) -> int:
     """Rows a writer stages: iterates wait there, written, until the moments add them as a batch
-    (3 at least: the row being staged, the one being written, and a delta log's base)."""
-    return int(min(MAX_STAGED, max(3, STAGING_BYTES // (n_params * np.dtype(dtype).itemsize))))
+    (`least` at least: the row being staged, the one being written, and a delta log's base)."""
+    rows = STAGING_BYTES // (n_params * np.dtype(dtype).itemsize)
+    return int(min(MAX_STAGED, max(least, rows)))
 
 
 def staging_ring(staged: int, row_len: int, dtype: np.dtype) -> np.ndarray:
@@ -161,6 +162,11 @@ class Log(Protocol):
 
     def order(self) -> None:
         """Order what was written before what is written next (a row before its count)."""
+        ...
+
+    def release_staging(self) -> None:
+        """Give back the memory of the staged ring where no staged row is needed again (every row
+        written and in the moments); the next update takes it back."""
         ...
 
     def close(self) -> None:
@@ -297,6 +303,9 @@ class RawLog(Log):
 
     def order(self) -> None:
         self.store.order(LOG)
+
+    def release_staging(self) -> None:
+        release_pages(self._rows)
 
     def close(self) -> None:
         """Nothing to release: the raw log holds no threads."""
@@ -625,6 +634,9 @@ class DeltaLog(Log):
     def order(self) -> None:
         self.store.order(LOG)
         self.store.order(INDEX)
+
+    def release_staging(self) -> None:
+        """Nothing: the ring holds the base the next iterate's delta is taken against."""
 
     def close(self) -> None:
         self.codec.close()

@@ -23,11 +23,14 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
+from typing import Any, Callable
 
 import numba
 import numpy as np
 
-from nvmlib.backends.base import aligned_empty
+from nvmlib.backends.base import Store, aligned_empty
+from nvmlib.posterior.checksum import digest
+from nvmlib.posterior.layout import MOMENTS, SHIFT
 
 BLOCK = 1 << 16  # parameters a thread takes at a time
 TILE = 8192  # parameters whose sums stay in L2 while a batch's rows are added to them
@@ -61,6 +64,24 @@ def _stage(src: np.ndarray, dst: np.ndarray) -> bool:
     for b in numba.prange((n + BLOCK - 1) // BLOCK):
         lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
         if not _stage_block(src[lo:hi], dst[lo:hi]):
+            bad += 1
+    return bad == 0
+
+
+@numba.njit(nogil=True, cache=True)
+def _finite_block(x: np.ndarray) -> bool:
+    bad = False
+    for i in range(x.shape[0]):
+        bad |= not np.isfinite(x[i])
+    return not bad
+
+
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _finite(x: np.ndarray) -> bool:
+    n = x.shape[0]
+    bad = 0
+    for b in numba.prange((n + BLOCK - 1) // BLOCK):
+        if not _finite_block(x[b * BLOCK : min(n, (b + 1) * BLOCK)]):
             bad += 1
     return bad == 0
 
@@ -154,10 +175,19 @@ def stage(src: np.ndarray, dst: np.ndarray) -> bool:
     return bool(_launch(_stage, _stage_block, src, dst))
 
 
+def finite(x: np.ndarray) -> bool:
+    """Whether every value of the 1-D `x` is finite (one parallel pass, no copy)."""
+    if x.dtype == np.float16:
+        return bool(np.isfinite(x).all())
+    return bool(_launch(_finite, _finite_block, x))
+
+
 def warm(dtype: np.dtype) -> None:
-    """Load `stage` for float32 iterates and rows of `dtype` now: numba's first call in a process
-    takes about a second, better spent when a posterior is made than in the first update."""
+    """Load `stage` for float32 iterates and rows of `dtype`, and `finite` for such rows, now:
+    numba's first call in a process takes about a second, better spent when a posterior is made
+    than in the first update."""
     stage(np.zeros(1, np.float32), np.zeros(1, dtype))
+    finite(np.zeros(1, dtype))
 
 
 def add_rows(
@@ -178,10 +208,16 @@ def add_rows(
 
 
 class Moments(ABC):
-    """A posterior's running sums relative to its first iterate θ₀ (`shift`, host float64):
+    """A posterior's running sums relative to its first iterate θ₀ (`shift`, float64):
     [Σ(θ−θ₀), Σ(θ−θ₀)²] in float64, as a checkpoint slot holds them (padded to `padded`).
     Where the sums live is the implementation's: HostMoments (RAM), TorchMoments (a torch
-    device, nvmlib.posterior.moments_torch)."""
+    device, nvmlib.posterior.moments_torch), StoreMoments (the posterior's tier,
+    nvmlib.posterior.moments_store). The slot and shift methods move them to and from the tier's
+    checkpoint arrays (MOMENTS, SHIFT)."""
+
+    # a checkpoint written behind training copies the sums (snapshot) on the moments' thread and
+    # writes the copy; False: write_slot itself runs there (the sums are already on the tier)
+    FROZEN = True
 
     def __init__(self, n_params: int, padded: int) -> None:
         self.n_params, self.padded = n_params, padded
@@ -215,10 +251,41 @@ class Moments(ABC):
         """Make θ₀ `values` (the first iterate)."""
         self.shift[:] = values
 
+    def shift_of(self, a: int, b: int) -> np.ndarray:
+        """θ₀ of parameters a..b−1 (float64)."""
+        return self.shift[a:b]
+
+    def shift_digest(self, ident: int) -> int:
+        """The digest of θ₀ (as the tier's SHIFT array holds it)."""
+        return digest(self.shift, ident)
+
+    def write_shift(self, store: Store) -> None:
+        """Write θ₀ to the tier's SHIFT array (not persisted)."""
+        store.write_rows(SHIFT, 0, self.shift)
+
+    def read_shift(self, store: Store, ident: int) -> tuple[int, Callable[[], None]]:
+        """The digest of the tier's SHIFT, and a function that makes it θ₀."""
+        shift = store.read_rows(SHIFT, 0, self.n_params)
+        return digest(shift, ident), lambda: self.set_shift(shift)
+
+    def write_slot(
+        self, store: Store, slot: int, ident: int, block: np.ndarray | None = None
+    ) -> int:
+        """Write the sums (or their snapshot `block`) into checkpoint slot `slot` of the tier's
+        MOMENTS (not persisted); their digest."""
+        block = self.snapshot() if block is None else block
+        store.write_rows(MOMENTS, slot, block[None])
+        return digest(block, ident)
+
+    def read_slot(self, store: Store, slot: int, ident: int) -> tuple[int, Callable[[], None]]:
+        """The digest of checkpoint slot `slot` on the tier, and a function that loads it."""
+        block = store.read_rows(MOMENTS, slot, slot + 1)[0]
+        return digest(block, ident), lambda: self.load(block)
+
     def mean(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
         """θ̄ after `count` iterates (float64), of parameters a..b−1 (all: b None)."""
         b = self.n_params if b is None else b
-        return self.shift[a:b] + self.sums(a, b)[0] / count
+        return self.shift_of(a, b) + self.sums(a, b)[0] / count
 
     def variance(self, count: int, a: int = 0, b: int | None = None) -> np.ndarray:
         """Σ_diag = E[θ²] − θ̄², clamped at 0 (float64), of parameters a..b−1 (all: b None)."""
@@ -232,16 +299,16 @@ class Moments(ABC):
         self.load(np.zeros((2, self.padded)))
         self.set_shift(np.zeros(self.n_params))
 
-    def saved(self) -> tuple[np.ndarray, np.ndarray]:
+    def saved(self) -> Any:
         """A copy to restore() (a refused call changes nothing)."""
         return self.snapshot(np.empty((2, self.padded))), self.shift.copy()
 
-    def restore(self, saved: tuple[np.ndarray, np.ndarray]) -> None:
+    def restore(self, saved: Any) -> None:
         self.load(saved[0])
         self.set_shift(saved[1])
 
     def close(self) -> None:  # noqa: B027 (optional: host sums hold nothing to release)
-        """Release what the sums hold (device memory); the host kernels run on numba's threads."""
+        """Release what the sums hold (device memory, scratch arrays on the tier)."""
 
 
 class HostMoments(Moments):

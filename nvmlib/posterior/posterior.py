@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
+import psutil
 import torch
 
 import nvmlib.posterior.layout as layout
@@ -28,6 +29,7 @@ from nvmlib.posterior.journal import Journal
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
 from nvmlib.posterior.moments import warm
+from nvmlib.posterior.moments_store import StoreMoments
 from nvmlib.posterior.moments_torch import TorchMoments
 from nvmlib.posterior.sampling import (
     DRAWS,
@@ -79,7 +81,11 @@ def _not_finite(vec: np.ndarray, dtype: np.dtype) -> InputError:
     )
 
 
-MOMENTS_KINDS = ("auto", "host", "device")
+MOMENTS_KINDS = ("auto", "host", "device", "store")
+# "auto" keeps a writer's moments on its tier when in RAM (the sums, θ₀ and a checkpoint's copy:
+# HOST_BYTES a parameter) they would take more than this fraction of the memory available
+AUTO_STORE_FRACTION = 0.5
+HOST_BYTES = 40
 
 
 def _check_moments(kind: Any, device: Any) -> None:
@@ -93,10 +99,26 @@ def _check_moments(kind: Any, device: Any) -> None:
         )
 
 
-def _moments(kind: str, n_params: int, padded: int, device: Any) -> moments.Moments:
-    """The running sums of `kind` (see SWAGPosterior.create)."""
+def _moments_kind(kind: str, n_params: int, readonly: bool, store: Store) -> str:
+    """Where the sums of a posterior opened so go: `kind`, "auto" resolved (the tier when they do
+    not fit in RAM: AUTO_STORE_FRACTION), and a reader's in RAM (it writes nothing)."""
+    if readonly:
+        return "host" if kind in ("auto", "store") else kind
+    if kind != "auto":
+        return kind
+    available = psutil.virtual_memory().available
+    if store.kind != "dram" and HOST_BYTES * n_params > AUTO_STORE_FRACTION * available:
+        return "store"
+    return "host"
+
+
+def _moments(kind: str, meta: dict, device: Any, store: Store) -> moments.Moments:
+    """The running sums of `kind` (_moments_kind; see SWAGPosterior.create)."""
+    n_params, padded = meta["n_params"], meta["moments_len"]
     if kind == "device":
         return TorchMoments(n_params, padded, device)
+    if kind == "store":
+        return StoreMoments(store, n_params, padded)
     return moments.HostMoments(n_params, padded)
 
 
@@ -121,14 +143,18 @@ class SWAGPosterior:
         # updates given to the moments (rows after them wait in the log's staged ring), and those
         # known to be in them (rows from there to _folded are being added on the moments' thread)
         self._folded = self._safe = 0
-        self._moments = _moments(moments, self.n_params, meta["moments_len"], device)
-        staged = 0 if readonly else staged_rows(self.n_params, meta["dtype"])
+        kind = _moments_kind(moments, self.n_params, readonly, store)
+        self._moments = _moments(kind, meta, device, store)
+        # the moments on the tier need no row of the ring beyond the staged and the written one
+        least = 2 if kind == "store" and not meta.get("codec") else 3
+        staged = 0 if readonly else staged_rows(self.n_params, meta["dtype"], least)
         if not readonly:
             warm(self.dtype)  # the kernels, before the first update
         self.log = log_class(meta)(store, meta, identity_seed(meta["id"]), staged)
         self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
         self._io: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # the write of row self._count, while in flight
+        self._staging = 0  # the slot of the staged ring the last update staged into
         self._closed = False
 
     # ---- creating and opening -----------------------------------------------------------
@@ -158,9 +184,13 @@ class SWAGPosterior:
         must pass (arguments, free space, the file size limit): a refused create deletes nothing.
 
         moments: where the float64 sums (16 bytes a parameter) live while collecting: "host" (RAM,
-        the numba kernels), "device" (a torch device, `device`, e.g. the model's GPU: the host then
-        only writes rows and checkpoints), or "auto" (host). Not part of the posterior's format:
-        open() may choose another.
+        the numba kernels; with θ₀ and a checkpoint's copy, 40 bytes a parameter), "device" (a
+        torch device, `device`, e.g. the model's GPU: the host then only writes rows and
+        checkpoints), "store" (this posterior's tier, a block of parameters at a time: RAM holds
+        a few blocks and two staged rows, for models whose moments do not fit; each batch of rows
+        reads and writes 40 bytes a parameter there), or "auto" (store when host moments would
+        take more than half the memory available, on a tier other than dram; else host). Not part
+        of the posterior's format: open() may choose another; a reader's are in RAM.
 
         deviations: what the kept rows of D are centred on. "final" (the default): the mean θ̄ of
         all collected iterates, θ_k − θ̄. "running": the mean at the row's collection, θ_k − θ̄_k
@@ -197,10 +227,14 @@ class SWAGPosterior:
                     f"{store.describe()} does not grow"
                 )
             )
+            kind = _moments_kind(moments, n, False, store)
+            scratch = StoreMoments.scratch_bytes(meta) if kind == "store" else 0
             check_fits(
                 store,
-                layout.required_bytes(n, cap, meta["dtype"], codec, store.grows),
-                f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{room})",
+                layout.required_bytes(n, cap, meta["dtype"], codec, store.grows) + scratch,
+                f"a posterior of {cap} iterates × {n} parameters ({meta['dtype']}{room}"
+                + (", its moments on the tier" if scratch else "")
+                + ")",
                 reclaimable=sum(store.occupied(name) for name in old),
             )
             arrays = layout.arrays(meta)
@@ -215,7 +249,7 @@ class SWAGPosterior:
                 (store.create_log if name == LOG else store.create)(
                     name, shape, dt, sparse=name in sparse
                 )
-            post = cls(store, meta, readonly=False, moments=moments, device=device)
+            post = cls(store, meta, readonly=False, moments=kind, device=device)
             post._journal.checkpoint(0, force=True)
             layout.write_meta(store, meta)
         except BaseException:
@@ -369,8 +403,33 @@ class SWAGPosterior:
         rebuilds a consistent posterior of the rows that reached the tier.
         """
         self._check_usable(write=True)
-        self._journal.poll()
         vec = _as_vector(theta, self.n_params)
+        return self._record(
+            lambda row: moments.stage(vec, row), lambda: _not_finite(vec, self.dtype)
+        )
+
+    def update_from(self, fill: Callable[[np.ndarray], None]) -> bool:
+        """update() of the iterate that `fill(row)` writes straight into the log's staged row (a
+        1-D array of n_params in the log's dtype, `dtype`): a CPU model's stager flattens its
+        parameters there, which saves a copy of θ and the memory of one. The row is then checked
+        for NaN/Inf (InputError; nothing recorded) and recorded as update() records it."""
+        self._check_usable(write=True)
+        n = self.n_params
+
+        def staged(row: np.ndarray) -> bool:
+            fill(row[:n])
+            return moments.finite(row[:n])
+
+        return self._record(
+            staged, lambda: _not_finite(self.log.rows[self._staging][:n], self.dtype)
+        )
+
+    def _record(
+        self, stage: Callable[[np.ndarray], bool], refused: Callable[[], InputError]
+    ) -> bool:
+        """update()'s work once θ is known: `stage(row)` puts it in the staged row and says
+        whether it is finite (`refused()` gives the error when it is not)."""
+        self._journal.poll()
         if self.max_rank is None and self._count + (self._pending is not None) >= self.capacity:
             self._settle()  # whether the log is full depends on the row in flight
             if self._count >= self.capacity:
@@ -383,12 +442,12 @@ class SWAGPosterior:
         ring = len(self.log.rows)
         if t - ring >= self._safe:  # the slot holds a row the moments have yet to add
             self._fold()
-        row = self.log.rows[t % ring]  # the moments are of what the tier stores
-        if not moments.stage(vec, row):
-            raise _not_finite(vec, self.dtype)
+        self._staging = t % ring
+        if not stage(self.log.rows[self._staging]):  # the moments are of what the tier stores
+            raise refused()
         self._settle()  # the previous row: a failure raises here, and this one is not recorded
         if t == 0:
-            self._moments.set_shift(row)
+            self._moments.set_shift(self.log.rows[self._staging])
         # stamped (or encoded) and written on a pool thread while the rows before it are added
         self._pending = self._pool().submit(self.log.write, t)
         if self._count - self._folded >= min(moments.GROUP, ring - 2):
@@ -594,6 +653,8 @@ class SWAGPosterior:
         """sample() on the snapshot held, D z₂ from a block-wise pass here or from the executor;
         the draws in memory, or as `name` on `out` (removed again if the pass fails)."""
         self._check_nonempty()
+        if out is not None and not self.readonly:  # sampling to a tier: memory is short
+            self.log.release_staging()
         draws = None if out is None else Draws.create(out, name, S, self.n_params)
         held = np.empty((S, self.n_params), np.float32) if draws is None else None
 
