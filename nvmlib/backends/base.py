@@ -32,6 +32,9 @@ class Store(ABC):
     # create(sparse=True) takes no space up front: allocate() gives it as rows are written,
     # release() hands it back; where False, every array takes its whole size at create
     grows: bool = False
+    # array() is the data itself, in this process's memory, with nothing to persist: a log's
+    # rows may be staged straight into it (no copy from a staged ring)
+    in_place: ClassVar[bool] = False
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         self.path = Path(path) if path is not None else None

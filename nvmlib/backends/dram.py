@@ -50,6 +50,7 @@ class DramStore(Store):
     kind = "dram"
     persistent = False
     grows = True
+    in_place = True
 
     def __init__(self, path: str | Path | None = None, readonly: bool = False) -> None:
         super().__init__(None, readonly)

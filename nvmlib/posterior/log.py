@@ -184,7 +184,13 @@ class RawLog(Log):
         self.store, self.ident = store, ident
         self.n_params, self.dtype = meta["n_params"], np.dtype(meta["dtype"])
         self.slots, self.row_len = meta["capacity"] + 1, meta["row_len"]
-        self._rows = staging_ring(staged, self.row_len, self.dtype)
+        # on a tier whose arrays are the data in RAM (Store.in_place) a writer stages each row in
+        # its own slot of the log: the ring is the log, and writing a row is stamping it
+        self._in_place = bool(staged) and store.in_place
+        if self._in_place:
+            self._rows = store.array(LOG)
+        else:
+            self._rows = staging_ring(staged, self.row_len, self.dtype)
         self.rows = self._rows[:, : self.n_params]
 
     @staticmethod
@@ -200,7 +206,8 @@ class RawLog(Log):
             np.int64,
         )
         raw[-TRAILER:] = tail.view(np.uint8)
-        self.store.write_rows(LOG, t % self.slots, row[None, :])
+        if not self._in_place:
+            self.store.write_rows(LOG, t % self.slots, row[None, :])
 
     def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
         """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does
@@ -305,7 +312,8 @@ class RawLog(Log):
         self.store.order(LOG)
 
     def release_staging(self) -> None:
-        release_pages(self._rows)
+        if not self._in_place:  # in place, the ring is the log itself
+            release_pages(self._rows)
 
     def close(self) -> None:
         """Nothing to release: the raw log holds no threads."""
