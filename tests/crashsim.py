@@ -34,6 +34,7 @@ class Recorder(DramStore):
     """A DRAM store that records every create, write_rows (and release) and persist."""
 
     kind = "recorder"
+    in_place = False  # a model of a tier that persists: every row goes through write_rows
 
     def __init__(self) -> None:
         super().__init__()
