@@ -33,6 +33,8 @@ KINDS = {"host": {}, "device": {"device": "cpu"}, "store": {}}
 def small_parts(monkeypatch):
     """Blocks of 8192 parameters for the moments on the tier: N spans several, the last short."""
     monkeypatch.setattr(moments_store, "PART", 8192)
+
+
 THETAS = (np.random.default_rng(5).standard_normal((T, N)) * 3 + 1).astype(np.float32)
 
 
