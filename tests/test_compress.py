@@ -93,6 +93,8 @@ def test_reopen_after_an_unclean_stop_replays_and_goes_on(tmp_path):
     for row in rows[:13]:
         post.update(row)
     post._settle()
+    post._fold()  # a dead process's threads stop: its last batch and checkpoint land
+    post._journal.wait()
     store.unlock(LOG)  # the process dies: no close, no checkpoint after update 12
     again = SWAGPosterior.open(TIERS["mmap"].open(tmp_path))
     assert again.n_collected == 13

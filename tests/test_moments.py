@@ -106,6 +106,8 @@ def test_collect_checkpoint_and_reopen_with_any_moments(kind, reopen_with, tmp_p
         for t in range(13, T):
             post.update(THETAS[t])
         assert post.n_collected == T  # the last row settles
+        post._fold()  # a dead process's threads stop: the last batch and the checkpoint land
+        post._journal.wait()
         store.unlock("swag.log")  # the process dies: no close, no checkpoint after 16
     with open_store("mmap", tmp_path / "p") as store:
         again = SWAGPosterior.open(store, moments=reopen_with, **KINDS[reopen_with])

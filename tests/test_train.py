@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nvmlib.backends import open_store
-from nvmlib.errors import ConfigError, DataError, StoreError
+from nvmlib.errors import ConfigError, DataError, PosteriorError, StoreError
 from nvmlib.paper.models import get_flat
-from nvmlib.paper.train import STATE_FILE, TrainConfig, epoch_order, reopen, train
+from nvmlib.paper.train import STATE_FILE, TrainConfig, epoch_order, load_state, reopen, train
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.log import LOG
 
@@ -208,3 +208,17 @@ def test_too_small_mmap_tier_names_the_size(tmp_path):
             )
         )
     assert not (tmp_path / "swag.log.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x80\x02(.", b"PK\x03\x04 not a zip", b"\x80\x02}q\x00."],
+    ids=["empty", "unpickler-pops-an-empty-stack", "not-a-zip", "a-dict-without-format"],
+)
+def test_a_damaged_train_state_is_a_posterior_error_that_names_it(tmp_path, content):
+    """Bytes that are not a train state, including those on which torch's weights-only
+    unpickler raises IndexError (about 6% of random bytes), are refused as damaged."""
+    path = tmp_path / STATE_FILE
+    path.write_bytes(content)
+    with pytest.raises(PosteriorError, match="is damaged"):
+        load_state(path)
