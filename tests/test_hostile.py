@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -258,6 +259,60 @@ class HostileContract(TierCase):
             again.close()
             again.store.close()
 
+    @contextlib.contextmanager
+    def _growing_store(self, tmp_path: Path) -> Iterator[tuple[Path, Any]]:
+        """(a 24 MB tmpfs: a real full disk, a store of this tier on it) where the tier's arrays
+        take space as they are written; the test is skipped elsewhere."""
+        self.require("files")
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        with small_tmpfs(tmp_path / "fs", 24) as fs:
+            store = self.tier.open(fs)
+            if not store.grows:
+                store.close()
+                pytest.skip(f"the {self.tier.kind} tier takes every array's whole size at create")
+            yield fs, store
+
+    def test_a_row_refused_behind_its_checkpoint_is_its_own_error_and_counts_nothing(
+        self, tmp_path
+    ):
+        """An update that checkpoints returns before its row is written; when the disk refuses
+        that row, the next call says the iterate was not recorded (not that a checkpoint failed),
+        the moments leave it out, and recording it again gives the uninterrupted posterior."""
+        n_params = 40_000
+        thetas = (np.random.default_rng(4).standard_normal((14, n_params))).astype(np.float32)
+        with self._growing_store(tmp_path) as (fs, store):
+            post = SWAGPosterior.create(
+                store, n_params, max_rank=8, checkpoint_every=4, codec="delta-zstd"
+            )
+            for theta in thetas[:5]:
+                post.update(theta)
+            post.flush()  # a checkpoint of 5: the 9th update takes the next one
+            for theta in thetas[5:8]:
+                assert not post.update(theta)
+            assert post.n_collected == 8
+            filler = _fill(fs)
+            assert post.update(thetas[8]), "the 9th update takes a checkpoint"
+            with pytest.raises(StoreError, match="was not recorded") as refused:
+                _ = post.n_collected  # waits for the row
+            assert "free space" in str(refused.value) and "checkpoint" not in str(refused.value)
+            assert post.n_collected == 8
+            ref = thetas[:8].astype(np.float64)
+            np.testing.assert_allclose(post.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
+            filler.unlink()
+            for theta in thetas[8:]:
+                post.update(theta)
+            post.close()
+            store.close()
+            again = SWAGPosterior.open(self.tier.open(fs), readonly=True)
+            ref = thetas.astype(np.float64)
+            assert again.n_collected == len(thetas)
+            np.testing.assert_allclose(again.mean(), ref.mean(0), rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(again.variance(), ref.var(0), rtol=1e-6, atol=1e-9)
+            assert again.kept_rows().tobytes() == thetas[-8:].tobytes()
+            again.close()
+            again.store.close()
+
     @pytest.mark.parametrize("max_rank", [6, None])
     def test_a_compressed_log_grows_until_the_disk_is_full_and_loses_nothing(
         self, max_rank, tmp_path
@@ -266,18 +321,11 @@ class HostileContract(TierCase):
         does not fit is refused with a StoreError (n_collected unchanged), and a reopen after the
         writer is gone without a close holds exactly the iterates counted before it; a ring, which
         occupies its kept chunks, goes on in the room it has."""
-        self.require("files")
-        if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root")
         n_params, T = 50_000, 80
         rng = np.random.default_rng(5)
         steps = [rng.standard_normal(n_params)] + [rng.standard_normal((T - 1, n_params)) * 1e-4]
         thetas = np.cumsum(np.vstack(steps), 0).astype(np.float32)  # about 2x compressible
-        with small_tmpfs(tmp_path / "fs", 24) as fs:
-            store = self.tier.open(fs)
-            if not store.grows:
-                store.close()
-                pytest.skip(f"the {self.tier.kind} tier takes every array's whole size at create")
+        with self._growing_store(tmp_path) as (fs, store):
             post = SWAGPosterior.create(
                 store,
                 n_params,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 from conftest import small_tmpfs
 from contract import TierCase, per_tier
@@ -18,7 +19,7 @@ from contract import TierCase, per_tier
 import nvmlib.posterior.moments_store as moments_store
 import nvmlib.posterior.posterior as posterior_module
 from nvmlib.backends import open_store
-from nvmlib.errors import InputError, StoreError
+from nvmlib.errors import InputError, PosteriorError, StoreError
 from nvmlib.posterior import SWAGPosterior
 from nvmlib.posterior.layout import COMMIT, LIVE, MOMENTS, SAVED, SHIFT
 from nvmlib.posterior.moments import HostMoments
@@ -180,6 +181,7 @@ globals().update(per_tier(StoreMomentsContract))
 CHILD = """
 import resource, sys
 import numpy as np
+import psutil
 from nvmlib import SWAGPosterior, open_store
 
 def hwm():
@@ -290,3 +292,23 @@ def test_sampling_to_a_tier_gives_back_the_staged_ring(tmp_path):
         np.testing.assert_allclose(post.mean(), rows.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(post.kept_rows(), thetas[2:])
         post.close()
+
+
+@pytest.mark.parametrize("codec", [None, "delta-zstd"])
+def test_close_gives_back_the_memory_of_the_sums_and_the_staged_ring(codec, tmp_path):
+    """A closed posterior that the caller still holds keeps none of its n_params-sized buffers:
+    the host sums, θ₀, a checkpoint's copy of the sums and the staged ring (resident memory)."""
+    n = 4_000_000
+    thetas = np.random.default_rng(3).standard_normal((4, n)).astype(np.float32)
+    with open_store("mmap", tmp_path / "p") as store:
+        post = SWAGPosterior.create(store, n, max_rank=4, checkpoint_every=2, codec=codec)
+        for theta in thetas:
+            post.update(theta)
+        _ = post.mean()
+        held = post.log.rows.nbytes + 5 * 8 * n  # the ring; sums, θ₀ and their copy
+        before = psutil.Process().memory_info().rss
+        post.close()
+        freed = before - psutil.Process().memory_info().rss
+        assert freed > 0.9 * held, (freed, held)
+        with pytest.raises(PosteriorError, match="closed"):
+            post.mean()

@@ -224,6 +224,7 @@ def test_create_over_existing_posterior_needs_overwrite(store):
 
 def test_second_writer_is_locked_out(store):
     post = collect(store, iterates(3, 10), max_rank=2)
+    assert post.n_collected == 3  # the last row was in flight: now it is written and counted
     with pytest.raises(LockedError, match="read-only"):
         SWAGPosterior.open(store)
     reader = SWAGPosterior.open(store, readonly=True)

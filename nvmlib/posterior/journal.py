@@ -30,6 +30,17 @@ from nvmlib.posterior.moments import Moments
 Checkpoint = tuple[int, int, int, int]  # (seq, count, moments digest, shift digest)
 
 
+def started_pool(name: str) -> ThreadPoolExecutor:
+    """A one-thread pool whose thread is running already."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    pool.submit(int).result()
+    return pool
+
+
+class _RowFailed(Exception):
+    """A checkpoint written behind was dropped: the write of the last row it covers failed."""
+
+
 class Journal:
     """The count, checkpoints and recovery of the posterior whose `log` and `moments` it records."""
 
@@ -79,12 +90,16 @@ class Journal:
         self._shift_on_tier = self.moments.shift_digest(self.ident)
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def checkpoint(self, count: int, force: bool = False, behind: bool = False) -> None:
+    def checkpoint(
+        self, count: int, force: bool = False, behind: bool = False, after: Future | None = None
+    ) -> None:
         """Persist log and count, then the moments into the older slot, then its commit record.
         Without `force`, a count already checkpointed is not written again: the other slot keeps
         the checkpoint before it (the one a saved train state may point to). `behind`: all of it
         runs on the journal's thread, from a copy of the moments; wait() (or the next checkpoint)
-        waits for it and raises what failed."""
+        waits for it and raises what failed. `after`: the write of the last row it covers, which
+        it waits for first (that row given to fold_after); if that write failed, the checkpoint is
+        dropped without a word: whoever settles the row raises its error."""
         self.wait()
         if not force and count == self.ckpt_count:
             return
@@ -92,11 +107,16 @@ class Journal:
         moments, slot = self.moments, seq % 2
         if not behind:
             self.folded()
-            self._commit(seq, count, lambda: moments.write_slot(self.store, slot, self.ident))
+            self._commit(
+                seq,
+                count,
+                lambda: moments.write_slot(self.store, slot, self.ident),
+                lambda: moments.shift_digest(self.ident),
+            )
             self.seq, self.ckpt_count = self._durable = seq, count
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-checkpoint")
+        # θ₀ is set on the moments' thread (set_shift)
+        shift = self._moments_thread().submit(moments.shift_digest, self.ident).result
         if moments.FROZEN:  # copied on the moments' thread, then written from the copy
             if self._frozen is None:
                 self._frozen = aligned_empty((2, moments.padded), np.float64)
@@ -112,20 +132,49 @@ class Journal:
                 moments.write_slot, self.store, slot, self.ident
             )
             written = copy.result
-        self._write = self._pool.submit(self._commit, seq, count, written)
+        self._write = self._checkpoint_thread().submit(
+            self._commit, seq, count, written, shift, after
+        )
         self.seq, self.ckpt_count = seq, count
 
     # ---- the moments' thread ---------------------------------------------------------------
     def _moments_thread(self) -> ThreadPoolExecutor:
         if self._adder is None:
-            self._adder = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-moments")
+            self._adder = started_pool("nvmlib-moments")
         return self._adder
 
-    def fold(self, rows: np.ndarray, first: int, count: int) -> None:
+    def _checkpoint_thread(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = started_pool("nvmlib-checkpoint")
+        return self._pool
+
+    def start(self) -> None:
+        """Start the writer's threads now, when the posterior is made, not in its first update."""
+        self._moments_thread()
+        self._checkpoint_thread()
+
+    def set_shift(self, values: np.ndarray) -> None:
+        """Make θ₀ `values` on the moments' thread (before the rows given after this call);
+        `values` must not change until folded() returns."""
+        self._moments_thread().submit(self.moments.set_shift, values)
+
+    def fold(self, rows: np.ndarray, first: int, count: int) -> Future:
         """Add rows first, first+1, … (`count`, indices modulo len(rows)) of the staged ring to
         the moments on the moments' thread, after what was given to it before; `rows` must not
-        change until folded() returns."""
+        change until folded() returns (or the job returned is done)."""
         self._folding = self._moments_thread().submit(self.moments.add_rows, rows, first, count)
+        return self._folding
+
+    def fold_after(self, rows: np.ndarray, first: int, written: Future) -> Future:
+        """fold() of staged row `first` alone, once `written` (its write) has succeeded; if that
+        failed, the row is left out."""
+
+        def add() -> None:
+            if written.exception() is None:
+                self.moments.add_rows(rows, first, 1)
+
+        self._folding = self._moments_thread().submit(add)
+        return self._folding
 
     def folded(self) -> None:
         """Wait until every row given to fold() is in the moments (and raise what failed)."""
@@ -133,13 +182,23 @@ class Journal:
         if folding is not None:
             folding.result()
 
-    def _commit(self, seq: int, count: int, written: Callable[[], int]) -> None:
-        """Persist the log and count (of at least `count` updates), the shift where the tier's
-        differs, then the moments of `count` updates in slot seq % 2 (`written` writes them there,
-        or waits until they are, and gives their digest), then its commit record."""
+    def _commit(
+        self,
+        seq: int,
+        count: int,
+        written: Callable[[], int],
+        shift: Callable[[], int],
+        after: Future | None = None,
+    ) -> None:
+        """Once `after` (a row's write) is done: persist the log and count (of at least `count`
+        updates), the shift (whose digest `shift` gives) where the tier's differs, then the
+        moments of `count` updates in slot seq % 2 (`written` writes them there, or waits until
+        they are, and gives their digest), then its commit record."""
+        if after is not None and after.exception() is not None:
+            raise _RowFailed
         self.log.persist()
         self.store.persist(COUNT)
-        d_shift = self.moments.shift_digest(self.ident)
+        d_shift = shift()
         if count and d_shift != self._shift_on_tier:
             self.write_shift()
         slot = seq % 2
@@ -175,6 +234,8 @@ class Journal:
             failed = self.ckpt_count
             self.seq, self.ckpt_count = self._durable
             self.failed = True
+            if isinstance(exc, _RowFailed):
+                return
             if isinstance(exc, StoreError):
                 raise StoreError(
                     f"{exc}. The checkpoint of {failed} updates, written behind "
@@ -301,3 +362,4 @@ class Journal:
             if pool is not None:
                 pool.shutdown()
         self._pool = self._adder = None
+        self._frozen = None

@@ -136,8 +136,13 @@ class Log(Protocol):
         """(shape, dtype) of the log's arrays on the store."""
         ...
 
+    def stamp(self, t: int) -> None:
+        """Ready staged row t % len(rows) to be written as iterate t (a raw row's trailer), on any
+        thread, while the row before it is being written; write(t) follows it."""
+        ...
+
     def write(self, t: int) -> None:
-        """Write staged row t % len(rows) as iterate t."""
+        """Write staged row t % len(rows), stamped, as iterate t."""
         ...
 
     def stream(self, runs: Runs, step_bytes: int = CHUNK_BYTES) -> Iterator[Batch]:
@@ -197,17 +202,19 @@ class RawLog(Log):
     def arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         return {LOG: ((meta["capacity"] + 1, meta["row_len"]), meta["dtype"])}
 
-    def write(self, t: int) -> None:
-        """Stamp staged row t % staged as iterate t and write it to its slot."""
-        row = self._rows[t % len(self._rows)]
-        raw = row.view(np.uint8)
+    def stamp(self, t: int) -> None:
+        """Put iterate t's trailer [t, digest of the values] at the end of staged row t % staged."""
+        raw = self._rows[t % len(self._rows)].view(np.uint8)
         tail = np.array(
             [t, digest(raw[: self.n_params * self.dtype.itemsize], row_seed(self.ident, t))],
             np.int64,
         )
         raw[-TRAILER:] = tail.view(np.uint8)
+
+    def write(self, t: int) -> None:
+        """Write staged row t % staged, stamped, to its slot (in place: it is there)."""
         if not self._in_place:
-            self.store.write_rows(LOG, t % self.slots, row[None, :])
+            self.store.write_rows(LOG, t % self.slots, self._rows[t % len(self._rows)][None, :])
 
     def _verify(self, rows: np.ndarray, t0: int) -> tuple[int, str]:
         """How many full log `rows` (iterates t0, t0+1, ...) verify, and why the next one does
@@ -316,7 +323,9 @@ class RawLog(Log):
             release_pages(self._rows)
 
     def close(self) -> None:
-        """Nothing to release: the raw log holds no threads."""
+        """Drop the staged ring (in place: the store's array, which stays open)."""
+        self._rows = np.empty((0, self.row_len), self.dtype)
+        self.rows = self._rows[:, : self.n_params]
 
 
 class Columns:
@@ -395,6 +404,9 @@ class DeltaLog(Log):
         }
 
     # ---- writing ------------------------------------------------------------------------
+    def stamp(self, t: int) -> None:
+        """Nothing: a record is a delta of the iterate written before it, so write(t) encodes it."""
+
     def write(self, t: int) -> None:
         """Encode staged row t % staged as iterate t (a delta of iterate t−1, or a keyframe), write
         its record, then its index row."""
@@ -648,6 +660,7 @@ class DeltaLog(Log):
 
     def close(self) -> None:
         self.codec.close()
+        self.rows = self._prev = self._base = np.empty((0, self.n_params), self.dtype)
 
 
 def _missing(found: int, want: int) -> str:

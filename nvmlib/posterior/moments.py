@@ -9,13 +9,13 @@ threading layer take (`parallel=True`); each element's sums see its rows in orde
 the same bits as its rows added one at a time, whatever the number of threads. numba has no float16,
 so float16 goes through numpy (exactly: float16 → float32 is lossless).
 
-Threads (`THREADS`): all but one of the cores this process may run on, the one left to the thread
-that writes (and digests) rows behind the kernels: measured on 2 shared cores, a kernel on both made
-update() slower (omp threads waiting on a busy core starve the writer); NUMBA_NUM_THREADS, when set,
-is used instead (capped at the cores). On one thread the kernels' serial forms run, from any number
-of Python threads at once (the moments' thread adds rows while the caller stages the next one); on
-more, the omp and tbb layers take kernels from several threads at once, the workqueue layer does
-not, so there every launch is serialised by a lock.
+Threads (`THREADS`): all but one of the cores this process may run on, the one left to the threads
+that stamp (digest) and write rows behind the kernels: measured on 2 shared cores, a kernel on both
+made update() slower (omp threads waiting on a busy core starve the writer); NUMBA_NUM_THREADS, when
+set, is used instead (capped at the cores). On one thread the kernels' serial forms run, from any
+number of Python threads at once (the moments' thread adds rows while the caller stages the next
+one); on more, the omp and tbb layers take kernels from several threads at once, the workqueue layer
+does not, so there every launch is serialised by a lock.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ class Moments(ABC):
 
     def __init__(self, n_params: int, padded: int) -> None:
         self.n_params, self.padded = n_params, padded
-        self.shift = np.zeros(n_params)
+        self.shift = np.full(n_params, 0.0)  # its pages touched now, not in the first update
 
     @abstractmethod
     def add_rows(self, rows: np.ndarray, first: int = 0, count: int | None = None) -> None:
@@ -307,8 +307,10 @@ class Moments(ABC):
         self.load(saved[0])
         self.set_shift(saved[1])
 
-    def close(self) -> None:  # noqa: B027 (optional: host sums hold nothing to release)
-        """Release what the sums hold (device memory, scratch arrays on the tier)."""
+    def close(self) -> None:
+        """Release what the sums hold (memory, device memory, scratch arrays on the tier): a
+        closed posterior reads nothing more."""
+        self.shift = np.empty(0)
 
 
 class HostMoments(Moments):
@@ -334,3 +336,8 @@ class HostMoments(Moments):
 
     def load(self, block: np.ndarray) -> None:
         self.block[:] = block
+
+    def close(self) -> None:
+        super().close()
+        self.block = np.empty((2, 0))
+        self.s1, self.s2 = self.block

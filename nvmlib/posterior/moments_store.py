@@ -183,6 +183,7 @@ class StoreMoments(Moments):
 
     def close(self) -> None:
         """Give back the scratch arrays' space (the next open rebuilds LIVE from a slot)."""
+        super().close()
         for name in (LIVE, SAVED):
             if name in self.store and not self.store.readonly:
                 self.store.delete(name)

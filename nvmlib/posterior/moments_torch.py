@@ -46,3 +46,8 @@ class TorchMoments(Moments):
 
     def load(self, block: np.ndarray) -> None:
         self.block.copy_(torch.from_numpy(np.ascontiguousarray(block, np.float64)))
+
+    def close(self) -> None:
+        super().close()
+        self.block = self.block.new_empty((2, 0))
+        self._shift = self._shift.new_empty(0)

@@ -25,7 +25,7 @@ from nvmlib.backends import open_store
 from nvmlib.backends.base import Store, check_fits
 from nvmlib.errors import InputError, PosteriorError, SnapshotError, StoreError
 from nvmlib.posterior.checksum import identity_seed
-from nvmlib.posterior.journal import Journal
+from nvmlib.posterior.journal import Journal, started_pool
 from nvmlib.posterior.layout import META, NAMES, read_meta
 from nvmlib.posterior.log import ASSUMED_RATIO, LOG, Batch, Runs, log_class, staged_rows
 from nvmlib.posterior.moments import warm
@@ -143,6 +143,7 @@ class SWAGPosterior:
         # updates given to the moments (rows after them wait in the log's staged ring), and those
         # known to be in them (rows from there to _folded are being added on the moments' thread)
         self._folded = self._safe = 0
+        self._given: tuple[int, Future] | None = None  # the last batch given: (_folded, its job)
         kind = _moments_kind(moments, self.n_params, readonly, store)
         self._moments = _moments(kind, meta, device, store)
         # the moments on the tier need no row of the ring beyond the staged and the written one
@@ -152,7 +153,13 @@ class SWAGPosterior:
             warm(self.dtype)  # the kernels, before the first update
         self.log = log_class(meta)(store, meta, identity_seed(meta["id"]), staged)
         self._journal = Journal(store, identity_seed(meta["id"]), self.log, self._moments, readonly)
+        # a writer's threads: one stamps each staged row (its trailer's digest) while the one
+        # before it is written by the other, which then writes its count
+        self._stamp: ThreadPoolExecutor | None = None
         self._io: ThreadPoolExecutor | None = None
+        if not readonly:
+            self._stamp, self._io = started_pool("nvmlib-stamp"), started_pool("nvmlib-update")
+            self._journal.start()
         self._pending: Future | None = None  # the write of row self._count, while in flight
         self._staging = 0  # the slot of the staged ring the last update staged into
         self._closed = False
@@ -389,17 +396,19 @@ class SWAGPosterior:
         """Record one iterate: append its row to the log and add it to the moments.
 
         The row is cast into the log's ring of staged rows while the previous one is still being
-        written, then written on a pool thread; it is in flight when update() returns, unless the
-        update checkpoints, and settles at the next call (so writing the row overlaps the next
-        training step). The moments' thread adds the written rows in batches (moments.GROUP), and
-        anything that reads the moments waits for it. Returns True when this update took a
-        checkpoint of every update so far, its row included: a point training can resume from.
-        The checkpoint is written behind training (the log and count persisted, then the moments
-        and their commit record) and is durable once the next checkpoint, flush() or close() has
-        waited for it; if writing it failed, that call raises StoreError, and a crash would
-        rebuild the updates from the checkpoint before it and the rows after it (so keep the
-        train state of the True before as well: its checkpoint was durable before this one
-        began). A crash can lose only updates after the last durable checkpoint, and a reopen
+        written, then written (and then counted on the tier) on a pool thread; it is in flight when
+        update() returns, and settles at the next call (so writing the row overlaps the next
+        training step; a failed write raises there, and the iterate is not recorded). The moments'
+        thread adds the written rows in batches (moments.GROUP), and anything that reads the moments
+        waits for it. Returns True when this update took a checkpoint of every update so far, its
+        row included: a point training can resume from. The checkpoint is written behind training,
+        after this row's write (the log and count persisted, then the moments and their commit
+        record; no I/O is waited for here), and is durable once the next checkpoint, flush() or
+        close() has waited for it; if writing it failed, that call raises StoreError, and a crash
+        would rebuild the updates from the checkpoint before it and the rows after it (so keep the
+        train state of the True before as well: its checkpoint was durable before this one began). A
+        crash can lose only updates after the last durable checkpoint (a SIGKILL right after a True
+        can leave the posterior one update short of it: this row was in flight), and a reopen
         rebuilds a consistent posterior of the rows that reached the tier.
         """
         self._check_usable(write=True)
@@ -440,28 +449,55 @@ class SWAGPosterior:
                 )
         t = self._count + (self._pending is not None)
         ring = len(self.log.rows)
-        if t - ring >= self._safe:  # the slot holds a row the moments have yet to add
+        if t - ring >= self._known_folded():  # the slot holds a row the moments have yet to add
             self._fold()
         self._staging = t % ring
         if not stage(self.log.rows[self._staging]):  # the moments are of what the tier stores
             raise refused()
+        stamped = self._stamp.submit(self.log.stamp, t)
         self._settle()  # the previous row: a failure raises here, and this one is not recorded
         if t == 0:
-            self._moments.set_shift(self.log.rows[self._staging])
-        # stamped (or encoded) and written on a pool thread while the rows before it are added
-        self._pending = self._pool().submit(self.log.write, t)
+            self._journal.set_shift(self.log.rows[self._staging])
+        # written (a compressed log encodes it there), then counted on the tier, on the writer's
+        # thread while the rows before it are added
+        self._pending = self._io.submit(self._write, t, stamped)
         if self._count - self._folded >= min(moments.GROUP, ring - 2):
             self._fold(wait=False)
         if t == 0 or t + 1 - self._journal.ckpt_count >= self.checkpoint_every:
-            self._settle()
+            if self._journal.failed:  # the last one written behind failed: this one inline
+                self._settle()
+                self._fold(wait=False)
+                self._checkpoint_or_uncount(lambda: self._journal.checkpoint(self._count))
+                return True
+            self._checkpoint_or_uncount(self._journal.wait)
             self._fold(wait=False)
-            try:
-                self._journal.checkpoint(self._count, behind=not self._journal.failed)
-            except BaseException:
-                self._uncount()
-                raise
+            # this row joins the moments once its write succeeded, and the checkpoint of every
+            # update, it included, is written behind it: this call waits for no I/O
+            self._folded = t + 1
+            self._given = (
+                t + 1,
+                self._journal.fold_after(self.log.rows, self._staging, self._pending),
+            )
+            self._journal.checkpoint(t + 1, behind=True, after=self._pending)
             return True
         return False
+
+    def _write(self, t: int, stamped: Future) -> None:
+        """Write staged row t as iterate t once `stamped`, then the count that covers it (on the
+        writer's thread)."""
+        stamped.result()
+        self.log.write(t)
+        self.log.order()  # the row, then the count that covers it
+        self._journal.write_count(t + 1)
+
+    def _checkpoint_or_uncount(self, checkpoint: Callable[[], None]) -> None:
+        """Run `checkpoint`; if it raises, this update is undone (counted first): not recorded."""
+        try:
+            checkpoint()
+        except BaseException:
+            self._settle()
+            self._uncount()
+            raise
 
     def _uncount(self) -> None:
         """Undo the last update after its checkpoint failed (a full disk): the live state, the
@@ -487,8 +523,9 @@ class SWAGPosterior:
             return
         try:
             pending.result()
-            self.log.order()  # the row, then the count that covers it
         except BaseException as exc:
+            if self._folded > self._count:  # its moments job skips it: it joins them when retried
+                self._folded, self._safe = self._count, min(self._safe, self._count)
             if isinstance(
                 exc, StoreError
             ):  # the row was written behind the update() call that gave it
@@ -499,24 +536,27 @@ class SWAGPosterior:
                 ) from exc
             raise
         self._count += 1
-        self._journal.write_count(self._count)
 
     def _fold(self, wait: bool = True) -> None:
         """Give the counted rows that wait in the staged ring to the moments' thread, which adds
         them in one pass over the sums; with `wait`, until every counted row is in the moments."""
         if self._count > self._folded:  # a writer's (a reader's moments come from the tier)
             staged = self.log.rows
-            self._journal.fold(staged, self._folded % len(staged), self._count - self._folded)
+            job = self._journal.fold(staged, self._folded % len(staged), self._count - self._folded)
             self._folded = self._count
+            self._given = self._folded, job
         if wait:
             self._journal.folded()
             self._safe = self._folded
 
-    def _pool(self) -> ThreadPoolExecutor:
-        """The thread that writes rows to the tier."""
-        if self._io is None:
-            self._io = ThreadPoolExecutor(1, thread_name_prefix="nvmlib-update")
-        return self._io
+    def _known_folded(self) -> int:
+        """Updates known to be in the moments (their staged rows may be reused), without waiting:
+        every one given to them once the last batch is done."""
+        if self._given is not None:
+            through, job = self._given
+            if job.done() and job.exception() is None:
+                self._safe = max(self._safe, min(through, self._folded))
+        return self._safe
 
     def flush(self) -> None:
         """Checkpoint now, and wait for a checkpoint written behind: everything collected so far
@@ -818,8 +858,9 @@ class SWAGPosterior:
 
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
-        """Checkpoint, persist, publish the log (plain zarr then reads what nvmlib reads) and
-        release the writer lock. The store stays open."""
+        """Checkpoint, persist, publish the log (plain zarr then reads what nvmlib reads),
+        release the writer lock and give back the memory of the moments and the staged rows (a
+        closed posterior that is still referenced holds none). The store stays open."""
         if self._closed:
             return
         try:
@@ -832,8 +873,9 @@ class SWAGPosterior:
         finally:
             if not self.readonly:
                 self.store.unlock(LOG)
-            if self._io is not None:
-                self._io.shutdown()
+            for pool in (self._stamp, self._io):
+                if pool is not None:
+                    pool.shutdown()
             self._journal.close()
             self._moments.close()
             self.log.close()
