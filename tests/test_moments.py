@@ -181,7 +181,6 @@ globals().update(per_tier(StoreMomentsContract))
 CHILD = """
 import resource, sys
 import numpy as np
-import psutil
 from nvmlib import SWAGPosterior, open_store
 
 def hwm():

@@ -158,14 +158,13 @@ class Journal:
         `values` must not change until folded() returns."""
         self._moments_thread().submit(self.moments.set_shift, values)
 
-    def fold(self, rows: np.ndarray, first: int, count: int) -> Future:
+    def fold(self, rows: np.ndarray, first: int, count: int) -> None:
         """Add rows first, first+1, … (`count`, indices modulo len(rows)) of the staged ring to
         the moments on the moments' thread, after what was given to it before; `rows` must not
-        change until folded() returns (or the job returned is done)."""
+        change until folded() returns (or caught_up() says True)."""
         self._folding = self._moments_thread().submit(self.moments.add_rows, rows, first, count)
-        return self._folding
 
-    def fold_after(self, rows: np.ndarray, first: int, written: Future) -> Future:
+    def fold_after(self, rows: np.ndarray, first: int, written: Future) -> None:
         """fold() of staged row `first` alone, once `written` (its write) has succeeded; if that
         failed, the row is left out."""
 
@@ -174,7 +173,12 @@ class Journal:
                 self.moments.add_rows(rows, first, 1)
 
         self._folding = self._moments_thread().submit(add)
-        return self._folding
+
+    def caught_up(self) -> bool:
+        """Whether every row given to fold() is in the moments, without waiting (not when the last
+        batch failed: folded() raises that)."""
+        folding = self._folding
+        return folding is None or (folding.done() and folding.exception() is None)
 
     def folded(self) -> None:
         """Wait until every row given to fold() is in the moments (and raise what failed)."""

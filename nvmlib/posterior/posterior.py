@@ -143,7 +143,6 @@ class SWAGPosterior:
         # updates given to the moments (rows after them wait in the log's staged ring), and those
         # known to be in them (rows from there to _folded are being added on the moments' thread)
         self._folded = self._safe = 0
-        self._given: tuple[int, Future] | None = None  # the last batch given: (_folded, its job)
         kind = _moments_kind(moments, self.n_params, readonly, store)
         self._moments = _moments(kind, meta, device, store)
         # the moments on the tier need no row of the ring beyond the staged and the written one
@@ -473,11 +472,8 @@ class SWAGPosterior:
             self._fold(wait=False)
             # this row joins the moments once its write succeeded, and the checkpoint of every
             # update, it included, is written behind it: this call waits for no I/O
+            self._journal.fold_after(self.log.rows, self._staging, self._pending)
             self._folded = t + 1
-            self._given = (
-                t + 1,
-                self._journal.fold_after(self.log.rows, self._staging, self._pending),
-            )
             self._journal.checkpoint(t + 1, behind=True, after=self._pending)
             return True
         return False
@@ -542,9 +538,8 @@ class SWAGPosterior:
         them in one pass over the sums; with `wait`, until every counted row is in the moments."""
         if self._count > self._folded:  # a writer's (a reader's moments come from the tier)
             staged = self.log.rows
-            job = self._journal.fold(staged, self._folded % len(staged), self._count - self._folded)
+            self._journal.fold(staged, self._folded % len(staged), self._count - self._folded)
             self._folded = self._count
-            self._given = self._folded, job
         if wait:
             self._journal.folded()
             self._safe = self._folded
@@ -552,10 +547,8 @@ class SWAGPosterior:
     def _known_folded(self) -> int:
         """Updates known to be in the moments (their staged rows may be reused), without waiting:
         every one given to them once the last batch is done."""
-        if self._given is not None:
-            through, job = self._given
-            if job.done() and job.exception() is None:
-                self._safe = max(self._safe, min(through, self._folded))
+        if self._journal.caught_up():
+            self._safe = self._folded
         return self._safe
 
     def flush(self) -> None:
