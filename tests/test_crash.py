@@ -119,6 +119,16 @@ class Expected:
         np.testing.assert_array_equal(post.kept_rows(), np.stack(kept))
 
 
+def _state(post: SWAGPosterior) -> str:
+    """What a reopened posterior's files hold: the count, the checkpoints, and why the first row
+    after its count does not verify (for a failure's message)."""
+    journal = post._journal
+    count = journal.read_count()
+    stop = max(count or 0, post.n_collected + 1)
+    why = [b[3] for b in journal.log.stream([(post.n_collected, stop)]) if b[3]]
+    return f"count on the tier {count}, checkpoints {journal.checkpoints(None, [])}, rows: {why}"
+
+
 class CrashContract(TierCase):
     """SIGKILLed collection and torn checkpoints lose no committed update."""
 
@@ -184,7 +194,9 @@ class CrashContract(TierCase):
             with reopen(readonly=True) as store:
                 post = SWAGPosterior.open(store, readonly=True)
                 n = post.n_collected
-                assert n >= printed - 1, f"trial {trial}: more than the row in flight was lost"
+                assert n >= printed - 1, (
+                    f"trial {trial}: more than the row in flight was lost: {_state(post)}"
+                )
                 newest = max((c[1] for c in post._journal.checkpoints(None, [])), default=0)
                 assert newest >= durable, f"trial {trial}: checkpoint at {durable} was lost"
                 expected.check(post)

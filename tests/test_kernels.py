@@ -49,6 +49,40 @@ def test_kernels_exact_on_any_number_of_threads(threads):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
+# numba.set_num_threads takes a lock shared by every process forked after it was made: a forked
+# process killed holding it (a SIGKILLed DataLoader worker, a crash test's child) must not hang the
+# kernels of a thread that has run one before
+DEAD_HOLDER = """
+import os, signal, threading
+import numpy as np
+from numba.np.ufunc import parallel
+from nvmlib.posterior import moments as M
+rows, dst = np.ones((2, 1000), np.float32), np.empty(1000, np.float32)
+s1, s2, shift = np.zeros(1000), np.zeros(1000), np.zeros(1000)
+worker = threading.Thread(target=M.add_rows, args=(rows, shift, s1, s2))
+worker.start(); worker.join()
+M.stage(rows[0], dst)
+pid = os.fork()
+if pid == 0:
+    parallel._backend_init_process_lock.acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+os.waitpid(pid, 0)
+for _ in range(100):
+    assert M.stage(rows[0], dst)
+    M.add_rows(rows, shift, s1, s2)
+assert s1[0] == 202, s1[0]
+print("ok")
+"""
+
+
+def test_kernels_go_on_after_a_forked_process_died_holding_numbas_lock():
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run(
+        [sys.executable, "-c", DEAD_HOLDER], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 @pytest.mark.parametrize("codec", [None, "delta-zstd"])
 def test_batched_moments_are_exact_between_batches_and_after_reopen(tmp_path, codec):
     n = 3000

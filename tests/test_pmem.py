@@ -105,6 +105,24 @@ def test_forced_mapping_takes_the_pmem_persist_path(tmp_path):
         st.persist("x")
 
 
+@pytest.mark.parametrize("device", [False, True], ids=["fsdax", "devdax"])
+def test_reads_leave_the_next_persist_to_what_was_written(tmp_path, device):
+    """Reading rows, columns or a flat range (a reopen reads the log's trailers) must not mark the
+    array as handed out for writing: the next persist then flushes the row written, not the whole
+    log (on persistent memory, every cache line of it)."""
+    where = _device(tmp_path) if device else tmp_path
+    with open_store("pmem", where, device=device) as st:
+        st.create("log", (64, 512), "float32")
+        st.write_rows("log", 3, np.ones((1, 512), np.float32))
+        st.read_rows("log", 0, 64)
+        st.read_cols("log", 0, 64, 508, 512)
+        st.read_flat("log", 0, 512)
+        assert "log" not in st._exposed
+        assert st._dirty["log"] == (st._span("log", 3, 4)[0], st._span("log", 4, 5)[0])
+        with pytest.raises(ValueError, match="read-only"):
+            st.readable("log")[0, 0] = 1
+
+
 @pytest.mark.skipif(os.environ.get("PMEM_IS_PMEM_FORCE") == "1", reason="already forced")
 def test_pmem_tiers_with_pmem_is_pmem_force(tmp_path):
     """Rerun every pmem test with PMEM_IS_PMEM_FORCE=1: pmem_memcpy_nodrain/drain/persist, and

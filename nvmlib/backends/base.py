@@ -87,11 +87,16 @@ class Store(ABC):
         self._check_writable()
         self.array(name)[start : start + len(rows)] = rows
 
+    def readable(self, name: str) -> np.ndarray:
+        """The array to read from (a tier that tracks what array() hands out for writing gives a
+        read-only view here)."""
+        return self.array(name)
+
     def read_rows(
         self, name: str, start: int, stop: int, out: np.ndarray | None = None
     ) -> np.ndarray:
         """Copy array[start:stop] into `out` (allocated when None) and return it."""
-        src = self.array(name)[start:stop]
+        src = self.readable(name)[start:stop]
         if out is None:
             return np.array(src)
         out[...] = src
@@ -102,7 +107,7 @@ class Store(ABC):
     ) -> np.ndarray:
         """Copy array[start:stop, col0:col1] into `out` (allocated when None) and return it: a
         block of columns of some rows, what a pass over parameter blocks reads."""
-        src = self.array(name)[start:stop, col0:col1]
+        src = self.readable(name)[start:stop, col0:col1]
         if out is None:
             return np.array(src)
         out[...] = src
@@ -119,7 +124,7 @@ class Store(ABC):
     ) -> np.ndarray:
         """Copy elements start..stop−1 of the array read in C order (within one row of its last
         axis, as write_flat) into `out` (allocated when None) and return it."""
-        src = self.array(name)[flat_index(self.shape(name), start, stop - start)]
+        src = self.readable(name)[flat_index(self.shape(name), start, stop - start)]
         if out is None:
             return np.array(src)
         out[...] = src

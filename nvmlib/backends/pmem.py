@@ -435,26 +435,10 @@ class PmemStore(Store):
             else (min(old[0], lo), max(old[1], lo + data.nbytes))
         )
 
-    def read_rows(
-        self, name: str, start: int, stop: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def readable(self, name: str) -> np.ndarray:
+        """A read-only view: reading does not make persist() flush the whole array."""
         mapping, e = self._entry(name)
-        src = mapping.view(e.offset, e.shape, e.dtype, writeable=False)[start:stop]
-        if out is None:
-            return np.array(src)
-        out[...] = src
-        return out
-
-    def read_flat(
-        self, name: str, start: int, stop: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        mapping, e = self._entry(name)
-        view = mapping.view(e.offset, e.shape, e.dtype, writeable=False)
-        src = view[flat_index(e.shape, start, stop - start)]
-        if out is None:
-            return np.array(src)
-        out[...] = src
-        return out
+        return mapping.view(e.offset, e.shape, e.dtype, writeable=False)
 
     def order(self, name: str) -> None:
         """pmem_drain on persistent memory: the copies made so far are durable before any later

@@ -488,15 +488,11 @@ class PymmStore(Store):
         item.view(np.ndarray)[flat_index(item.shape, start, len(values))] = values
         self._note(name, start, start + len(values))
 
-    def read_flat(
-        self, name: str, start: int, stop: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        item = self._item(name)
-        src = item.view(np.ndarray)[flat_index(item.shape, start, stop - start)]
-        if out is None:
-            return np.array(src)
-        out[...] = src
-        return out
+    def readable(self, name: str) -> np.ndarray:
+        """A read-only view: reading marks nothing for the next persist."""
+        view = self._item(name).view(np.ndarray)
+        view.flags.writeable = False
+        return view
 
     def _note(self, name: str, lo: int, hi: int) -> None:
         """Elements lo..hi−1 of `name` were written: the next persist covers them."""

@@ -46,6 +46,9 @@ THREADS = max(
 )
 _LAUNCH = threading.Lock()  # serialises kernel launches on a threading layer that is not threadsafe
 _threadsafe: bool | None = None  # whether the layer numba loaded takes concurrent launches
+# numba.set_num_threads takes a lock shared with every process forked from this one: a process
+# killed while holding it would hang the others' next call, so each thread calls it once
+_counted = threading.local()
 
 
 @numba.njit(nogil=True, cache=True)
@@ -157,7 +160,9 @@ def _launch(kernel, serial, *args):  # type: ignore[no-untyped-def]
     global _threadsafe
     if THREADS == 1:
         return serial(*args)
-    numba.set_num_threads(THREADS)
+    if not getattr(_counted, "set", False):  # numba's count is per thread, and stays set
+        numba.set_num_threads(THREADS)
+        _counted.set = True
     if _threadsafe:
         return kernel(*args)
     with _LAUNCH:
