@@ -226,6 +226,28 @@ class IntegrityContract(TierCase):
                 SWAGPosterior.open(store, readonly=True).n_collected == 13
             )  # close() saved nothing wrong
 
+    def test_a_torn_count_keeps_every_row_that_verifies(self, reopen):
+        """A crash that tears the count's write (16 bytes: a pmem copy is failure-atomic in 8) and
+        the newest checkpoint: the rows written after the checkpoint left still verify, and all
+        of them are recovered, not only the checkpoint's updates."""
+        self.require("persistent")
+        with reopen() as store:
+            th = collected(store)  # checkpoints of 9 and 13 updates
+            records = store.read_rows(COMMIT, 0, 2)
+            store.write_rows(COMMIT, int(np.argmax(records[:, 1])), np.zeros((1, 6), np.int64))
+            raw = store.read_rows(COUNT, 0, 2)
+            raw[1] ^= 1  # the count written, its digest not yet
+            store.write_rows(COUNT, 0, raw)
+            for name in (COMMIT, COUNT):
+                store.persist(name)
+            assert SWAGPosterior.open(store, readonly=True).n_collected == 13
+            post = SWAGPosterior.open(store)
+            assert post.n_collected == 13
+            assert_exact(post, th)
+            post.update(th[0])
+            post.close()
+            assert SWAGPosterior.open(store, readonly=True).n_collected == 14
+
     @pytest.mark.parametrize("field", ["n_params", "capacity"])
     def test_edited_meta_is_refused(self, reopen, field):
         self.require("persistent")

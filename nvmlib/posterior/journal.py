@@ -284,15 +284,16 @@ class Journal:
     # ---- recovery --------------------------------------------------------------------------
     def recover(self, bound: int | None, exact: bool) -> int:
         """Load the newest valid checkpoint at or before `bound` updates into the moments and replay
-        the log's verified rows after it: up to `bound` (None: the newest checkpoint's count) or,
-        unless `exact`, the first row that does not verify (a crash lost it). The count reached;
-        every update of that checkpoint is present, or PosteriorError says what is damaged."""
+        the log's verified rows after it: up to `bound` (None, a count a crash tore: as far as the
+        log holds them) or, unless `exact`, the first row that does not verify (a crash lost it).
+        The count reached; every update of that checkpoint is present, or PosteriorError says what
+        is damaged."""
         self.folded()
         problems: list[str] = []
         candidates = self.checkpoints(bound, problems)
-        if bound is None:
-            bound = max((c[1] for c in candidates), default=0)
-            candidates = [c for c in candidates if c[1] <= bound]
+        if bound is None:  # every row that verifies was written by this run: rows it dropped
+            # (truncate, a refused update, a crash's leftovers) were discarded before the count
+            bound = max((c[1] for c in candidates), default=0) + self.log.slots
         moments = self.moments
         if exact:  # the empty posterior: exact when rows 0..bound-1 are all still in the log
             candidates.append((0, 0, 0, -1))
